@@ -1,0 +1,181 @@
+"""The model catalog: which SAM checkpoints exist, where to get them and how to recognise them.
+
+The catalog is data, not code (``Resources/Models.json``, described by ``Resources/Models.schema.json``), so a
+model is added or a mirror changed without touching Python. Every field is checked when the catalog is loaded, and
+a mistake is reported as an :class:`InputError` naming the file, the entry and the field. No JSON Schema library is
+needed: the checks below implement the schema's rules, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+from urllib.parse import urlparse
+
+from ..errors import InputError, PathLike
+
+MODELS_JSON_ENV = "SFRSEGMENT_MODELS_JSON"
+DEFAULT_MODEL_ID = "sam_vit_b"
+ARCHITECTURES = ("vit_b", "vit_l", "vit_h")
+
+# The same patterns appear in Models.schema.json.
+ID_PATTERN = r"^[a-z][a-z0-9_]*$"
+FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(pth|pt)$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+# Where the catalog lives when nothing else is said: <root>/Resources/Models.json, <root> being the folder that
+# holds the SFRSegmentLib package (the repository, or the Slicer module folder the package is copied into).
+BUNDLED_CATALOG = Path(__file__).resolve().parents[2] / "Resources" / "Models.json"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One checkpoint of the catalog. ``sha256`` is None when no trustworthy digest is known."""
+
+    id: str
+    title: str
+    description: str
+    architecture: str
+    filename: str
+    url: str
+    sha256: Optional[str]
+    size_bytes: int
+    licence: str
+    homepage: str
+    citation: str
+
+    @property
+    def has_sha256(self) -> bool:
+        """Whether a download of this entry can be verified by its digest (and not only by its size)."""
+        return self.sha256 is not None
+
+
+FIELD_NAMES = tuple(field.name for field in fields(ModelEntry))
+
+
+def find_catalog(path: Optional[PathLike] = None) -> Path:
+    """The catalog file to read: ``path`` if given, else ``$SFRSEGMENT_MODELS_JSON``, else the bundled one.
+
+    The bundled catalog is ``Resources/Models.json`` next to the ``SFRSegmentLib`` package folder, which is where
+    both the repository and the Slicer extension keep it.
+    """
+    if path is not None:
+        return Path(path).expanduser()
+    from_env = os.environ.get(MODELS_JSON_ENV)
+    if from_env:
+        return Path(from_env).expanduser()
+    return BUNDLED_CATALOG
+
+
+def load_catalog(path: Optional[PathLike] = None) -> Dict[str, ModelEntry]:
+    """Read and check the catalog (see :func:`find_catalog`); return its entries by id, in file order."""
+    source = find_catalog(path)
+    try:
+        document = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"model catalog not found (set {MODELS_JSON_ENV} or pass the path of a Models.json)", source
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read the model catalog: {error}", source) from error
+    except json.JSONDecodeError as error:
+        raise InputError(f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}", source) from error
+    return _check_document(document, source)
+
+
+def get_model(model_id: str, path: Optional[PathLike] = None) -> ModelEntry:
+    """The catalog entry ``model_id``; an unknown id is an InputError that lists the known ones."""
+    catalog = load_catalog(path)
+    if model_id not in catalog:
+        raise InputError(
+            f"unknown model {model_id!r}; known models: {', '.join(catalog)}", find_catalog(path), "id"
+        )
+    return catalog[model_id]
+
+
+def _check_document(document: Any, source: Path) -> Dict[str, ModelEntry]:
+    if not isinstance(document, dict):
+        raise InputError(f"expected a JSON object with a 'models' list, got {type(document).__name__}", source)
+    unknown = sorted(set(document) - {"$schema", "models"})
+    if unknown:
+        raise InputError(f"unknown top-level field(s) {unknown}; expected 'models'", source, unknown[0])
+    models = document.get("models")
+    if not isinstance(models, list) or not models:
+        raise InputError("'models' must be a non-empty list of model entries", source, "models")
+    catalog: Dict[str, ModelEntry] = {}
+    for index, raw in enumerate(models):
+        entry = _check_entry(raw, index, source)
+        if entry.id in catalog:
+            raise InputError(f"model id {entry.id!r} appears twice", source, "id")
+        clash = next((other.id for other in catalog.values() if other.filename == entry.filename), None)
+        if clash is not None:
+            raise InputError(
+                f"model {entry.id!r}: filename {entry.filename!r} is already used by model {clash!r}",
+                source,
+                "filename",
+            )
+        catalog[entry.id] = entry
+    return catalog
+
+
+def _check_entry(raw: Any, index: int, source: Path) -> ModelEntry:
+    if not isinstance(raw, dict):
+        raise InputError(f"models[{index}] must be an object, got {type(raw).__name__}", source, f"models[{index}]")
+    name = f"model {raw['id']!r}" if isinstance(raw.get("id"), str) else f"models[{index}]"
+    missing = [field for field in FIELD_NAMES if field not in raw]
+    if missing:
+        raise InputError(f"{name}: missing field {missing[0]!r}", source, missing[0])
+    unknown = sorted(set(raw) - set(FIELD_NAMES))
+    if unknown:
+        raise InputError(
+            f"{name}: unknown field {unknown[0]!r}; the fields are {', '.join(FIELD_NAMES)}", source, unknown[0]
+        )
+    for field in FIELD_NAMES:
+        is_valid, expected = _RULES[field]
+        if not is_valid(raw[field]):
+            raise InputError(f"{name}: field {field!r} must be {expected}, got {raw[field]!r}", source, field)
+    return ModelEntry(**raw)
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _matches(pattern: str) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, str) and re.fullmatch(pattern, value) is not None
+
+
+def is_http_url(value: Any) -> bool:
+    """Whether ``value`` is an absolute http:// or https:// URL (downloads and mirrors use nothing else)."""
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        return False
+    parts = urlparse(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+_TEXT = (_is_text, "a non-empty string")
+_URL = (is_http_url, "an http:// or https:// URL")
+_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "id": (_matches(ID_PATTERN), "lower-case letters, digits and '_', starting with a letter"),
+    "title": _TEXT,
+    "description": _TEXT,
+    "architecture": (lambda value: value in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
+    "filename": (_matches(FILENAME_PATTERN), "a plain file name ending in .pth or .pt"),
+    "url": _URL,
+    "sha256": (
+        lambda value: value is None or _matches(SHA256_PATTERN)(value),
+        "64 lower-case hexadecimal digits, or null when unknown",
+    ),
+    "size_bytes": (_is_size, "a positive whole number of bytes"),
+    "licence": _TEXT,
+    "homepage": _URL,
+    "citation": _TEXT,
+}
