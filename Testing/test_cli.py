@@ -1,0 +1,101 @@
+"""The command line as a user runs it: real subprocesses of ``python -m SFRSegmentLib``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from SFRSegmentLib.io import Segment, Volume, read_volume, write_volume
+from SFRSegmentLib.stitching import NON_SLICE_GREY
+
+REPO = Path(__file__).resolve().parents[1]
+LA_CASE = REPO.parent / "shared" / "data" / "LA" / "06SR5RBREL16DQ6M8LWS"
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "SFRSegmentLib", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _case(tmp_path: Path, label_spacing=(1.0, 1.0, 2.0)) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    image = Volume(rng.normal(50, 10, (20, 18, 6)).astype(np.float32), spacing=(1.0, 1.0, 2.0), origin=(5, 6, 7))
+    label = Volume(np.zeros((20, 18, 6), np.uint8), spacing=label_spacing, origin=(5, 6, 7))
+    label.array[5:10, 4:9, 1:4] = 1
+    label.segments = [Segment(1, "tumour", (1.0, 0.0, 0.0))]
+    return write_volume(image, tmp_path / "image.nrrd"), write_volume(label, tmp_path / "label.seg.nrrd")
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("info", "stitch-preview", "cohort", "synth", "demo"):
+        assert command in result.stdout
+
+
+def test_info_prints_geometry_and_label_counts(tmp_path):
+    image, label = _case(tmp_path)
+    result = run_cli("info", image, "--label", label)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "20 x 18 x 6" in out and "spacing:    1, 1, 2 mm" in out and "origin:     5, 6, 7 mm" in out
+    assert "tumour" in out and f"{5 * 5 * 3:>10} voxels" in out
+    assert f"{20 * 18 * 6 - 75:>10} voxels" in out
+
+
+def test_info_on_invalid_input_exits_2_with_the_validation_error(tmp_path):
+    image, label = _case(tmp_path, label_spacing=(1.0, 1.0, 3.0))
+    result = run_cli("info", image, "--label", label)
+    assert result.returncode == 2
+    assert "label.seg.nrrd" in result.stderr and "spacing is (1, 1, 2) in the image but (1, 1, 3)" in result.stderr
+    assert "Traceback" not in result.stderr
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    result = run_cli("info", tmp_path / "bad.nii.gz")
+    assert result.returncode == 2 and "bad.nii.gz" in result.stderr and "corrupt" in result.stderr
+
+
+def test_stitch_preview_writes_the_mosaic_with_the_overlay(tmp_path):
+    image, label = _case(tmp_path)
+    out = tmp_path / "previews" / "mosaic.png"
+    result = run_cli("stitch-preview", image, "--label", label, "--out", out, "--patch", 16, 16, 6, "--canvas", 64)
+    assert result.returncode == 0, result.stderr
+    rgb = np.asarray(Image.open(out).convert("RGB"))
+    assert rgb.shape == (64, 64, 3)
+    # 16×16 slices in a 4×4 grid of 16-pixel tiles: centre padding puts 5 empty tiles before the 6 slices.
+    assert (rgb[:16, :16] == NON_SLICE_GREY).all()
+    # The 5×5×3 labeled block lies inside the central 16×16×6 patch: exactly its 75 pixels are tinted red.
+    reddish = (rgb[..., 0].astype(int) - rgb[..., 1].astype(int)) > 60
+    assert reddish.sum() == 75
+    assert (rgb[16:32, 16:32] != NON_SLICE_GREY).any(axis=-1).all()  # tile 5 holds slice 0: no grey gutter at 16 px
+
+
+@pytest.mark.skipif(not LA_CASE.is_dir(), reason="../shared/data/LA is not present")
+def test_stitch_preview_of_an_la_case_at_the_paper_patch(tmp_path):
+    out = tmp_path / "la.png"
+    result = run_cli("stitch-preview", LA_CASE / "image.nrrd", "--label", LA_CASE / "label.nrrd", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rgb = np.asarray(Image.open(out).convert("RGB"))
+    assert rgb.shape == (1024, 1024, 3)
+    # The 81st tile (row 8, col 8) of the 9×9 grid is the one empty tile; tile 80 starts at -1 + 8·114 = 911.
+    assert (rgb[912:, 912:] == NON_SLICE_GREY).all()
+    # Tile 70 (row 7, col 7) holds slice 70: its pixels 798..909 are image, not the uniform grey of empty tiles.
+    assert (rgb[798:910, 798:910] == NON_SLICE_GREY).all(axis=-1).mean() < 0.05
+
+
+def test_cohort_reports_labeled_and_unlabeled_cases(tmp_path):
+    result = run_cli("synth", "--out", tmp_path / "c", "--cases", 3, "--labeled", 1, "--seed", 4)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("cohort", tmp_path / "c", "--validate")
+    assert result.returncode == 0, result.stderr
+    assert "Labeled (1): case_000" in result.stdout and "Unlabeled (2): case_001, case_002" in result.stdout
+    assert "all 3 cases are valid" in result.stdout
+    label = read_volume(tmp_path / "c" / "case_000" / "label.nrrd")
+    label.array[:] = 0
+    write_volume(label, tmp_path / "c" / "case_000" / "label.nrrd")
+    result = run_cli("cohort", tmp_path / "c", "--validate")
+    assert result.returncode == 2 and "case_000" in result.stderr and "empty" in result.stderr
