@@ -1,0 +1,185 @@
+"""The V-Net of the semi-supervised segmentation literature (UA-MT's ``networks/vnet.py``).
+
+UA-MT, DTC, SASSNet, MC-Net, SS-Net, BCP and SFR all re-train this network, so results are comparable only with
+it: 9,448,866 parameters for 1 input and 2 output channels with BatchNorm or GroupNorm (9,443,266 without
+normalisation or with InstanceNorm, which has no affine parameters there). MONAI's ``VNet`` is a different,
+5× larger design (5³ kernels, residual stages, concatenated skips, dropout that cannot be switched off).
+
+Layout (``f`` = ``n_filters``):
+
+* encoder: conv stages of 1, 2, 3, 3, 3 convolutions (3×3×3, padding 1, then norm and ReLU) at widths
+  f, 2f, 4f, 8f, 16f, separated by 2×2×2 stride-2 convolutions (+ norm + ReLU);
+* decoder: 2×2×2 stride-2 transposed convolutions (+ norm + ReLU), the encoder feature of the same scale
+  **added** (not concatenated), then conv stages of 3, 3, 2, 1 convolutions;
+* head: a 1×1×1 convolution to ``n_classes`` logits, no activation;
+* dropout (``Dropout3d``, p = 0.5) on the bottleneck output and on the last decoder feature, only when
+  ``has_dropout`` (the training scripts set it, the test scripts do not).
+
+Four downsamplings halve each spatial size four times, so every spatial size of the input must be a multiple of
+16 (112×112×80 → 7×7×5 at the bottleneck); :func:`check_input_shape` says so before a shape error deep inside.
+
+Submodule names (``block_one`` … ``block_nine``, ``block_*_dw``, ``block_*_up``, ``out_conv``, each block's
+``conv`` sequence) follow the reference so that state dicts of published checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
+"""Normalisations the reference offers after every convolution."""
+
+INPUT_MULTIPLE = 16
+"""Every spatial size of the input must be a multiple of this (2 ** number of downsamplings)."""
+
+GROUPNORM_GROUPS = 16
+"""Groups of the reference's GroupNorm; every width (multiples of n_filters) must be divisible by it."""
+
+DROPOUT_P = 0.5
+
+
+def check_input_shape(shape: Sequence[int], n_channels: Optional[int] = None) -> None:
+    """Raise ValueError unless ``shape`` is (B, C, H, W, D) with H, W, D multiples of 16 (and C = n_channels)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 5:
+        raise ValueError(f"the V-Net expects a (batch, channels, H, W, D) tensor, got shape {shape}")
+    if n_channels is not None and shape[1] != n_channels:
+        raise ValueError(f"the V-Net was built for {n_channels} input channel(s), got {shape[1]} (shape {shape})")
+    spatial = shape[2:]
+    if any(s <= 0 or s % INPUT_MULTIPLE for s in spatial):
+        raise ValueError(
+            f"the V-Net needs every spatial size to be a positive multiple of {INPUT_MULTIPLE} (it downsamples 4 "
+            f"times by 2), got {spatial}; use a patch size such as 112×112×80 or pad the input"
+        )
+
+
+def _normalization(kind: str, channels: int) -> Optional[nn.Module]:
+    if kind == "batchnorm":
+        return nn.BatchNorm3d(channels)
+    if kind == "groupnorm":
+        return nn.GroupNorm(num_groups=GROUPNORM_GROUPS, num_channels=channels)
+    if kind == "instancenorm":
+        return nn.InstanceNorm3d(channels)
+    return None
+
+
+def _layer(conv: nn.Module, channels: int, normalization: str) -> List[nn.Module]:
+    """``conv`` followed by the normalisation (if any) and ReLU, as every layer of the reference."""
+    norm = _normalization(normalization, channels)
+    return [conv] + ([norm] if norm is not None else []) + [nn.ReLU(inplace=True)]
+
+
+class _Block(nn.Module):
+    """A sequence of layers kept under the attribute ``conv``, as the reference names it (for its state dicts)."""
+
+    def __init__(self, layers: List[nn.Module]):
+        super().__init__()
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _conv_stage(n_convs: int, in_channels: int, out_channels: int, normalization: str) -> _Block:
+    """``n_convs`` 3×3×3 convolutions (padding 1), the first from ``in_channels``, each with norm and ReLU."""
+    layers: List[nn.Module] = []
+    for index in range(n_convs):
+        conv = nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=3, padding=1)
+        layers += _layer(conv, out_channels, normalization)
+    return _Block(layers)
+
+
+def _downsampling(in_channels: int, out_channels: int, normalization: str) -> _Block:
+    """2×2×2 stride-2 convolution with norm and ReLU: halves each spatial size."""
+    return _Block(_layer(nn.Conv3d(in_channels, out_channels, kernel_size=2, stride=2), out_channels, normalization))
+
+
+def _upsampling(in_channels: int, out_channels: int, normalization: str) -> _Block:
+    """2×2×2 stride-2 transposed convolution with norm and ReLU: doubles each spatial size."""
+    deconv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+    return _Block(_layer(deconv, out_channels, normalization))
+
+
+class VNet(nn.Module):
+    """The literature V-Net: ``(B, n_channels, H, W, D)`` → logits ``(B, n_classes, H, W, D)``.
+
+    ``n_classes`` counts the background: K foreground classes need ``n_classes = K + 1``. ``has_dropout`` is a
+    plain attribute; Mean-Teacher-style code may switch it between forward passes.
+    """
+
+    def __init__(
+        self,
+        n_channels: int = 1,
+        n_classes: int = 2,
+        n_filters: int = 16,
+        normalization: str = "batchnorm",
+        has_dropout: bool = False,
+    ):
+        super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if normalization == "groupnorm" and n_filters % GROUPNORM_GROUPS:
+            raise ValueError(
+                f"groupnorm uses {GROUPNORM_GROUPS} groups, so n_filters must be a multiple of {GROUPNORM_GROUPS}, "
+                f"got {n_filters}"
+            )
+        if min(n_channels, n_classes, n_filters) < 1:
+            raise ValueError(
+                f"n_channels, n_classes and n_filters must be positive, got {n_channels}, {n_classes}, {n_filters}"
+            )
+        self.n_channels = n_channels
+        self.n_classes = n_classes
+        self.has_dropout = has_dropout
+        f, norm = n_filters, normalization
+
+        self.block_one = _conv_stage(1, n_channels, f, norm)
+        self.block_one_dw = _downsampling(f, 2 * f, norm)
+        self.block_two = _conv_stage(2, 2 * f, 2 * f, norm)
+        self.block_two_dw = _downsampling(2 * f, 4 * f, norm)
+        self.block_three = _conv_stage(3, 4 * f, 4 * f, norm)
+        self.block_three_dw = _downsampling(4 * f, 8 * f, norm)
+        self.block_four = _conv_stage(3, 8 * f, 8 * f, norm)
+        self.block_four_dw = _downsampling(8 * f, 16 * f, norm)
+        self.block_five = _conv_stage(3, 16 * f, 16 * f, norm)
+
+        self.block_five_up = _upsampling(16 * f, 8 * f, norm)
+        self.block_six = _conv_stage(3, 8 * f, 8 * f, norm)
+        self.block_six_up = _upsampling(8 * f, 4 * f, norm)
+        self.block_seven = _conv_stage(3, 4 * f, 4 * f, norm)
+        self.block_seven_up = _upsampling(4 * f, 2 * f, norm)
+        self.block_eight = _conv_stage(2, 2 * f, 2 * f, norm)
+        self.block_eight_up = _upsampling(2 * f, f, norm)
+        self.block_nine = _conv_stage(1, f, f, norm)
+        self.out_conv = nn.Conv3d(f, n_classes, kernel_size=1)
+
+        self.dropout = nn.Dropout3d(p=DROPOUT_P)
+
+    def encoder(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The five encoder features, finest first; the bottleneck one passes through dropout if enabled."""
+        x1 = self.block_one(x)
+        x2 = self.block_two(self.block_one_dw(x1))
+        x3 = self.block_three(self.block_two_dw(x2))
+        x4 = self.block_four(self.block_three_dw(x3))
+        x5 = self.block_five(self.block_four_dw(x4))
+        if self.has_dropout:
+            x5 = self.dropout(x5)
+        return [x1, x2, x3, x4, x5]
+
+    def decoder(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """Logits from the encoder features: upsample, add the skip, convolve; dropout before the head if enabled."""
+        x1, x2, x3, x4, x5 = features
+        x6 = self.block_six(self.block_five_up(x5) + x4)
+        x7 = self.block_seven(self.block_six_up(x6) + x3)
+        x8 = self.block_eight(self.block_seven_up(x7) + x2)
+        x9 = self.block_nine(self.block_eight_up(x8) + x1)
+        if self.has_dropout:
+            x9 = self.dropout(x9)
+        return self.out_conv(x9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (no softmax) of shape (B, n_classes, H, W, D); H, W and D must be multiples of 16."""
+        check_input_shape(x.shape, self.n_channels)
+        return self.decoder(self.encoder(x))
