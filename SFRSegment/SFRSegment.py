@@ -1,0 +1,841 @@
+"""SFRSegment: label a few volumes, let SAM and a V-Net learn from them in the background, get the others segmented.
+
+The training runs in a child process (``PythonSlicer -m SFRSegmentLib run …``), so Slicer stays responsive, GPU memory
+is released when it ends, and Cancel can stop it. The Logic exports the scene's volumes and labels into a job folder,
+starts and watches the engine, and imports its results; the parts that do not need the application live in
+``SFRSegmentLogicLib`` (tested outside Slicer).
+
+Where the engine is: in an installed extension, ``SFRSegmentLib/`` and ``Resources/`` are copied next to this file
+(see CMakeLists.txt), and this folder is on ``sys.path``. In the source tree they sit one level up, at the repository
+root, which is then added to ``sys.path``. Either way the folder holding ``SFRSegmentLib/`` also holds
+``Resources/`` (:data:`ENGINE_ROOT`), and the child process runs there.
+"""
+
+import enum
+import importlib.util
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Callable, List, Optional, Sequence, Union
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+if importlib.util.find_spec("SFRSegmentLib") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the source tree: see the module docstring
+
+import SFRSegmentLib  # noqa: E402
+from SFRSegmentLib.errors import InputError  # noqa: E402
+from SFRSegmentLib.sam import catalog, weights  # noqa: E402
+from SFRSegmentLogicLib import dependencies, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib.jobs import ApplyJob, CaseInput, RunSettings, TrainingJob, TrainingResults  # noqa: E402
+from SFRSegmentLogicLib.process import (  # noqa: E402
+    ChildProcessRunner,
+    EngineCancelled,
+    EngineJob,
+    ProgressEvent,
+    engine_environment,
+)
+
+ENGINE_ROOT = Path(SFRSegmentLib.__file__).resolve().parent.parent
+"""The folder holding ``SFRSegmentLib/`` and ``Resources/``."""
+RESOURCES = ENGINE_ROOT / "Resources"
+
+
+#
+# SFRSegment
+#
+
+
+class SFRSegment(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SFRSegment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SFRSegment developers (https://github.com/SFRSegment/SlicerSFRSegment)"]
+        self.parent.helpText = _("""
+Semi-supervised 3D segmentation with the Segment Anything Model (the SFR method: Stitching, Fine-tuning,
+Re-training). Segment one or a few volumes in Segment Editor, press Run, and the other volumes of the scene are
+segmented by a model trained on yours. Training runs in the background and can be cancelled.
+See the <a href="https://github.com/SFRSegment/SlicerSFRSegment/blob/main/docs/slicer.md">user guide</a>.
+""")
+        self.parent.acknowledgementText = _("""
+SFR is by Li et al., "Stitching, Fine-tuning, Re-training: A SAM-enabled Framework for Semi-supervised 3D Medical
+Image Segmentation", IEEE Transactions on Medical Imaging 44(10), 2025. Segment Anything is by Meta AI; MedSAM by
+Ma et al. The module follows the 3D Slicer scripted-module template.
+""")
+        iconPath = RESOURCES / "Icons" / "SFRSegment.png"
+        if iconPath.is_file():  # the base class only looks next to this file, which misses the source tree
+            self.parent.icon = qt.QIcon(str(iconPath))
+
+
+#
+# SFRSegmentParameterNode
+#
+
+
+class Method(enum.Enum):
+    """How the V-Net is re-trained (values as the engine's configuration expects them)."""
+
+    SFR_MT = "sfr_mt"
+    SFR_UAMT = "sfr_uamt"
+    SFR_ACMT = "sfr_acmt"
+    SFR = "sfr"
+    MT = "mt"
+    UAMT = "uamt"
+    ACMT = "acmt"
+    SUPERVISED = "supervised"
+
+    def label(self) -> str:
+        return {
+            Method.SFR_MT: _("SFR + Mean Teacher"),
+            Method.SFR_UAMT: _("SFR + UA-MT"),
+            Method.SFR_ACMT: _("SFR + AC-MT"),
+            Method.SFR: _("SFR, labels and pseudo-labels only"),
+            Method.MT: _("Mean Teacher, without SAM"),
+            Method.UAMT: _("UA-MT, without SAM"),
+            Method.ACMT: _("AC-MT, without SAM"),
+            Method.SUPERVISED: _("Labeled volumes only, without SAM"),
+        }[self]
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+    def label(self) -> str:
+        return {Device.AUTO: _("Automatic (GPU if there is one)"), Device.CUDA: _("GPU (CUDA)"),
+                Device.CPU: _("CPU (slow)")}[self]
+
+
+class Preset(enum.Enum):
+    PAPER = "paper"
+    SMALL = "small"
+
+    def label(self) -> str:
+        return {Preset.PAPER: _("Paper (full size; needs a GPU)"), Preset.SMALL: _("Small (quick; CPU-sized)")}[self]
+
+
+@parameterNodeWrapper
+class SFRSegmentParameterNode:
+    """
+    excludedVolumes - Volumes not to use; every other scalar volume of the scene is used.
+    excludedSegments - Segment names not to learn; every other segment name of the labels is learned.
+    model - A model id of the catalog (Resources/Models.json), or the path of an imported custom checkpoint.
+    method, device, preset, sfrPlus - As the engine's configuration.
+    fineTuneIterations, retrainIterations, patchSizeI/J/K, batchSize - 0 means "the preset's value".
+    seed - -1 means "the preset's value".
+    jobsFolder - Where job folders are created; empty means the engine's cache folder.
+    lastJob - The folder of the last training job that finished: its model is what "Apply" uses.
+    applyVolume - The volume "Apply model to selected volume" segments.
+    """
+
+    excludedVolumes: list[vtkMRMLScalarVolumeNode]
+    excludedSegments: list[str]
+    model: str = catalog.DEFAULT_MODEL_ID
+    method: Method = Method.SFR_MT
+    fineTuneIterations: Annotated[int, WithinRange(0, 1000000)] = 0
+    retrainIterations: Annotated[int, WithinRange(0, 1000000)] = 0
+    sfrPlus: bool = False
+    device: Device = Device.AUTO
+    preset: Preset = Preset.PAPER
+    patchSizeI: Annotated[int, WithinRange(0, 1024)] = 0
+    patchSizeJ: Annotated[int, WithinRange(0, 1024)] = 0
+    patchSizeK: Annotated[int, WithinRange(0, 1024)] = 0
+    batchSize: Annotated[int, WithinRange(0, 64)] = 0
+    seed: Annotated[int, WithinRange(-1, 2147483647)] = -1
+    jobsFolder: str = ""
+    lastJob: str = ""
+    applyVolume: vtkMRMLScalarVolumeNode
+
+
+def runSettings(parameterNode: SFRSegmentParameterNode) -> RunSettings:
+    """The run settings the parameter node describes (0 or -1 become "the preset's value")."""
+    patchSize = (parameterNode.patchSizeI, parameterNode.patchSizeJ, parameterNode.patchSizeK)
+    return RunSettings(
+        model=parameterNode.model,
+        method=parameterNode.method.value,
+        preset=parameterNode.preset.value,
+        device=parameterNode.device.value,
+        fine_tune_iterations=parameterNode.fineTuneIterations or None,
+        retrain_iterations=parameterNode.retrainIterations or None,
+        sfr_plus=parameterNode.sfrPlus,
+        patch_size=patchSize if all(patchSize) else None,
+        batch_size=parameterNode.batchSize or None,
+        seed=parameterNode.seed if parameterNode.seed >= 0 else None,
+    )
+
+
+#
+# SFRSegmentWidget
+#
+
+
+class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run: Optional["EngineRun"] = None
+        self._inputsUpdatePending = False
+
+    def setup(self) -> None:
+        """Build the GUI. No installs, downloads or dialogs here: the generic module test builds it headless."""
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(str(RESOURCES / "UI" / "SFRSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SFRSegmentLogic()
+        for entry in catalog.load_catalog().values():  # reads the bundled JSON; nothing is downloaded
+            self.ui.modelComboBox.addItem(entry.title, entry.id)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+
+        self.ui.inputsTable.itemChanged.connect(self.onInputsTableItemChanged)
+        self.ui.segmentsListWidget.itemChanged.connect(self.onSegmentsListItemChanged)
+        self.ui.refreshInputsButton.clicked.connect(self.updateInputs)
+        self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.importWeightsButton.clicked.connect(self.onImportWeightsButton)
+        self.ui.jobsFolderPathLineEdit.currentPathChanged.connect(self.onJobsFolderChanged)
+        self.ui.runButton.clicked.connect(self.onRunButton)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.openReportButton.clicked.connect(self.onOpenReportButton)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        if self._run is not None and not self._run.finished:
+            self._run.cancel()  # the engine saves its checkpoint and exits; no training is left behind
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.updateInputs()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+            self.updateInputs()
+
+    def onSceneNodesChanged(self, caller, event) -> None:
+        # Loading a scene adds many nodes at once: update the inputs once, after the burst.
+        if not self._inputsUpdatePending:
+            self._inputsUpdatePending = True
+            qt.QTimer.singleShot(0, self.updateInputs)
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.applyVolume:
+            volumes = nodes.scalar_volumes(slicer.mrmlScene)
+            if volumes:
+                self._parameterNode.applyVolume = volumes[0]
+
+    def setParameterNode(self, inputParameterNode: Optional[SFRSegmentParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._showModel(self._parameterNode.model)
+            self.ui.jobsFolderPathLineEdit.currentPath = self._parameterNode.jobsFolder
+            self._updateButtons()
+
+    # Inputs: the volumes table and the segments list are built from the scene, so they are synced by hand.
+
+    def updateInputs(self) -> None:
+        """Rebuild the volumes table and the segments list from the scene and the parameter node."""
+        self._inputsUpdatePending = False
+        if not self._parameterNode:
+            return
+        excludedIds = {volume.GetID() for volume in self._parameterNode.excludedVolumes if volume}
+        volumes = nodes.scalar_volumes(slicer.mrmlScene)
+        table = self.ui.inputsTable
+        wasBlocked = table.blockSignals(True)
+        table.setRowCount(len(volumes))
+        for row, volume in enumerate(volumes):
+            item = qt.QTableWidgetItem(volume.GetName())
+            item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+            item.setCheckState(qt.Qt.Unchecked if volume.GetID() in excludedIds else qt.Qt.Checked)
+            item.setData(qt.Qt.UserRole, volume.GetID())
+            table.setItem(row, 0, item)
+            table.setCellWidget(row, 1, self._labelSelector(volume))
+        table.blockSignals(wasBlocked)
+        self._updateSegmentsList()
+        self._updateButtons()
+
+    def _labelSelector(self, volume: vtkMRMLScalarVolumeNode) -> slicer.qMRMLNodeComboBox:
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = ["vtkMRMLSegmentationNode"]
+        selector.noneEnabled = True
+        selector.noneDisplay = _("(unlabeled)")
+        selector.addEnabled = False
+        selector.removeEnabled = False
+        selector.renameEnabled = False
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.setCurrentNode(nodes.label_segmentation(slicer.mrmlScene, volume))
+        selector.setToolTip(_("The segmentation holding the labels of this volume, or none if it is unlabeled."))
+        # nodeActivated: only the user's choices, not the combo box following scene changes, relink segmentations.
+        selector.nodeActivated.connect(lambda segmentation: self.onLabelChosen(volume, segmentation))
+        return selector
+
+    def onLabelChosen(self, volume: vtkMRMLScalarVolumeNode, segmentation: Optional[vtkMRMLSegmentationNode]) -> None:
+        self.logic.setLabelSegmentation(volume, segmentation)
+        self._updateSegmentsList()
+        self._updateButtons()
+
+    def onInputsTableItemChanged(self, item) -> None:
+        volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
+        if volume is None or not self._parameterNode:
+            return
+        excluded = [node for node in self._parameterNode.excludedVolumes if node and node is not volume]
+        if item.checkState() == qt.Qt.Unchecked:
+            excluded.append(volume)
+        self._parameterNode.excludedVolumes = excluded
+        self._updateSegmentsList()
+
+    def _updateSegmentsList(self) -> None:
+        excluded = set(self._parameterNode.excludedSegments)
+        names = self.logic.segmentNames(self._inputs())
+        listWidget = self.ui.segmentsListWidget
+        wasBlocked = listWidget.blockSignals(True)
+        listWidget.clear()
+        for name in names:
+            item = qt.QListWidgetItem(name)
+            item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+            item.setCheckState(qt.Qt.Unchecked if name in excluded else qt.Qt.Checked)
+            listWidget.addItem(item)
+        listWidget.blockSignals(wasBlocked)
+
+    def onSegmentsListItemChanged(self, item) -> None:
+        excluded = [name for name in self._parameterNode.excludedSegments if name != item.text()]
+        if item.checkState() == qt.Qt.Unchecked:
+            excluded.append(item.text())
+        self._parameterNode.excludedSegments = excluded
+        self._updateButtons()
+
+    def _inputs(self) -> List[CaseInput]:
+        return self.logic.inputs(excludedVolumes=self._parameterNode.excludedVolumes)
+
+    def _segmentNames(self, inputs: Sequence[CaseInput]) -> List[str]:
+        excluded = set(self._parameterNode.excludedSegments)
+        return [name for name in self.logic.segmentNames(inputs) if name not in excluded]
+
+    # Settings that connectGui cannot bind: the model (catalog ids and custom files) and the jobs folder.
+
+    def _showModel(self, model: str) -> None:
+        combo = self.ui.modelComboBox
+        index = combo.findData(model)
+        if index < 0:  # an imported custom checkpoint
+            combo.addItem(_("Custom: {name}").format(name=Path(model).name), model)
+            index = combo.count - 1
+        wasBlocked = combo.blockSignals(True)
+        combo.currentIndex = index
+        combo.blockSignals(wasBlocked)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onJobsFolderChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.jobsFolder = path
+
+    def onImportWeightsButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import SAM weights"), "",
+                                              _("PyTorch checkpoints (*.pth *.pt)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the weights."), waitCursor=True):
+            try:
+                imported = self.logic.importWeights(Path(path))
+            except InputError as error:
+                if error.field != "sha256" or not slicer.util.confirmOkCancelDisplay(
+                        _("{error}\n\nImport it anyway, as a custom checkpoint?").format(error=error)):
+                    raise
+                imported = self.logic.importWeights(Path(path), allowUnknown=True)
+            entry = next((e for e in catalog.load_catalog().values() if e.filename == imported.name), None)
+            self._parameterNode.model = entry.id if entry is not None else str(imported)
+            self._showModel(self._parameterNode.model)
+            slicer.util.infoDisplay(_("Imported {path}.").format(path=imported))
+
+    # Running
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        if not self._parameterNode:
+            return
+        running = self._run is not None and not self._run.finished
+        inputs = self._inputs()
+        canRun = any(item.segmentation for item in inputs) and bool(self._segmentNames(inputs))
+        self.ui.runButton.text = _("Cancel") if running else _("Run")
+        self.ui.runButton.enabled = running or canRun
+        self.ui.runButton.toolTip = (_("Stop the run; what it has finished is kept in its job folder.") if running
+                                     else _("Train on the labeled volumes and segment the others.") if canRun
+                                     else _("Label at least one volume and tick at least one segment."))
+        lastJob = self._lastJob()
+        trainedModel = lastJob is not None and lastJob.run.vnet_weights.is_file()
+        self.ui.applyButton.enabled = not running and trainedModel and self._parameterNode.applyVolume is not None
+        self.ui.openReportButton.enabled = lastJob is not None and lastJob.run.report.is_file()
+
+    def _lastJob(self) -> Optional[TrainingJob]:
+        folder = Path(self._parameterNode.lastJob) if self._parameterNode.lastJob else None
+        if folder is None or not (folder / jobs.JOB_FILE).is_file():
+            return None
+        return TrainingJob.load(folder)
+
+    def onRunButton(self) -> None:
+        if self._run is not None and not self._run.finished:
+            self._run.cancel()
+            self.ui.statusLabel.text = _("Cancelling: the engine is saving its checkpoint…")
+            self.ui.runButton.enabled = False
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
+            settings = runSettings(self._parameterNode)
+            self.logic.setupPythonRequirements()
+            if settings.uses_checkpoint and not self._ensureWeights(settings.model):
+                return
+            inputs = self._inputs()
+            self._startRun(lambda: self.logic.run(
+                inputs, self._segmentNames(inputs), settings, jobsFolder=self._jobsFolder(), wait=False,
+                onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished))
+
+    def onApplyButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting the volume."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            self._startRun(lambda: self.logic.applyModel(
+                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), wait=False,
+                onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished))
+
+    def _startRun(self, start: Callable[[], "EngineRun"]) -> None:
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
+        self.ui.statusLabel.text = _("Exporting the inputs…")
+        slicer.app.processEvents()
+        try:
+            self._run = start()
+        except Exception:
+            self.ui.progressBar.setRange(0, 1000)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = ""
+            raise
+        self.ui.statusLabel.text = _("Started; job folder: {folder}").format(folder=self._run.job.folder)
+        self._updateButtons()
+
+    def _jobsFolder(self) -> Optional[Path]:
+        return Path(self._parameterNode.jobsFolder) if self._parameterNode.jobsFolder else None
+
+    def _ensureWeights(self, model: str) -> bool:
+        """Make sure the SAM checkpoint is in the cache, downloading it (with the user's consent) if not."""
+        if Path(model).is_file():
+            return True
+        entry = catalog.get_model(model)
+        if self.logic.cachedWeights(entry) is not None:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(_(
+                "The weights of {title} ({size:.0f} MB) are not downloaded yet. Download them now?\n\n"
+                "Without internet access, download {url} on another computer and use 'Import weights…'."
+        ).format(title=entry.title, size=entry.size_bytes / 1e6, url=weights.source_url(entry))):
+            return False
+        dialog = slicer.util.createProgressDialog(labelText=_("Downloading {title}…").format(title=entry.title),
+                                                  windowTitle=_("SFRSegment"), maximum=1000)
+
+        def onBytes(done: int, total: int) -> None:
+            dialog.value = int(1000 * done / max(total, 1))
+            slicer.app.processEvents()
+            if dialog.wasCanceled:
+                raise DownloadCancelled()  # the bytes received are kept, and the next download resumes
+
+        try:
+            self.logic.downloadWeights(entry, onBytes)
+        except DownloadCancelled:
+            return False
+        finally:
+            dialog.close()
+        return True
+
+    def onProgress(self, event: ProgressEvent) -> None:
+        fraction = event.fraction
+        if fraction is None:
+            self.ui.progressBar.setRange(0, 0)
+        else:
+            self.ui.progressBar.setRange(0, 1000)
+            self.ui.progressBar.value = int(1000 * fraction)
+        title = stageTitle(event.stage)
+        parts = [f"{title} {event.step}/{event.total}" if event.total else title]
+        if event.loss is not None:
+            parts.append(_("loss {value:.4f}").format(value=event.loss))
+        if event.metric is not None:
+            parts.append(_("metric {value:.3f}").format(value=event.metric))
+        if event.eta_s is not None:
+            parts.append(_("{duration} left").format(duration=formatDuration(event.eta_s)))
+        self.ui.statusLabel.text = " · ".join(parts)
+        if event.message:
+            self.onLog(f"[{title}] {event.message}")
+
+    def onLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    def onRunFinished(self, run: "EngineRun") -> None:
+        self.ui.progressBar.setRange(0, 1000)
+        self.ui.progressBar.value = 1000 if run.error is None else 0
+        if isinstance(run.error, EngineCancelled):
+            self.ui.statusLabel.text = _("Cancelled. What was finished is kept in {folder}.").format(
+                folder=run.job.folder)
+        elif run.error is not None:
+            self.ui.statusLabel.text = _("Failed; see the log.")
+            slicer.util.errorDisplay(_("The run failed."), detailedText=str(run.error))
+        elif isinstance(run.job, TrainingJob):
+            if self._parameterNode:  # None when the scene was closed during the run
+                self._parameterNode.lastJob = str(run.job.folder)
+            self.ui.statusLabel.text = _("Done: {count} volume(s) segmented.").format(
+                count=len(run.results.segmentations))
+        else:
+            self.ui.statusLabel.text = _("Done: '{name}' created.").format(name=run.results.GetName())
+        self._updateButtons()
+
+    def onOpenReportButton(self) -> None:
+        job = self._lastJob()
+        if job is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(job.run.report)))
+
+
+class DownloadCancelled(Exception):
+    """The user cancelled a weights download."""
+
+
+def stageTitle(stage: str) -> str:
+    """The title of an engine stage (validate, then SFRSegmentLib.pipeline.STAGES); other stages show their name."""
+    return {
+        "validate": _("Checking the inputs"),
+        "finetune": _("Fine-tuning SAM"),
+        "pseudolabel": _("Pseudo-labelling"),
+        "retrain": _("Re-training the V-Net"),
+        "sfrplus": _("SFR+ refinement"),
+        "baseline": _("Baseline training"),
+        "predict": _("Predicting"),
+        "evaluate": _("Evaluating"),
+        "report": _("Writing the report"),
+    }.get(stage, stage)
+
+
+def formatDuration(seconds: float) -> str:
+    """A short human duration: '1 h 05 min', '4 min 20 s', '12 s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return _("{hours} h {minutes:02d} min").format(hours=hours, minutes=minutes)
+    if minutes:
+        return _("{minutes} min {seconds:02d} s").format(minutes=minutes, seconds=seconds)
+    return _("{seconds} s").format(seconds=seconds)
+
+
+#
+# SFRSegmentLogic
+#
+
+
+@dataclass
+class EngineRun:
+    """A started engine job: its folder, its process, and once it has finished, its results or its error."""
+
+    job: Union[TrainingJob, ApplyJob]
+    engine: EngineJob
+    results: Union[TrainingResults, vtkMRMLSegmentationNode, None] = None
+    error: Optional[Exception] = None
+    finished: bool = False
+    timer: Optional[qt.QTimer] = None
+
+    def cancel(self) -> None:
+        """Stop the engine and everything it started; ``error`` becomes an EngineCancelled."""
+        self.engine.cancel()
+
+
+class SFRSegmentLogic(ScriptedLoadableModuleLogic):
+    """Exports the inputs, runs the engine in a child process, and imports its results. No numerics here.
+
+    Works without the widget, from the Python console or ``Slicer --no-main-window --python-script``::
+
+        from SFRSegment import SFRSegmentLogic
+        from SFRSegmentLogicLib.jobs import RunSettings
+        logic = SFRSegmentLogic()
+        logic.setupPythonRequirements()
+        inputs = logic.inputs()
+        run = logic.run(inputs, logic.segmentNames(inputs), RunSettings(preset="small"), wait=True)
+        print(run.results.segmentations)
+
+    The process is started through ``processRunner`` (``ChildProcessRunner`` by default), which can be replaced.
+    """
+
+    POLL_INTERVAL_MS = 200
+
+    def __init__(self, processRunner: Optional[ChildProcessRunner] = None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.processRunner = processRunner or ChildProcessRunner()
+
+    def getParameterNode(self) -> SFRSegmentParameterNode:
+        return SFRSegmentParameterNode(super().getParameterNode())
+
+    # Inputs
+
+    def inputs(self, excludedVolumes: Sequence[vtkMRMLScalarVolumeNode] = ()) -> List[CaseInput]:
+        """Every scalar volume of the scene but ``excludedVolumes``, each with the segmentation labeling it, if any."""
+        excludedIds = {volume.GetID() for volume in excludedVolumes if volume}
+        return [CaseInput(volume, nodes.label_segmentation(slicer.mrmlScene, volume))
+                for volume in nodes.scalar_volumes(slicer.mrmlScene) if volume.GetID() not in excludedIds]
+
+    @staticmethod
+    def segmentNames(inputs: Sequence[CaseInput]) -> List[str]:
+        """The segment names of the inputs' labels, in order of first appearance."""
+        names: List[str] = []
+        for item in inputs:
+            if item.segmentation is not None:
+                names += [name for name in nodes.segment_names(item.segmentation) if name not in names]
+        return names
+
+    @staticmethod
+    def setLabelSegmentation(volume: vtkMRMLScalarVolumeNode,
+                             segmentation: Optional[vtkMRMLSegmentationNode]) -> None:
+        """Make ``segmentation`` the labels of ``volume`` (None: ``volume`` is unlabeled)."""
+        nodes.set_label_segmentation(slicer.mrmlScene, volume, segmentation)
+
+    # What the engine needs before it can run
+
+    @staticmethod
+    def setupPythonRequirements() -> None:
+        """Install what the engine needs into Slicer's Python, asking the user first (torch, then the rest)."""
+        dependencies.ensure_torch()
+        dependencies.ensure_requirements(RESOURCES / "requirements.txt")
+
+    @staticmethod
+    def cachedWeights(entry: catalog.ModelEntry) -> Optional[Path]:
+        """The verified checkpoint of ``entry`` in the weights cache, or None (never uses the network)."""
+        return weights.find_cached(entry)
+
+    @staticmethod
+    def downloadWeights(entry: catalog.ModelEntry, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+        """Download ``entry``'s checkpoint into the cache (resumable, SHA-256 checked); ``progress(done, total)``."""
+        return weights.download(entry, progress=progress)
+
+    @staticmethod
+    def importWeights(path: Path, allowUnknown: bool = False) -> Path:
+        """Copy a checkpoint fetched elsewhere into the cache; one matching no catalog model needs ``allowUnknown``."""
+        return weights.import_local(path, allow_unknown=allowUnknown)
+
+    # Running the engine
+
+    def run(
+        self,
+        inputs: Sequence[CaseInput],
+        segmentNames: Sequence[str],
+        settings: RunSettings = RunSettings(),
+        jobsFolder: Optional[Path] = None,
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """Train on the labeled ``inputs`` and segment the others; results become segmentation nodes.
+
+        :param inputs: volumes with their label segmentations (see :meth:`inputs`).
+        :param segmentNames: the segments to learn; each labeled segmentation must have all of them.
+        :param settings: model, method, device, preset and overrides.
+        :param jobsFolder: where the job folder is created (default: ``jobs/`` in the engine's cache folder).
+        :param wait: block until the engine has finished (scripts), instead of polling with a Qt timer (GUI).
+        :param onProgress: called with each progress event; ``onLog`` with each other line of output.
+        :param onFinished: called with the run once its results are imported or it failed (``run.error``).
+        :return: the run; with ``wait``, finished, and its error raised if it failed.
+        """
+        python = self.enginePython()
+        job = jobs.prepare_training_job(Path(jobsFolder) if jobsFolder else self.defaultJobsFolder(), inputs,
+                                        segmentNames, settings)
+        return self._start(job, job.command(python, settings.preset),
+                           lambda: jobs.import_training_results(slicer.mrmlScene, job),
+                           wait, onProgress, onLog, onFinished)
+
+    def applyModel(
+        self,
+        volume: vtkMRMLScalarVolumeNode,
+        jobFolder: Path,
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """Segment ``volume`` with the model the job in ``jobFolder`` trained; other arguments as in :meth:`run`."""
+        job = jobs.prepare_apply_job(TrainingJob.load(Path(jobFolder)), volume)
+        return self._start(job, job.command(self.enginePython()),
+                           lambda: jobs.import_apply_result(slicer.mrmlScene, job),
+                           wait, onProgress, onLog, onFinished)
+
+    def _start(
+        self,
+        job: Union[TrainingJob, ApplyJob],
+        command: List[str],
+        importResults: Callable[[], object],
+        wait: bool,
+        onProgress: Optional[Callable[[ProgressEvent], None]],
+        onLog: Optional[Callable[[str], None]],
+        onFinished: Optional[Callable[[EngineRun], None]],
+    ) -> EngineRun:
+        """Start the engine for ``job``; import its results with ``importResults`` once it has succeeded."""
+        process = self.processRunner.start(command, self.engineEnvironment(), ENGINE_ROOT)
+        run = EngineRun(job, EngineJob(process, on_progress=onProgress, on_log=onLog))
+        if wait:
+            run.engine.wait(between_polls=slicer.app.processEvents)
+            self._finish(run, importResults, onFinished)
+            if run.error is not None:
+                raise run.error
+            return run
+
+        def poll() -> None:
+            if run.engine.poll():
+                self._finish(run, importResults, onFinished)
+
+        run.timer = qt.QTimer()
+        run.timer.setInterval(self.POLL_INTERVAL_MS)
+        run.timer.timeout.connect(poll)
+        run.timer.start()
+        return run
+
+    @staticmethod
+    def _finish(run: EngineRun, importResults: Callable[[], object],
+                onFinished: Optional[Callable[[EngineRun], None]]) -> None:
+        if run.timer is not None:
+            run.timer.stop()
+        try:
+            run.engine.raise_for_outcome()
+            run.results = importResults()
+        except Exception as error:  # reported to the caller through run.error, raised by wait=True
+            run.error = error
+        run.finished = True
+        if onFinished is not None:
+            onFinished(run)
+
+    # What needs the application: the interpreter, its environment, a folder for jobs
+
+    @staticmethod
+    def enginePython() -> str:
+        """``PythonSlicer``: Slicer's Python, where the engine's packages are installed."""
+        python = shutil.which("PythonSlicer")
+        if python is None:
+            raise RuntimeError(_("PythonSlicer was not found next to the Slicer executable; reinstall Slicer."))
+        return python
+
+    @staticmethod
+    def engineEnvironment() -> dict:
+        """The environment Slicer was started in (PythonSlicer sets up its own), with the engine importable."""
+        return engine_environment(slicer.util.startupEnvironment(), ENGINE_ROOT)
+
+    @staticmethod
+    def defaultJobsFolder() -> Path:
+        """``jobs/`` in the engine's cache folder: outside the extension, so updates keep trained models."""
+        return weights.cache_dir() / "jobs"
+
+
+#
+# SFRSegmentTest
+#
+
+
+class SFRSegmentTest(ScriptedLoadableModuleTest):
+    """A tiny CPU run on a synthetic scene (the small preset: no SAM weights to download).
+
+    Run from the module ("Reload and Test"), it first installs the engine's packages after asking. Under ``--testing``
+    (ctest) nothing may be installed, so it is skipped where the packages are missing.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SFRSegment_tinyRun()
+
+    def test_SFRSegment_tinyRun(self):
+        requirements = RESOURCES / "requirements.txt"
+        if slicer.app.testingEnabled() and (dependencies.missing_requirements(requirements)
+                                            or importlib.util.find_spec("torch") is None):
+            self.skipTest("the engine's packages are not installed in Slicer's Python")
+        SFRSegmentLogic.setupPythonRequirements()
+        from SFRSegmentLib.synthetic import make_synthetic_cohort  # needs scipy: only importable after the setup
+
+        self.delayDisplay("Loading a synthetic scene: 1 labeled and 2 unlabeled volumes, 2 segments")
+        folder = Path(slicer.util.tempDirectory("SFRSegmentTest"))
+        cohort = make_synthetic_cohort(folder / "cohort", n_cases=3, n_labeled=1, n_classes=2, seed=0)
+        segmentNames = [cohort.classes[value] for value in sorted(cohort.classes)]
+        logic = SFRSegmentLogic()
+        for case in cohort.cases:
+            volume = slicer.util.loadVolume(str(case.image), {"name": case.name})
+            if case.labeled:
+                logic.setLabelSegmentation(volume, self._segmentationFromLabelMap(case.label, cohort.classes))
+
+        inputs = logic.inputs()
+        self.assertEqual([item.volume.GetName() for item in inputs], [case.name for case in cohort.cases])
+        self.assertEqual([item.segmentation is not None for item in inputs], [case.labeled for case in cohort.cases])
+        self.assertEqual(logic.segmentNames(inputs), segmentNames)
+
+        self.delayDisplay("Training on CPU (preset small, 2 iterations per stage)")
+        settings = RunSettings(preset="small", device="cpu", fine_tune_iterations=2, retrain_iterations=2)
+        run = logic.run(inputs, segmentNames, settings, jobsFolder=folder / "jobs", wait=True)
+
+        for case in cohort.unlabeled:
+            segmentation = run.results.segmentations[case.name]
+            self.assertEqual(segmentation.GetName(), case.name + jobs.RESULT_SUFFIX)
+            self.assertEqual(nodes.segment_names(segmentation), segmentNames)
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _segmentationFromLabelMap(path: Path, classes: dict) -> vtkMRMLSegmentationNode:
+        labelMap = slicer.util.loadLabelVolume(str(path))
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelMap.GetName() + " labels")
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelMap, segmentation)
+        slicer.mrmlScene.RemoveNode(labelMap)
+        content = segmentation.GetSegmentation()
+        for index in range(content.GetNumberOfSegments()):
+            segment = content.GetNthSegment(index)
+            segment.SetName(classes[segment.GetLabelValue()])
+        return segmentation

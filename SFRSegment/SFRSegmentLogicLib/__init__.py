@@ -1,0 +1,10 @@
+"""What the SFRSegment module's Logic does, in parts that run without the Slicer application where they can.
+
+* :mod:`.process`: the engine's child process, its JSON-lines progress, cancel (standard library only);
+* :mod:`.nodes`: Slicer nodes ↔ files and scene queries (MRML classes, VTK, numpy: runs under ``slicer-core``);
+* :mod:`.jobs`: job folders, the run configuration, the engine's command lines, importing results (as ``nodes``);
+* :mod:`.dependencies`: installing the engine's packages (needs the Slicer application).
+
+``SFRSegment.SFRSegmentLogic`` ties them together and adds what needs the application: the scene, the interpreter
+``PythonSlicer``, Qt timers and dialogs.
+"""

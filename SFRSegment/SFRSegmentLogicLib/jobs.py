@@ -1,0 +1,311 @@
+"""Job folders: what the module hands to the engine (a cohort and a configuration) and how results come back.
+
+A training job folder::
+
+    JOB/
+      job.json                  the classes (label value, segment name, colour) and which volume each case is
+      config.json               the run configuration (see :func:`run_config`)
+      cohort/classes.json       {"1": "<segment name>", ...}
+      cohort/<case>/image.nrrd  every input volume
+      cohort/<case>/label.nrrd  labeled volumes only: the chosen segments on the volume's grid
+      run/                      the engine's run folder (layout: SFRSegmentLib.runfolder)
+      apply/<stamp>/            "Apply model" jobs: images/<case>.nrrd in, predictions/ out
+
+The engine is started as ``<python> -m SFRSegmentLib run --cohort JOB/cohort --out JOB/run --preset P --config
+JOB/config.json --progress jsonl``. Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLScene, vtkMRMLSegmentationNode, vtkMRMLTableNode
+
+from SFRSegmentLib.atomic import atomic_write_text
+from SFRSegmentLib.data import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
+from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.sam.catalog import DEFAULT_MODEL_ID
+
+from .nodes import (
+    SegmentClass,
+    load_confidence_table,
+    load_segmentation,
+    segment_classes,
+    write_label_map,
+    write_volume,
+)
+from .nodes import segment_names as segment_names_of
+
+METHODS = ("sfr_mt", "sfr_uamt", "sfr_acmt", "sfr", "mt", "uamt", "acmt", "supervised")
+"""Re-training methods: a semi-supervised method with SAM's pseudo-labels (sfr_*; sfr alone: labels and
+pseudo-labels only), or without them."""
+PRESETS = ("paper", "small")
+DEVICES = ("auto", "cuda", "cpu")
+JOB_FILE = "job.json"
+RESULT_SUFFIX = " segmentation"
+"""A result is named after its volume: '<volume name> segmentation'."""
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """A volume to use and, when it is labeled, the segmentation holding its labels."""
+
+    volume: vtkMRMLScalarVolumeNode
+    segmentation: Optional[vtkMRMLSegmentationNode] = None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The choices of a run. None means "the preset's value"."""
+
+    model: str = DEFAULT_MODEL_ID
+    """A model id of the catalog, or the path of an imported checkpoint (used by the paper preset; the small preset
+    runs a small, randomly initialised SAM)."""
+    method: str = "sfr_mt"
+    preset: str = "paper"
+    device: str = "auto"
+    fine_tune_iterations: Optional[int] = None
+    retrain_iterations: Optional[int] = None
+    sfr_plus: bool = False
+    patch_size: Optional[Tuple[int, int, int]] = None
+    batch_size: Optional[int] = None
+    seed: Optional[int] = None
+
+    @property
+    def uses_checkpoint(self) -> bool:
+        """Whether the run loads the SAM checkpoint ``model`` (so its weights must be in the cache)."""
+        return self.preset == "paper"
+
+
+def run_config(settings: RunSettings) -> Dict[str, Any]:
+    """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.config.RunConfig's fields).
+
+    Only what the user changed is written, so every other value is the preset's. One patch size serves every stage
+    (SAM's patches, pseudo-label and inference windows, re-training crops), one batch size both fine-tuning and each
+    stream of re-training, one seed both trainings, as in the presets.
+    """
+    for value, allowed, what in ((settings.method, METHODS, "method"), (settings.preset, PRESETS, "preset"),
+                                 (settings.device, DEVICES, "device")):
+        if value not in allowed:
+            raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}", field=what)
+    finetune: Dict[str, Any] = {}
+    retrain: Dict[str, Any] = {"method": settings.method}
+    config: Dict[str, Any] = {"preset": settings.preset, "device": settings.device, "finetune": finetune,
+                              "retrain": retrain, "sfr_plus": settings.sfr_plus}
+    if settings.uses_checkpoint:
+        finetune["base_checkpoint"] = settings.model
+    if settings.fine_tune_iterations is not None:
+        finetune["iterations"] = settings.fine_tune_iterations
+    if settings.retrain_iterations is not None:
+        retrain["iterations"] = settings.retrain_iterations
+    if settings.patch_size is not None:
+        patch = list(settings.patch_size)
+        finetune["patch_size"] = retrain["patch_size"] = patch
+        config["pseudolabel"] = {"window": patch}
+        config["inference"] = {"patch_size": patch}
+    if settings.batch_size is not None:
+        finetune["batch_size"] = retrain["batch_labeled"] = retrain["batch_unlabeled"] = settings.batch_size
+    if settings.seed is not None:
+        finetune["seed"] = retrain["seed"] = settings.seed
+    return config
+
+
+def new_job_folder(jobs_root: Path) -> Path:
+    """A new, empty folder under ``jobs_root`` named after the current time (``2026-05-01_142530``)."""
+    stamp = time.strftime("%Y-%m-%d_%H%M%S")
+    for attempt in range(1000):
+        folder = jobs_root / (f"{stamp}_{attempt}" if attempt else stamp)
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise OSError(f"{jobs_root}: cannot create a new job folder")
+
+
+def case_names(volume_names: Sequence[str]) -> List[str]:
+    """File-safe, unique case names for volumes, close to the volumes' names (``CT chest (2)`` → ``CT_chest_2``)."""
+    names: List[str] = []
+    for volume_name in volume_names:
+        # ASCII only: ITK and some tools still mishandle other characters in Windows paths.
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", volume_name).strip("_") or "volume"
+        name, number = base, 2
+        while name.lower() in (n.lower() for n in names):  # case-insensitive file systems
+            name, number = f"{base}_{number}", number + 1
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training jobs
+
+
+@dataclass
+class TrainingJob:
+    """A training job folder, and which scene volume each of its cases is."""
+
+    folder: Path
+    classes: List[SegmentClass]
+    volume_ids: Dict[str, str] = field(default_factory=dict)
+    """Case name → ID of its volume node."""
+
+    @property
+    def cohort(self) -> Path:
+        return self.folder / "cohort"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "config.json"
+
+    @property
+    def run(self) -> RunFolder:
+        return RunFolder(self.folder / "run")
+
+    def command(self, python: str, preset: str) -> List[str]:
+        """The engine's command line for this job."""
+        return [python, "-m", "SFRSegmentLib", "run", "--cohort", str(self.cohort), "--out", str(self.run.root),
+                "--preset", preset, "--config", str(self.config), "--progress", "jsonl"]
+
+    @classmethod
+    def load(cls, folder: Path) -> "TrainingJob":
+        """The job in ``folder`` as written by :func:`prepare_training_job` (volume IDs are not kept on disk)."""
+        description = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+        classes = [SegmentClass(int(c["value"]), c["name"], tuple(c["color"])) for c in description["classes"]]
+        return cls(folder, classes)
+
+
+def prepare_training_job(
+    jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str], settings: RunSettings
+) -> TrainingJob:
+    """Check the inputs, then write a new job folder under ``jobs_root``: cohort (images, labels, classes), job
+    description and configuration. Nothing is created when the inputs are wrong."""
+    _check_inputs(inputs, segment_names)
+    config = run_config(settings)
+    folder = new_job_folder(jobs_root)
+    labeled = [item.segmentation for item in inputs if item.segmentation is not None]
+    classes = segment_classes(list(segment_names), labeled)
+    names = case_names([item.volume.GetName() for item in inputs])
+    job = TrainingJob(folder, classes, {name: item.volume.GetID() for name, item in zip(names, inputs)})
+    for name, item in zip(names, inputs):
+        write_volume(item.volume, job.cohort / name / f"{IMAGE_STEM}.nrrd")
+        if item.segmentation is not None:
+            write_label_map(item.segmentation, classes, item.volume, job.cohort / name / f"{LABEL_STEM}.nrrd")
+    _write_json(job.cohort / CLASSES_FILE, {str(c.value): c.name for c in classes})
+    _write_json(folder / JOB_FILE, {
+        "classes": [{"value": c.value, "name": c.name, "color": list(c.color)} for c in classes],
+        "cases": {name: item.volume.GetName() for name, item in zip(names, inputs)},
+    })
+    _write_json(job.config, config)
+    return job
+
+
+def _check_inputs(inputs: Sequence[CaseInput], segment_names: Sequence[str]) -> None:
+    if not inputs:
+        raise InputError("No input volumes. Load the volumes to segment into the scene.")
+    if not any(item.segmentation is not None for item in inputs):
+        raise InputError("No labeled volume. Segment at least one volume (Segment Editor) and choose its "
+                         "segmentation in the inputs table.")
+    if not segment_names:
+        raise InputError("No segments to learn. Tick at least one segment.")
+    duplicates = sorted({name for name in segment_names if list(segment_names).count(name) > 1})
+    if duplicates:
+        raise InputError(f"Segment names must be unique; repeated: {', '.join(duplicates)}.")
+    for item in inputs:
+        if item.segmentation is None:
+            continue
+        missing = [name for name in segment_names if name not in segment_names_of(item.segmentation)]
+        if missing:
+            raise InputError(
+                f"Segmentation '{item.segmentation.GetName()}' (the label of '{item.volume.GetName()}') has no "
+                f"segment named {', '.join(repr(n) for n in missing)}. Add it there, or untick it."
+            )
+
+
+def _write_json(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+@dataclass
+class TrainingResults:
+    """What a finished training job added to the scene."""
+
+    segmentations: Dict[str, vtkMRMLSegmentationNode]
+    """Case name → its result."""
+    confidence_table: Optional[vtkMRMLTableNode]
+
+
+def import_training_results(scene: vtkMRMLScene, job: TrainingJob) -> TrainingResults:
+    """Load each case's prediction as a segmentation named after its volume, and the confidence table if present.
+
+    Only cases with a prediction file are loaded (the engine predicts the unlabeled ones); a case whose volume has
+    left the scene is skipped.
+    """
+    segmentations = {}
+    volume_names = {}
+    for case, volume_id in job.volume_ids.items():
+        volume = scene.GetNodeByID(volume_id)
+        if volume is None:
+            continue
+        volume_names[case] = volume.GetName()
+        prediction = job.run.prediction(case)
+        if prediction.is_file():
+            segmentations[case] = load_segmentation(scene, prediction, volume.GetName() + RESULT_SUFFIX, volume,
+                                                    job.classes)
+    table = None
+    if job.run.confidence_table.is_file():
+        table = load_confidence_table(scene, job.run.confidence_table, "SFRSegment confidence", volume_names)
+    return TrainingResults(segmentations, table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Applying a trained model to one more volume
+
+
+@dataclass
+class ApplyJob:
+    """One volume to segment with the model of a finished training job."""
+
+    folder: Path
+    training: TrainingJob
+    case: str
+    volume_id: str
+
+    @property
+    def image(self) -> Path:
+        return self.folder / "images" / f"{self.case}.nrrd"
+
+    @property
+    def prediction(self) -> Path:
+        return self.folder / "predictions" / f"{self.case}.seg.nrrd"
+
+    def command(self, python: str) -> List[str]:
+        """The engine's command line: ``predict --model RUN --images IMAGE --out DIR``."""
+        return [python, "-m", "SFRSegmentLib", "predict", "--model", str(self.training.run.root),
+                "--images", str(self.image), "--out", str(self.prediction.parent)]
+
+
+def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode) -> ApplyJob:
+    """Write ``volume`` into a new apply folder of ``training``; its model must exist."""
+    if not training.run.vnet_weights.is_file():
+        raise InputError("This job has no trained model yet; run it to completion first.", training.run.vnet_weights)
+    job = ApplyJob(new_job_folder(training.folder / "apply"), training, case_names([volume.GetName()])[0],
+                   volume.GetID())
+    write_volume(volume, job.image)
+    return job
+
+
+def import_apply_result(scene: vtkMRMLScene, job: ApplyJob) -> vtkMRMLSegmentationNode:
+    """Load the prediction of an apply job, named after its volume."""
+    volume = scene.GetNodeByID(job.volume_id)
+    if volume is None:
+        raise InputError("The volume to segment has been removed from the scene.")
+    if not job.prediction.is_file():
+        raise InputError("The engine finished without writing the expected prediction.", job.prediction)
+    return load_segmentation(scene, job.prediction, volume.GetName() + RESULT_SUFFIX, volume, job.training.classes)

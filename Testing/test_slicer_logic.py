@@ -1,0 +1,523 @@
+"""The Slicer module's Logic under the slicer-core wheels: real MRML scenes, volume and segmentation nodes.
+
+Covers what the Logic does without the application: exporting volumes and labels to a job folder (voxels and
+IJK-to-RAS geometry, non-identity directions included), writing the run configuration, importing a result folder as
+segmentation and table nodes, and the documented scripting flow end to end with a stand-in engine process.
+"""
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the slicer-core wheels are not installed", allow_module_level=True)
+
+from vtk.util import numpy_support  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "SFRSegment"))
+
+from SFRSegmentLib.data import discover_cohort, validate_cohort  # noqa: E402
+from SFRSegmentLib.errors import InputError  # noqa: E402
+from SFRSegmentLib.io import Segment, Volume, read_volume, write_volume  # noqa: E402
+from SFRSegmentLib.runfolder import RunFolder  # noqa: E402
+from SFRSegmentLogicLib import jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib.jobs import CaseInput, RunSettings  # noqa: E402
+from SFRSegmentLogicLib.process import ChildProcessRunner, EngineJob, Status, engine_environment  # noqa: E402
+
+RED, GREEN, BLUE = (0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.2, 0.3, 0.9)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def segmentation_converters():
+    """Register the segmentation conversion rules, as Slicer's Segmentations module does at startup."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+@pytest.fixture()
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def _rotation(axis, angle):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+OBLIQUE = _rotation((1, 2, 3), 0.7) @ np.diag([1, -1, 1])  # rotated and mirrored: far from the identity
+
+
+def _image_data(array_ijk, vtk_type):
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array_ijk.shape)
+    image.AllocateScalars(vtk_type, 1)
+    # VTK stores i fastest, which is the C order of the [k, j, i] transpose.
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.transpose(array_ijk, (2, 1, 0)).ravel()
+    return image
+
+
+def _ijk_to_ras(node):
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _set_ijk_to_ras(node, ijk_to_ras):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, ijk_to_ras[r, c])
+    node.SetIJKToRASMatrix(matrix)
+
+
+def _geometry(spacing, origin, directions=np.eye(3)):
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = np.asarray(directions) * np.asarray(spacing, float)[None, :]
+    ijk_to_ras[:3, 3] = origin
+    return ijk_to_ras
+
+
+def add_volume(scene, name, array_ijk, ijk_to_ras, node_class="vtkMRMLScalarVolumeNode"):
+    vtk_type = numpy_support.get_vtk_array_type(array_ijk.dtype)
+    volume = scene.AddNewNodeByClass(node_class, name)
+    volume.SetAndObserveImageData(_image_data(array_ijk, vtk_type))
+    _set_ijk_to_ras(volume, ijk_to_ras)
+    return volume
+
+
+def add_segmentation(scene, name, masks, ijk_to_ras, colors=None, volume=None):
+    """A segmentation whose segments are the given {name: boolean IJK mask} on the grid ``ijk_to_ras``."""
+    shape = next(iter(masks.values())).shape
+    label = np.zeros(shape, np.uint8)
+    for value, mask in enumerate(masks.values(), 1):
+        label[mask] = value
+    label_map = add_volume(scene, name + " label map", label, ijk_to_ras, "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label_map, segmentation, "")
+    scene.RemoveNode(label_map)
+    content = segmentation.GetSegmentation()
+    for index, segment_name in enumerate(masks):
+        segment = content.GetNthSegment(index)
+        segment.SetName(segment_name)
+        if colors:
+            segment.SetColor(*colors[segment_name])
+    if volume is not None:
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return segmentation
+
+
+def exported_masks(scene, segmentation, volume):
+    """{segment name: IJK mask on ``volume``'s grid} of every segment, through Slicer's own export."""
+    content = segmentation.GetSegmentation()
+    masks = {}
+    for index in range(content.GetNumberOfSegments()):
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(content.GetNthSegmentID(index))
+        label_map = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation, ids, label_map, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        image = label_map.GetImageData()
+        dims = image.GetDimensions()
+        array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).transpose(2, 1, 0)
+        np.testing.assert_allclose(_ijk_to_ras(label_map), _ijk_to_ras(volume), atol=1e-9)
+        masks[content.GetNthSegment(index).GetName()] = array > 0
+        scene.RemoveNode(label_map)
+    return masks
+
+
+def blobs(shape, seed):
+    """Two disjoint, non-empty boolean masks ('liver', 'tumour') and a third ('vessel') on an IJK grid."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.indices(shape)
+    centre = np.asarray(shape) / 2 + rng.uniform(-1, 1, 3)
+    liver = ((i - centre[0]) / 5) ** 2 + ((j - centre[1]) / 4) ** 2 + ((k - centre[2]) / 3) ** 2 < 1
+    tumour = (i < 3) & (j < 4) & (k >= shape[2] - 3)
+    vessel = (i == shape[0] - 2) & ~liver
+    return {"liver": liver, "tumour": tumour & ~liver, "vessel": vessel & ~tumour}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_write_volume_keeps_voxels_and_an_oblique_mirrored_geometry(scene, tmp_path):
+    array = np.random.default_rng(0).integers(-1000, 3000, size=(7, 9, 5)).astype(np.int16)
+    ijk_to_ras = _geometry((0.7, 1.3, 2.5), (12.5, -40.0, 7.25), OBLIQUE)
+    volume = add_volume(scene, "CT", array, ijk_to_ras)
+
+    written = read_volume(nodes.write_volume(volume, tmp_path / "image.nrrd"))
+
+    np.testing.assert_array_equal(written.array, array)
+    assert written.array.dtype == np.int16
+    np.testing.assert_allclose(written.ijk_to_ras, _ijk_to_ras(volume), atol=1e-6)
+    np.testing.assert_allclose(written.ijk_to_ras, ijk_to_ras, atol=1e-6)
+
+
+def test_labels_are_exported_on_the_volumes_grid_in_class_order(scene, tmp_path):
+    shape = (14, 12, 8)
+    ijk_to_ras = _geometry((0.8, 0.9, 2.0), (-30.0, 15.0, 60.0), OBLIQUE)
+    volume = add_volume(scene, "MR", np.zeros(shape, np.float32), ijk_to_ras)
+    masks = blobs(shape, seed=1)
+    # The segmentation's own grid is a sub-block of the volume's, shifted by (2, 3, 1) voxels: the export must put
+    # every voxel back where it belongs on the volume's grid.
+    offset = np.array([2, 3, 1])
+    sub = tuple(slice(o, s) for o, s in zip(offset, shape))
+    sub_geometry = ijk_to_ras.copy()
+    sub_geometry[:3, 3] = (ijk_to_ras @ np.append(offset, 1))[:3]
+    segmentation = add_segmentation(scene, "labels", {n: m[sub] for n, m in masks.items()}, sub_geometry)
+    expected = {n: np.zeros(shape, bool) for n in masks}
+    for n, m in masks.items():
+        expected[n][sub] = m[sub]
+    classes = [nodes.SegmentClass(1, "tumour", RED), nodes.SegmentClass(2, "liver", GREEN)]
+
+    label = read_volume(nodes.write_label_map(segmentation, classes, volume, tmp_path / "label.nrrd"))
+
+    assert label.shape == shape
+    np.testing.assert_allclose(label.ijk_to_ras, _ijk_to_ras(volume), atol=1e-6)
+    assert expected["tumour"].any() and expected["liver"].any()
+    np.testing.assert_array_equal(label.array == 1, expected["tumour"])
+    np.testing.assert_array_equal(label.array == 2, expected["liver"])
+    assert set(np.unique(label.array)) == {0, 1, 2}  # 'vessel' is not learned: background
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0  # the temporary node is gone
+
+
+def test_a_missing_segment_is_an_error_not_background(scene, tmp_path):
+    ijk_to_ras = _geometry((1, 1, 1), (0, 0, 0))
+    volume = add_volume(scene, "CT", np.zeros((6, 6, 6), np.int16), ijk_to_ras)
+    liver = blobs((6, 6, 6), 0)["vessel"]
+    segmentation = add_segmentation(scene, "labels", {"liver": liver}, ijk_to_ras, volume=volume)
+    with pytest.raises(ValueError, match="no segment named 'spleen'"):
+        nodes.write_label_map(segmentation, [nodes.SegmentClass(1, "spleen", RED)], volume, tmp_path / "l.nrrd")
+    with pytest.raises(InputError, match="has no segment named 'spleen'"):
+        jobs.prepare_training_job(tmp_path / "jobs", [CaseInput(volume, segmentation)], ["spleen"], RunSettings())
+    assert not (tmp_path / "jobs").exists()  # checked before anything is written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scene queries
+
+
+def test_default_inputs_are_every_scalar_volume_labeled_by_the_segmentation_referencing_it(scene):
+    ijk_to_ras = _geometry((1, 1, 1), (0, 0, 0))
+    first = add_volume(scene, "first", np.zeros((4, 4, 4), np.int16), ijk_to_ras)
+    second = add_volume(scene, "second", np.zeros((4, 4, 4), np.int16), ijk_to_ras)
+    add_volume(scene, "a label map", np.zeros((4, 4, 4), np.uint8), ijk_to_ras, "vtkMRMLLabelMapVolumeNode")
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no image data")
+    mask = np.zeros((4, 4, 4), bool)
+    mask[1:3, 1:3, 1:3] = True
+    labels = add_segmentation(scene, "labels of second", {"liver": mask}, ijk_to_ras, volume=second)
+    prediction = add_segmentation(scene, "prediction", {"liver": mask}, ijk_to_ras, volume=first)
+    prediction.SetAttribute(nodes.PREDICTION_ATTRIBUTE, "1")
+
+    assert nodes.scalar_volumes(scene) == [first, second]
+    assert nodes.label_segmentation(scene, second) is labels
+    assert nodes.label_segmentation(scene, first) is None  # an unreviewed prediction is not a label
+
+    nodes.set_label_segmentation(scene, first, prediction)  # the user picks it: now it is a label
+    assert nodes.label_segmentation(scene, first) is prediction
+    assert not prediction.GetAttribute(nodes.PREDICTION_ATTRIBUTE)
+
+    nodes.set_label_segmentation(scene, second, None)
+    assert nodes.label_segmentation(scene, second) is None
+
+    loaded_from_disk = add_segmentation(scene, "loaded", {"liver": mask}, ijk_to_ras)
+    nodes.set_label_segmentation(scene, second, loaded_from_disk)
+    assert nodes.label_segmentation(scene, second) is loaded_from_disk
+    assert loaded_from_disk.GetNodeReferenceID(nodes.REFERENCE_ROLE) == second.GetID()
+
+
+def test_case_names_are_file_safe_and_unique():
+    assert jobs.case_names(["CT chest (2)", "CT chest (2)", "ct_chest_2", "Ölçü", "", "a/b\\c"]) == \
+        ["CT_chest_2", "CT_chest_2_2", "ct_chest_2_3", "l", "volume", "a_b_c"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run configuration
+
+
+def test_run_configuration_holds_only_what_differs_from_the_preset():
+    assert jobs.run_config(RunSettings()) == {
+        "preset": "paper", "device": "auto", "finetune": {"base_checkpoint": "sam_vit_b"},
+        "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
+    }
+    settings = RunSettings(model="/weights/my_sam.pth", method="sfr_acmt", device="cuda", fine_tune_iterations=50,
+                           retrain_iterations=200, sfr_plus=True, patch_size=(96, 96, 64), batch_size=1, seed=7)
+    assert jobs.run_config(settings) == {
+        "preset": "paper", "device": "cuda",
+        "finetune": {"base_checkpoint": "/weights/my_sam.pth", "iterations": 50, "patch_size": [96, 96, 64],
+                     "batch_size": 1, "seed": 7},
+        "retrain": {"method": "sfr_acmt", "iterations": 200, "patch_size": [96, 96, 64], "batch_labeled": 1,
+                    "batch_unlabeled": 1, "seed": 7},
+        "pseudolabel": {"window": [96, 96, 64]}, "inference": {"patch_size": [96, 96, 64]}, "sfr_plus": True,
+    }
+    small = RunSettings(preset="small", device="cpu")
+    assert not small.uses_checkpoint  # the small preset's SAM is randomly initialised: no weights to fetch
+    assert "base_checkpoint" not in jobs.run_config(small)["finetune"]
+    with pytest.raises(InputError, match="unknown method 'magic'"):
+        jobs.run_config(RunSettings(method="magic"))
+
+
+def test_the_engine_accepts_the_run_configuration():
+    config_module = pytest.importorskip("SFRSegmentLib.config")
+    from SFRSegmentLib.config_io import with_overrides
+    from SFRSegmentLib.ssl import method_names
+
+    assert set(jobs.METHODS) <= set(method_names())
+    for preset in jobs.PRESETS:
+        settings = RunSettings(method="sfr_uamt", preset=preset, device="cpu", fine_tune_iterations=5,
+                               retrain_iterations=6, sfr_plus=True, patch_size=(32, 32, 16), batch_size=1, seed=3)
+        resolved = with_overrides(config_module.preset(preset), jobs.run_config(settings))
+        assert (resolved.preset, resolved.device, resolved.sfr_plus) == (preset, "cpu", True)
+        assert (resolved.finetune.iterations, resolved.retrain.iterations, resolved.retrain.method) == \
+            (5, 6, "sfr_uamt")
+        patches = {resolved.finetune.patch_size, resolved.retrain.patch_size, resolved.pseudolabel.window,
+                   resolved.inference.patch_size}
+        assert patches == {(32, 32, 16)}
+        assert (resolved.finetune.batch_size, resolved.retrain.batch_labeled, resolved.retrain.batch_unlabeled) == \
+            (1, 1, 1)
+        assert resolved.finetune.seed == resolved.retrain.seed == 3
+        assert resolved.finetune.base_checkpoint == ("sam_vit_b" if preset == "paper" else None)
+    defaults = with_overrides(config_module.preset("paper"), jobs.run_config(RunSettings()))
+    assert defaults == config_module.preset("paper")  # nothing the user left alone changes the preset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Job folders
+
+
+def _scene_with_three_cases(scene):
+    """Three volumes with oblique geometries; the first labeled with liver, tumour and vessel."""
+    volumes, masks = [], []
+    for index, shape in enumerate([(14, 12, 8), (12, 13, 9), (15, 11, 8)]):
+        ijk_to_ras = _geometry((0.8 + 0.1 * index, 0.9, 2.0), (10.0 * index, -5.0, 3.0), OBLIQUE)
+        masks.append(blobs(shape, seed=index))
+        image = np.full(shape, 100, np.int16)
+        image[masks[-1]["liver"]] = 200
+        image[masks[-1]["tumour"]] = 300
+        volumes.append(add_volume(scene, f"Patient {index} CT", image, ijk_to_ras))
+    labels = add_segmentation(scene, "labels", masks[0], _ijk_to_ras(volumes[0]),
+                              colors={"liver": RED, "tumour": GREEN, "vessel": BLUE}, volume=volumes[0])
+    return volumes, masks, labels
+
+
+def test_training_job_folder_is_a_cohort_the_engine_accepts(scene, tmp_path):
+    volumes, masks, labels = _scene_with_three_cases(scene)
+    inputs = [CaseInput(v, nodes.label_segmentation(scene, v)) for v in nodes.scalar_volumes(scene)]
+    settings = RunSettings(preset="small", device="cpu", retrain_iterations=3)
+
+    job = jobs.prepare_training_job(tmp_path / "jobs", inputs, ["liver", "tumour"], settings)
+
+    assert job.classes == [nodes.SegmentClass(1, "liver", RED), nodes.SegmentClass(2, "tumour", GREEN)]
+    assert job.volume_ids == {"Patient_0_CT": volumes[0].GetID(), "Patient_1_CT": volumes[1].GetID(),
+                              "Patient_2_CT": volumes[2].GetID()}
+    cohort = discover_cohort(job.cohort)
+    validate_cohort(cohort)  # every image and label read and checked by the engine itself
+    assert cohort.classes == {1: "liver", 2: "tumour"}
+    assert [(c.name, c.labeled) for c in cohort.cases] == [("Patient_0_CT", True), ("Patient_1_CT", False),
+                                                           ("Patient_2_CT", False)]
+    label = read_volume(cohort.cases[0].label)
+    np.testing.assert_array_equal(label.array == 1, masks[0]["liver"])
+    np.testing.assert_array_equal(label.array == 2, masks[0]["tumour"])
+    for case, volume in zip(cohort.cases, volumes):
+        np.testing.assert_allclose(read_volume(case.image).ijk_to_ras, _ijk_to_ras(volume), atol=1e-6)
+    assert json.loads(job.config.read_text()) == jobs.run_config(settings)
+    described = json.loads((job.folder / jobs.JOB_FILE).read_text())
+    assert described["cases"] == {"Patient_0_CT": "Patient 0 CT", "Patient_1_CT": "Patient 1 CT",
+                                  "Patient_2_CT": "Patient 2 CT"}
+    assert jobs.TrainingJob.load(job.folder).classes == job.classes
+    assert job.command("python", "small") == [
+        "python", "-m", "SFRSegmentLib", "run", "--cohort", str(job.cohort), "--out", str(job.folder / "run"),
+        "--preset", "small", "--config", str(job.config), "--progress", "jsonl"]
+
+
+@pytest.mark.parametrize("inputs, names, message", [
+    ([], ["liver"], "No input volumes"),
+    (None, ["liver"], "No labeled volume"),
+    ("labeled", [], "No segments to learn"),
+    ("labeled", ["liver", "liver"], "must be unique"),
+])
+def test_bad_inputs_are_reported_before_anything_is_written(scene, tmp_path, inputs, names, message):
+    volumes, _, labels = _scene_with_three_cases(scene)
+    if inputs is None:
+        inputs = [CaseInput(v) for v in volumes]
+    elif inputs == "labeled":
+        inputs = [CaseInput(volumes[0], labels)]
+    with pytest.raises(InputError, match=message):
+        jobs.prepare_training_job(tmp_path / "jobs", inputs, names, RunSettings())
+    assert not (tmp_path / "jobs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def _write_prediction(path, image_path, label_array):
+    """A result as the engine writes it: on the image's grid, default segment names and colours."""
+    image = read_volume(image_path)
+    values = [int(v) for v in np.unique(label_array) if v]
+    write_volume(image.with_array(label_array.astype(np.uint8),
+                                  [Segment(v, f"Segment_{v}", (0.5, 0.5, 0.5)) for v in values]),
+                 path)
+
+
+def test_results_become_segmentations_named_after_their_volumes(scene, tmp_path):
+    volumes, masks, labels = _scene_with_three_cases(scene)
+    inputs = [CaseInput(v, nodes.label_segmentation(scene, v)) for v in volumes]
+    job = jobs.prepare_training_job(tmp_path / "jobs", inputs, ["liver", "tumour", "vessel"], RunSettings())
+    cases = list(job.volume_ids)
+    predicted = {}
+    for case, case_masks in zip(cases[1:], masks[1:]):
+        label = np.zeros(case_masks["liver"].shape, np.uint8)
+        label[case_masks["liver"]] = 1
+        label[case_masks["tumour"]] = 2
+        label[0, 0, 0] = 9  # a value that is no class: dropped
+        predicted[case] = label
+        _write_prediction(job.run.prediction(case), job.cohort / case / "image.nrrd", label)
+    job.run.confidence_table.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.run.confidence_table, "w", newline="") as stream:
+        csv.writer(stream).writerows([["case", "confidence"], [cases[1], "0.97"], [cases[2], "0.91"]])
+
+    results = jobs.import_training_results(scene, job)
+
+    assert set(results.segmentations) == set(cases[1:])  # the labeled case has no prediction
+    for case, volume in zip(cases[1:], volumes[1:]):
+        segmentation = results.segmentations[case]
+        assert segmentation.GetName() == volume.GetName() + " segmentation"
+        assert nodes.segment_names(segmentation) == ["liver", "tumour", "vessel"]
+        content = segmentation.GetSegmentation()
+        assert [tuple(np.round(content.GetNthSegment(i).GetColor(), 6)) for i in range(3)] == [RED, GREEN, BLUE]
+        imported = exported_masks(scene, segmentation, volume)
+        np.testing.assert_array_equal(imported["liver"], predicted[case] == 1)
+        np.testing.assert_array_equal(imported["tumour"], predicted[case] == 2)
+        assert not imported["vessel"].any()  # a class the result lacks is an empty segment
+        assert segmentation.GetNodeReferenceID(nodes.REFERENCE_ROLE) == volume.GetID()
+        assert segmentation.GetAttribute(nodes.PREDICTION_ATTRIBUTE) == "1"
+        assert segmentation.GetDisplayNode() is not None
+        assert nodes.label_segmentation(scene, volume) is None  # predictions are not labels by default
+    assert nodes.label_segmentation(scene, volumes[0]) is labels
+
+    table = results.confidence_table.GetTable()
+    rows = [[table.GetValue(r, c).ToString() for c in range(3)] for r in range(table.GetNumberOfRows())]
+    assert [table.GetColumnName(c) for c in range(3)] == ["Volume", "Case", "Confidence"]
+    assert rows == [["Patient 2 CT", cases[2], "0.91"], ["Patient 1 CT", cases[1], "0.97"]]  # least confident first
+
+
+def test_applying_a_trained_model_to_one_more_volume(scene, tmp_path):
+    volumes, masks, labels = _scene_with_three_cases(scene)
+    job = jobs.prepare_training_job(tmp_path / "jobs", [CaseInput(volumes[0], labels)], ["liver"], RunSettings())
+    with pytest.raises(InputError, match="no trained model yet"):
+        jobs.prepare_apply_job(job, volumes[2])
+    job.run.vnet_weights.parent.mkdir(parents=True)
+    job.run.vnet_weights.write_bytes(b"weights")
+
+    apply = jobs.prepare_apply_job(jobs.TrainingJob.load(job.folder), volumes[2])
+
+    assert apply.command("python") == ["python", "-m", "SFRSegmentLib", "predict", "--model", str(job.run.root),
+                                       "--images", str(apply.image), "--out", str(apply.prediction.parent)]
+    np.testing.assert_allclose(read_volume(apply.image).ijk_to_ras, _ijk_to_ras(volumes[2]), atol=1e-6)
+    with pytest.raises(InputError, match="without writing the expected prediction"):
+        jobs.import_apply_result(scene, apply)
+    _write_prediction(apply.prediction, apply.image, masks[2]["liver"].astype(np.uint8))
+    segmentation = jobs.import_apply_result(scene, apply)
+    assert segmentation.GetName() == "Patient 2 CT segmentation"
+    assert nodes.segment_names(segmentation) == ["liver"]
+    np.testing.assert_array_equal(exported_masks(scene, segmentation, volumes[2])["liver"], masks[2]["liver"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scripting example of docs/slicer.md, as far as it runs without the application
+
+
+STAND_IN_ENGINE = textwrap.dedent('''
+    """Plays `python -m SFRSegmentLib run`: segments each unlabeled case by its intensities (200 → 1, 300 → 2)."""
+    import argparse, json, sys
+    from pathlib import Path
+    import numpy as np
+    from SFRSegmentLib.data import discover_cohort
+    from SFRSegmentLib.io import Segment, read_volume, write_volume
+    from SFRSegmentLib.runfolder import RunFolder
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("--cohort", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", choices=["paper", "small"])
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--progress", choices=["jsonl"])
+    args = parser.parse_args()
+    config = json.loads(args.config.read_text())
+    cohort = discover_cohort(args.cohort)
+    run = RunFolder(args.out)
+    print(f"config: {json.dumps(config, sort_keys=True)}", file=sys.stderr, flush=True)
+    unlabeled = cohort.unlabeled
+    lines = ["case,confidence"]
+    for step, case in enumerate(unlabeled, 1):
+        image = read_volume(case.image)
+        label = np.zeros(image.shape, np.uint8)
+        label[image.array == 200] = 1
+        label[image.array == 300] = 2
+        write_volume(image.with_array(label, [Segment(v, n, (0.5, 0.5, 0.5)) for v, n in cohort.classes.items()]),
+                     run.prediction(case.name))
+        lines.append(f"{case.name},{0.5 + 0.1 * step}")
+        print(json.dumps({"stage": "predict", "step": step, "total": len(unlabeled), "loss": None, "metric": None,
+                          "eta_s": None, "message": case.name}), flush=True)
+    run.confidence_table.parent.mkdir(parents=True, exist_ok=True)
+    run.confidence_table.write_text("\\n".join(lines) + "\\n")
+''')
+
+
+class StandInEngineRunner(ChildProcessRunner):
+    """Runs the stand-in engine script instead of `-m SFRSegmentLib`, with the same arguments."""
+
+    def __init__(self, script):
+        self.script = script
+        self.commands = []
+
+    def start(self, command, environment, working_directory):
+        self.commands.append(list(command))
+        assert command[1:3] == ["-m", "SFRSegmentLib"]
+        return super().start([command[0], str(self.script), *command[3:]], environment, working_directory)
+
+
+def test_the_scripting_example_end_to_end_with_a_stand_in_engine(scene, tmp_path):
+    """logic.inputs() → logic.run(..., wait=True) → run.results, as SFRSegmentLogic does it."""
+    volumes, masks, labels = _scene_with_three_cases(scene)
+    script = tmp_path / "stand_in_engine.py"
+    script.write_text(STAND_IN_ENGINE, encoding="utf-8")
+    runner = StandInEngineRunner(script)
+
+    # logic.inputs() and logic.segmentNames(inputs)
+    inputs = [CaseInput(v, nodes.label_segmentation(scene, v)) for v in nodes.scalar_volumes(scene)]
+    names = [n for item in inputs if item.segmentation for n in nodes.segment_names(item.segmentation)][:2]
+    assert names == ["liver", "tumour"]
+    # logic.run(inputs, names, settings, wait=True)
+    settings = RunSettings(preset="small", device="cpu", retrain_iterations=500)
+    job = jobs.prepare_training_job(tmp_path / "jobs", inputs, names, settings)
+    events, log = [], []
+    process = runner.start(job.command(sys.executable, settings.preset), engine_environment({}, ROOT), ROOT)
+    engine = EngineJob(process, on_progress=events.append, on_log=log.append)
+    outcome = engine.wait(interval_s=0.05)
+    assert outcome.status == Status.SUCCEEDED, outcome.message
+    results = jobs.import_training_results(scene, job)
+
+    assert [e.message for e in events] == ["Patient_1_CT", "Patient_2_CT"]
+    assert any(f"config: {json.dumps(jobs.run_config(settings), sort_keys=True)}" == line for line in log)
+    for case, volume, case_masks in zip(["Patient_1_CT", "Patient_2_CT"], volumes[1:], masks[1:]):
+        segmentation = results.segmentations[case]
+        assert nodes.segment_names(segmentation) == names
+        imported = exported_masks(scene, segmentation, volume)
+        np.testing.assert_array_equal(imported["liver"], case_masks["liver"])
+        np.testing.assert_array_equal(imported["tumour"], case_masks["tumour"])
+    assert results.confidence_table.GetTable().GetNumberOfRows() == 2
+    assert isinstance(job.run, RunFolder) and job.run.root.parent == job.folder

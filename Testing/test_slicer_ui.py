@@ -1,0 +1,224 @@
+"""The module's .ui file against the module's code, with PySide6 offscreen (no Slicer needed).
+
+Slicer's .ui uses CTK and qMRML widget classes that Qt's QUiLoader does not know. The .ui XML is therefore parsed for
+the widget names and classes (what the checks compare), and for loading, each custom class is replaced by the base
+class its <customwidget> entry declares (QWidget); the Qt widgets keep their real classes. The module file is read as
+text and parsed with ``ast``: it imports Slicer's application modules, so it cannot be imported here.
+"""
+
+import ast
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "SFRSegment" / "SFRSegment.py"
+UI_FILE = ROOT / "Resources" / "UI" / "SFRSegment.ui"
+sys.path.insert(0, str(ROOT / "SFRSegment"))
+
+SUFFIX_CLASSES = {
+    # Name endings the module uses, and the classes such a widget may have.
+    "CollapsibleButton": {"ctkCollapsibleButton"},
+    "Button": {"QPushButton", "ctkPushButton"},
+    "ComboBox": {"QComboBox"},  # connectGui binds enums to exactly QComboBox
+    "Selector": {"qMRMLNodeComboBox"},
+    "SpinBox": {"QSpinBox"},
+    "CheckBox": {"QCheckBox"},
+    "Table": {"QTableWidget"},
+    "ListWidget": {"QListWidget"},
+    "TextEdit": {"QPlainTextEdit"},
+    "ProgressBar": {"QProgressBar"},
+    "Label": {"QLabel"},
+    "PathLineEdit": {"ctkPathLineEdit"},
+}
+# Which widget classes connectGui can bind to which parameter types (Slicer's parameterNodeWrapper connectors).
+BINDABLE = {"bool": {"QCheckBox"}, "int": {"QSpinBox", "QSlider"}, "enum": {"QComboBox"},
+            "node": {"qMRMLNodeComboBox"}}
+
+
+def ui_widgets():
+    """{object name: class} of every widget in the .ui file."""
+    return {w.get("name"): w.get("class") for w in ET.parse(UI_FILE).getroot().iter("widget")}
+
+
+def parameter_names():
+    """{object name: SlicerParameterName} of the widgets bound to the parameter node."""
+    bound = {}
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = prop.findtext("string")
+    return bound
+
+
+def module_tree():
+    return ast.parse(MODULE.read_text(encoding="utf-8"))
+
+
+def module_class(name):
+    return next(node for node in module_tree().body if isinstance(node, ast.ClassDef) and node.name == name)
+
+
+def parameter_fields():
+    """{field: kind} of SFRSegmentParameterNode, kind being bool, int, str, enum, node or list."""
+    enums = {node.name for node in module_tree().body if isinstance(node, ast.ClassDef)
+             and any(isinstance(base, ast.Attribute) and base.attr == "Enum" for base in node.bases)}
+    fields = {}
+    for statement in module_class("SFRSegmentParameterNode").body:
+        if isinstance(statement, ast.AnnAssign):
+            annotation = ast.unparse(statement.annotation)
+            kind = re.sub(r"^Annotated\[(\w+),.*\]$", r"\1", annotation)
+            if kind in enums:
+                kind = "enum"
+            elif kind.startswith("vtkMRML"):
+                kind = "node"
+            elif kind.startswith("list["):
+                kind = "list"
+            fields[statement.target.id] = kind
+    return fields
+
+
+def referenced_widgets():
+    return sorted(set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text(encoding="utf-8"))))
+
+
+def test_every_widget_the_module_uses_exists_with_a_sensible_class():
+    widgets = ui_widgets()
+    referenced = referenced_widgets()
+    assert len(referenced) >= 10  # the parse found the module's uses
+    for name in referenced:
+        assert name in widgets, f"SFRSegment.py uses self.ui.{name}, which the .ui file lacks"
+        suffix = next((s for s in SUFFIX_CLASSES if name.lower().endswith(s.lower())), None)
+        assert suffix is not None, f"{name}: its name does not say what kind of widget it is"
+        assert widgets[name] in SUFFIX_CLASSES[suffix], f"{name} is a {widgets[name]}"
+
+
+def test_the_buttons_the_issue_asks_for_are_there():
+    texts = {}
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "text":
+                texts[widget.get("name")] = prop.findtext("string")
+    assert texts["runButton"] == "Run"
+    assert texts["applyButton"] == "Apply model to selected volume"
+    assert texts["openReportButton"] == "Open report"
+    assert "self.ui.runButton.text = _(\"Cancel\") if running" in MODULE.read_text(encoding="utf-8")
+
+
+def test_bound_widgets_match_the_parameter_node():
+    fields = parameter_fields()
+    widgets = ui_widgets()
+    bound = parameter_names()
+    assert len(set(bound.values())) == len(bound), "two widgets are bound to the same parameter"
+    for widget, parameter in bound.items():
+        assert parameter in fields, f"{widget} is bound to '{parameter}', which SFRSegmentParameterNode lacks"
+        assert widgets[widget] in BINDABLE.get(fields[parameter], set()), \
+            f"{widget} ({widgets[widget]}) cannot show the {fields[parameter]} parameter '{parameter}'"
+    source = MODULE.read_text(encoding="utf-8")
+    for parameter in set(fields) - set(bound.values()):
+        # Parameters without a bound widget must be kept up to date by the module's own code.
+        assert re.search(rf"_parameterNode\.{parameter}\s*=", source), f"nothing ever sets '{parameter}'"
+
+
+def test_enum_choices_are_the_engine_configuration_values():
+    from SFRSegmentLogicLib import jobs
+
+    def values(class_name):
+        return tuple(ast.literal_eval(s.value) for s in module_class(class_name).body
+                     if isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant))
+
+    assert values("Method") == jobs.METHODS
+    assert values("Device") == jobs.DEVICES
+    assert values("Preset") == jobs.PRESETS
+
+
+def test_user_visible_strings_are_translatable():
+    """Texts given to labels, buttons, tooltips, combo boxes and dialogs go through _() (slicer.i18n.tr)."""
+    tree = module_tree()
+    translated = {id(constant) for call in ast.walk(tree)
+                  if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "_"
+                  for constant in ast.walk(call)}
+    shown = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "errorDisplay", "infoDisplay", "confirmOkCancelDisplay", "setToolTip", "addItem"):
+            shown += node.args[:1]
+        elif isinstance(node, ast.Assign) and any(isinstance(target, ast.Attribute)
+                                                  and target.attr in ("text", "toolTip") for target in node.targets):
+            shown.append(node.value)
+    assert len(shown) >= 10  # the walk found the module's texts
+    untranslated = [(constant.lineno, constant.value) for expression in shown for constant in ast.walk(expression)
+                    if isinstance(constant, ast.Constant) and isinstance(constant.value, str)
+                    and any(c.isalpha() for c in constant.value) and id(constant) not in translated]
+    assert untranslated == []
+
+
+def test_qmrml_widgets_get_the_scene():
+    root = ET.parse(UI_FILE).getroot()
+    top = root.find("widget").get("name")
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("sender") == top and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    for name, cls in ui_widgets().items():
+        if cls.startswith("qMRML") and name != top:
+            assert name in receivers, f"{name} is never given the MRML scene"
+
+
+@pytest.fixture(scope="module")
+def loaded_ui():
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+    QtUiTools = pytest.importorskip("PySide6.QtUiTools")
+    QtCore = pytest.importorskip("PySide6.QtCore")
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    root = ET.parse(UI_FILE).getroot()
+    bases = {entry.findtext("class"): entry.findtext("extends") for entry in root.iter("customwidget")}
+    for widget in root.iter("widget"):
+        widget.set("class", bases.get(widget.get("class"), widget.get("class")))
+    for section in ("customwidgets", "connections"):  # the slots of CTK/qMRML classes do not exist here
+        for element in root.findall(section):
+            root.remove(element)
+    buffer = QtCore.QBuffer()
+    buffer.setData(QtCore.QByteArray(ET.tostring(root)))
+    buffer.open(QtCore.QIODevice.ReadOnly)
+    loader = QtUiTools.QUiLoader()
+    widget = loader.load(buffer)
+    assert widget is not None, loader.errorString()
+    yield widget, QtWidgets
+    widget.deleteLater()
+    app.processEvents()
+
+
+def test_the_ui_loads_and_every_referenced_widget_is_found(loaded_ui):
+    widget, QtWidgets = loaded_ui
+    classes = ui_widgets()
+    for name in referenced_widgets():
+        child = widget.findChild(QtWidgets.QWidget, name)
+        assert child is not None, name
+        if classes[name].startswith("Q"):
+            assert child.metaObject().className() == classes[name]
+    bound = parameter_names()
+    for name, parameter in bound.items():
+        assert widget.findChild(QtWidgets.QWidget, name).property("SlicerParameterName") == parameter
+    table = widget.findChild(QtWidgets.QTableWidget, "inputsTable")
+    assert table.columnCount() == 2
+    assert [table.horizontalHeaderItem(c).text() for c in range(2)] == ["Volume", "Labels"]
+    for name in ("fineTuneIterationsSpinBox", "retrainIterationsSpinBox", "batchSizeSpinBox", "seedSpinBox"):
+        assert widget.findChild(QtWidgets.QSpinBox, name).specialValueText()  # "0 / -1: from the preset" is shown
+    assert widget.findChild(QtWidgets.QPlainTextEdit, "logTextEdit").isReadOnly()
+
+
+def test_every_engine_stage_has_a_title():
+    pipeline = ROOT / "SFRSegmentLib" / "pipeline.py"
+    if not pipeline.is_file():
+        pytest.skip("the engine has no pipeline yet")
+    stages = next(ast.literal_eval(node.value) for node in ast.parse(pipeline.read_text(encoding="utf-8")).body
+                  if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "STAGES" for t in node.targets))
+    function = next(node for node in module_tree().body if isinstance(node, ast.FunctionDef)
+                    and node.name == "stageTitle")
+    titled = {key.value for node in ast.walk(function) if isinstance(node, ast.Dict) for key in node.keys}
+    assert titled >= set(stages)
