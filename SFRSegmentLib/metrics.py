@@ -200,8 +200,8 @@ def evaluate_folders(
     ``classes=None`` scores every non-zero value found in any truth or prediction; a class absent from both in a case
     gets the both-empty row (Dice 1, distances 0). Rows are ordered by case name, then class.
     """
-    predictions = _find_label_files(Path(pred_dir), "prediction")
-    truths = _find_label_files(Path(truth_dir), "truth")
+    predictions = find_label_files(Path(pred_dir), "prediction")
+    truths = find_label_files(Path(truth_dir), "truth")
     if not predictions:
         raise InputError(f"no prediction files found (expected <case>{{{', '.join(IMAGE_SUFFIXES)}}} files or "
                          f"<case>/{CASE_FOLDER_LABEL_STEM}.* folders)", pred_dir)
@@ -249,7 +249,7 @@ def _label_array(volume: Volume) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _find_label_files(folder: Path, role: str) -> Dict[str, Path]:
+def find_label_files(folder: Path, role: str) -> Dict[str, Path]:
     """Case name → label file for ``<case><suffix>`` files and ``<case>/label<suffix>`` folders in ``folder``."""
     if not folder.is_dir():
         raise InputError(f"{role} folder not found", folder)
@@ -271,9 +271,18 @@ def _find_label_files(folder: Path, role: str) -> Dict[str, Path]:
                 continue
             path = entry
         if case in found:
-            raise InputError(f"case {case!r} appears twice: {found[case]} and {path}", folder, role)
+            if entry.is_dir() or found[case].parent != folder:
+                raise InputError(f"case {case!r} appears twice: {found[case]} and {path}", folder, role)
+            # The same case in several formats (``predict`` writes .seg.nrrd and .nii.gz): read the preferred one.
+            path = min(found[case], path, key=_suffix_rank)
         found[case] = path
     return found
+
+
+def _suffix_rank(path: Path) -> int:
+    """Position of the file's ending in IMAGE_SUFFIXES (.seg.nrrd first): lower is preferred."""
+    lower = path.name.lower()
+    return next(i for i, suffix in enumerate(IMAGE_SUFFIXES) if lower.endswith(suffix))
 
 
 def _case_name(file_name: str) -> Optional[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -308,13 +309,24 @@ def test_geometry_mismatch_is_an_input_error(folders) -> None:
 
 def test_ambiguous_case_names_are_input_errors(folders) -> None:
     pred_dir, truth_dir, arrays = folders
-    _write(pred_dir / "caseB.nrrd", arrays["caseB"][0])
+    _write(pred_dir / "caseB" / "label.nrrd", arrays["caseB"][0])
     with pytest.raises(InputError, match="caseB.*twice"):
         evaluate_folders(pred_dir, truth_dir)
-    (pred_dir / "caseB.nrrd").unlink()
+    shutil.rmtree(pred_dir / "caseB")
     _write(truth_dir / "caseA" / "label.seg.nrrd", arrays["caseA"][1])
     with pytest.raises(InputError, match="several label files"):
         evaluate_folders(pred_dir, truth_dir)
+
+
+def test_a_case_written_in_two_formats_is_read_from_the_seg_nrrd(folders) -> None:
+    pred_dir, truth_dir, arrays = folders
+    baseline = {(r.case, r.metrics.class_value): r.metrics.dice for r in evaluate_folders(pred_dir, truth_dir)}
+    # `predict` writes <case>.seg.nrrd and <case>.nii.gz; a perfect .seg.nrrd must be the one scored.
+    _write(pred_dir / "caseB.seg.nrrd", arrays["caseB"][1])
+    rows = evaluate_folders(pred_dir, truth_dir)
+    assert {r.metrics.dice for r in rows if r.case == "caseB"} == {1.0}
+    assert all(r.metrics.dice == baseline[(r.case, r.metrics.class_value)] for r in rows if r.case != "caseB")
+    assert any(d < 1.0 for (case, _), d in baseline.items() if case == "caseB")
 
 
 def test_empty_prediction_folder_is_an_input_error(tmp_path: Path, folders) -> None:
