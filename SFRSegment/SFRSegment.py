@@ -76,7 +76,7 @@ class SFRSegment(ScriptedLoadableModule):
 Semi-supervised 3D segmentation with the Segment Anything Model (the SFR method: Stitching, Fine-tuning,
 Re-training). Segment one or a few volumes in Segment Editor, press Run, and the other volumes of the scene are
 segmented by a model trained on yours. Training runs in the background and can be cancelled.
-See the <a href="https://github.com/SFRSegment/SlicerSFRSegment/blob/main/docs/slicer.md">user guide</a>.
+See the <a href="https://github.com/SFRSegment/SlicerSFRSegment/blob/main/README.md#using-it-in-3d-slicer">user guide</a>.
 """)
         self.parent.acknowledgementText = _("""
 SFR is by Li et al., "Stitching, Fine-tuning, Re-training: A SAM-enabled Framework for Semi-supervised 3D Medical

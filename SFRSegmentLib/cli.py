@@ -13,8 +13,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import InputError
+from .progress import REPORTER_KINDS, Cancelled
 
 EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+"""A stage stopped on request (SIGINT/SIGTERM) after saving its checkpoint; rerunning resumes it."""
 PAPER_PATCH = (112, 112, 80)
 
 
@@ -80,6 +83,136 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from .config_io import load_overrides, with_overrides
+    from .data import discover_cohort
+    from .progress import Cancellation, make_reporter
+    from .retrain import RetrainConfig, retrain
+    from .runfolder import RunFolder
+
+    options = {"method": args.method, "iterations": args.iterations, "batch_labeled": args.batch_labeled,
+               "batch_unlabeled": args.batch_unlabeled, "lr": args.lr, "lr_schedule": args.lr_schedule,
+               "seed": args.seed, "checkpoint_every": args.checkpoint_every, "device": args.device,
+               "precision": args.precision, "patch_size": args.patch}
+    config = RetrainConfig()
+    if args.config:
+        config = with_overrides(config, load_overrides(args.config), args.config)
+    config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
+    with Cancellation().on_signals() as cancellation:
+        weights = retrain(discover_cohort(args.cohort), RunFolder(args.run), config,
+                          progress=make_reporter(args.progress), cancellation=cancellation)
+    print(f"wrote {weights}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import InferenceConfig, load_vnet, predict_to_folder, resolve_device
+
+    model, info = load_vnet(args.model, resolve_device(args.device))
+    config = InferenceConfig(patch_size=tuple(args.patch or info.patch_size), stride_xy=args.stride_xy,
+                             stride_z=args.stride_z, sw_batch_size=args.sw_batch_size,
+                             largest_component=args.largest_component, device=args.device,
+                             precision=args.precision)
+    for path in predict_to_folder(model, info, args.images, args.out, config):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import evaluate_folders, summarise, write_metrics_csv
+
+    rows = evaluate_folders(args.pred, args.truth, args.classes)
+    write_metrics_csv(rows, args.out)
+    print(f"wrote {args.out} ({len({row.case for row in rows})} cases)")
+    print(f"{'class':>5} {'cases':>5} {'dice':>15} {'jaccard':>15} {'hd95 vox':>15} {'asd vox':>15} {'empty pred':>10}")
+    for s in summarise(rows):
+        stats = " ".join(f"{m.mean:>7.4f}±{m.std:<7.4f}" for m in (s.dice, s.jaccard, s.hd95_vox, s.asd_vox))
+        print(f"{s.class_value:>5} {s.n_cases:>5} {stats} {s.n_pred_empty:>10}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .config_io import load_overrides, to_dict, with_overrides
+    from .pipeline import mean_dice, run_pipeline
+    from .progress import Cancellation, make_reporter
+
+    config = preset(args.preset)
+    if args.config:
+        config = with_overrides(config, load_overrides(args.config), source=args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("truth_dir", args.truth and str(args.truth)))
+                 if v is not None}
+    config = with_overrides(config, overrides)
+    if args.print_config:
+        import json
+
+        print(json.dumps(to_dict(config), indent=2))
+        return 0
+    cancellation = Cancellation()
+    with cancellation.on_signals():
+        result = run_pipeline(args.cohort, args.out, config, progress=make_reporter(args.progress),
+                              cancellation=cancellation, redo=args.redo)
+    lines = [f"report: {result.report}"]
+    if result.metrics:
+        lines.append(f"mean Dice ({config.retrain.method}): {mean_dice(result.metrics):.4f}")
+    if result.baseline_metrics:
+        lines.append(f"mean Dice ({config.baseline_method}): {mean_dice(result.baseline_metrics):.4f}")
+    print("\n".join(lines), file=sys.stderr if args.progress == "jsonl" else sys.stdout)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .config_io import load_overrides, with_overrides
+    from .data import discover_cohort
+    from .progress import Cancellation, make_reporter
+    from .runfolder import RunFolder
+    from .sam.finetune import FinetuneConfig, finetune
+
+    cohort = discover_cohort(args.cohort)
+    preset = FinetuneConfig.small if args.preset == "small" else FinetuneConfig.paper
+    config = preset(len(cohort.classes))
+    if args.config:
+        config = with_overrides(config, load_overrides(args.config), args.config)
+    options = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "patch_size": args.patch,
+               "seed": args.seed, "checkpoint_every": args.checkpoint_every, "device": args.device,
+               "bezier_p": args.bezier_p, "base_checkpoint": args.checkpoint}
+    given = {name: value for name, value in options.items() if value is not None}
+    if args.random_init:
+        given.update(base_checkpoint=None, allow_random_init=True)
+    if args.no_mosaic_rot_flip:
+        given["mosaic_rot_flip"] = False
+    if args.gradient_checkpointing:
+        given["sam"] = {"gradient_checkpointing": True}
+    config = with_overrides(config, given)
+    with Cancellation().on_signals() as cancellation:
+        weights = finetune(cohort, RunFolder(args.run), config, make_reporter(args.progress), cancellation)
+    print(f"wrote {weights}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
+    return 0
+
+
+def _cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from .config_io import load_overrides, with_overrides
+    from .data import discover_cohort
+    from .progress import Cancellation, make_reporter
+    from .runfolder import RunFolder
+    from .sam.pseudolabel import PseudoLabelConfig, pseudolabel
+
+    cohort = discover_cohort(args.cohort)
+    config = PseudoLabelConfig.small() if args.preset == "small" else PseudoLabelConfig()
+    if args.config:
+        config = with_overrides(config, load_overrides(args.config), args.config)
+    options = {"window": args.window, "overlap": args.overlap, "windows_per_batch": args.windows_per_batch,
+               "device": args.device, "redo": args.redo or None}
+    config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
+    run = RunFolder(args.run)
+    with Cancellation().on_signals() as cancellation:
+        table = pseudolabel(cohort, run, config, make_reporter(args.progress), cancellation)
+    out = sys.stderr if args.progress == "jsonl" else sys.stdout
+    print(f"wrote the pseudo-labels of {len(cohort.unlabeled)} cases to {run.pseudolabel_dir}", file=out)
+    print(f"confidence (least confident first), {table}:\n{table.read_text(encoding='utf-8')}", end="", file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfrsegment",
@@ -115,9 +248,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
+    p = sub.add_parser("run", help="the whole SFR pipeline on a cohort: fine-tune SAM, pseudo-label, re-train, "
+                       "predict, evaluate, report (resumes an interrupted run)")
+    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+    p.add_argument("--out", type=Path, required=True, help="run folder (created; rerun to resume)")
+    p.add_argument("--preset", choices=("paper", "small"), default="paper",
+                   help="paper: the paper's settings (GPU); small: the CPU-sized configuration")
+    p.add_argument("--config", type=Path, help="JSON file of option overrides, e.g. {\"retrain\": {\"method\": "
+                   "\"sfr_acmt\"}}")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--truth", type=Path, help="folder of true labels of the unlabeled cases, to evaluate against")
+    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
+                   help="jsonl: one JSON object per line on stdout (the Slicer module's protocol)")
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                   help="delete this stage's outputs and those after it, then run (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("demo", help="run the built-in demo on synthetic data (and the LA cases when present)")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("retrain", help="re-train the V-Net (stage R) with a semi-supervised method; resumes a "
+                       "stopped run")
+    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest")
+    p.add_argument("--run", type=Path, required=True, help="run folder (sfr* methods read its pseudolabels/)")
+    p.add_argument("--method", help="supervised, mt, uamt, acmt, or sfr / sfr_mt / sfr_uamt / sfr_acmt (with the "
+                   "cached pseudo-labels; default sfr_mt, the paper's code)")
+    p.add_argument("--iterations", type=int, help="default: 6000")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("H", "W", "D"), help="default: 112 112 80")
+    p.add_argument("--batch-labeled", type=int, help="labeled crops per batch (default 2)")
+    p.add_argument("--batch-unlabeled", type=int, help="unlabeled crops per batch (default 2)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default 0.01)")
+    p.add_argument("--lr-schedule", choices=("step", "poly"), help="default: step (x0.1 every 2500 iterations)")
+    p.add_argument("--seed", type=int, help="default: 1337")
+    p.add_argument("--checkpoint-every", type=int, help="default: 1000 iterations")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="default: auto (bf16 autocast on CUDA, float32 on the CPU)")
+    p.add_argument("--config", type=Path, help="JSON file of RetrainConfig options (the flags above win)")
+    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                   help="progress as a bar on stderr, JSON lines on stdout, or none")
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("predict", help="segment images with a trained V-Net (sliding window)")
+    p.add_argument("--model", type=Path, required=True, help="run folder (its retrain/vnet.pt) or a vnet .pt file")
+    p.add_argument("--images", type=Path, nargs="+", required=True, help="image files and/or cohort folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for <case>.seg.nrrd and <case>.nii.gz")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("H", "W", "D"), help="window (default: training patch)")
+    p.add_argument("--stride-xy", type=int, default=18, help="in-plane window stride (default 18)")
+    p.add_argument("--stride-z", type=int, default=4, help="slice-axis window stride (default 4)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--largest-component", action="store_true", help="keep each class's largest component")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 reproduces the reference; bf16 is faster on recent CPUs and GPUs")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD of predictions against truth, per case and class")
+    p.add_argument("--pred", type=Path, required=True, help="folder of <case>.<ext> predictions")
+    p.add_argument("--truth", type=Path, required=True, help="folder of <case>.<ext> or <case>/label.<ext> truths")
+    p.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    p.add_argument("--classes", type=int, nargs="+", help="class values to score (default: all found)")
+    p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("finetune", help="fine-tune SAM on the stitched labeled cases (stage F); resumes a stopped "
+                       "run")
+    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+    p.add_argument("--run", type=Path, required=True, help="run folder (writes its finetune/)")
+    p.add_argument("--preset", choices=("paper", "small"), default="paper",
+                   help="paper: ViT-B 1024², patches 112 112 80, 6000 iterations, SAM checkpoint sam_vit_b (GPU); "
+                   "small: 256² CPU model, patches 64 64 16, 200 iterations, random initialisation (demo/test only)")
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--checkpoint", help="base SAM checkpoint: catalog model id or .pth file (default: sam_vit_b "
+                      "for --preset paper)")
+    base.add_argument("--random-init", action="store_true", help="no SAM checkpoint: random weights (demo/test only)")
+    p.add_argument("--iterations", type=int, help="default: 6000 (paper), 200 (small)")
+    p.add_argument("--batch-size", type=int, help="patches per iteration (default 2)")
+    p.add_argument("--lr", type=float, help="initial AdamW learning rate, poly decay (default 0.001)")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("H", "W", "D"), help="patch size (default 112 112 80)")
+    p.add_argument("--bezier-p", type=float, help="per-slice Bézier intensity probability (default 0; the "
+                   "official code uses 0.5)")
+    p.add_argument("--no-mosaic-rot-flip", action="store_true", help="no rot90 + flip of the whole mosaic")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute encoder blocks in the backward "
+                   "pass (less memory, more time)")
+    p.add_argument("--seed", type=int, help="default: 1337")
+    p.add_argument("--checkpoint-every", type=int, help="iterations between resumable checkpoints (default 500)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    p.add_argument("--config", type=Path, help="JSON file of FinetuneConfig options (the flags above win)")
+    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                   help="progress as a bar on stderr, JSON lines on stdout, or none")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("pseudolabel", help="pseudo-label the unlabeled cases with the fine-tuned SAM (stage P), "
+                       "whole volumes by sliding windows; cached")
+    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+    p.add_argument("--run", type=Path, required=True, help="run folder holding finetune/ (writes pseudolabels/)")
+    p.add_argument("--preset", choices=("paper", "small"), default="paper",
+                   help="window size of the matching finetune preset (112 112 80 or 64 64 16)")
+    p.add_argument("--window", type=int, nargs=3, metavar=("H", "W", "D"), help="window size (the re-training "
+                   "patch size)")
+    p.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour (default 0.5)")
+    p.add_argument("--windows-per-batch", type=int, help="windows per SAM pass (default 2)")
+    p.add_argument("--redo", action="store_true", help="recompute cases whose pseudo-labels exist")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    p.add_argument("--config", type=Path, help="JSON file of PseudoLabelConfig options (the flags above win)")
+    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                   help="progress as a bar on stderr, JSON lines on stdout, or none")
+    p.set_defaults(func=_cmd_pseudolabel)
     return parser
 
 
@@ -128,3 +365,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Cancelled:
+        print("cancelled: the last checkpoint is saved; rerun the same command to resume", file=sys.stderr)
+        return EXIT_CANCELLED

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SFRSegment"
-GUIDE = ROOT / "docs" / "slicer.md"
+GUIDE = ROOT / "README.md"
 
 
 def cmake_list(path: Path, variable: str):

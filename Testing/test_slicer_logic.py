@@ -436,7 +436,7 @@ def test_applying_a_trained_model_to_one_more_volume(scene, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The scripting example of docs/slicer.md, as far as it runs without the application
+# The scripting example of README.md, as far as it runs without the application
 
 
 STAND_IN_ENGINE = textwrap.dedent('''

@@ -1,0 +1,82 @@
+"""The one typed configuration of a run: every option of every stage, with the paper's values as defaults.
+
+``RunConfig`` nests the stages' own option classes (:class:`~SFRSegmentLib.sam.finetune.FinetuneConfig`,
+:class:`~SFRSegmentLib.sam.pseudolabel.PseudoLabelConfig`, :class:`~SFRSegmentLib.retrain.RetrainConfig`,
+:class:`~SFRSegmentLib.sfrplus.SFRPlusConfig`, :class:`~SFRSegmentLib.inference.InferenceConfig`), so each option is
+defined in exactly one place. The command line, a JSON file (``--config``) and the Slicer module only fill it:
+``preset(name)`` gives the starting point, :func:`SFRSegmentLib.config_io.with_overrides` applies a nested dict, and
+:meth:`RunConfig.for_cohort` fixes what follows from the data (the number of classes) and from ``device``.
+
+Presets:
+
+* ``paper``: the paper and official code (SAM ViT-B 1024², 112×112×80 patches, 6,000 + 6,000 iterations, SFR_MT).
+  Needs a GPU for sensible times and the SAM ViT-B checkpoint (downloaded or imported).
+* ``small``: the same code at CPU size for tests and the demo: SAM's small configuration (256² mosaics, 2 encoder
+  blocks, randomly initialised — no checkpoint needed), 48×48×16 patches (a 5×5 grid), 150 fine-tuning and 200
+  re-training iterations, sliding-window strides 32/32/8 at inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .data import Cohort
+from .errors import InputError
+from .inference import InferenceConfig
+from .retrain import RetrainConfig
+from .sam.finetune import FinetuneConfig
+from .sam.pseudolabel import PseudoLabelConfig
+from .sfrplus import SFRPlusConfig
+
+PRESETS = ("paper", "small")
+SMALL_PATCH = (48, 48, 16)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run does. ``device`` ("auto", "cpu", "cuda", "cuda:N") applies to every stage."""
+
+    preset: Literal["paper", "small"] = "paper"
+    device: str = "auto"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    sfr_plus: bool = False
+    """Run SFR+ rounds after SFR (``sfrplus`` holds their options)."""
+    sfrplus: SFRPlusConfig = field(default_factory=SFRPlusConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    baseline_method: Optional[str] = None
+    """Also re-train this method (e.g. "supervised") without pseudo-labels, for a side-by-side comparison."""
+    truth_dir: Optional[str] = None
+    """Folder of true labels of unlabeled cases (``<case>/label.*`` or ``<case>.*``) to evaluate against."""
+
+    def for_cohort(self, cohort: Cohort) -> "RunConfig":
+        """This configuration with the SAM head sized to the cohort's classes and ``device`` in every stage."""
+        k = len(cohort.classes)
+        finetune = self.finetune
+        if finetune.sam.num_classes != k:
+            finetune = dataclasses.replace(finetune, sam=dataclasses.replace(finetune.sam, num_classes=k))
+        return dataclasses.replace(
+            self,
+            finetune=dataclasses.replace(finetune, device=self.device),
+            pseudolabel=dataclasses.replace(self.pseudolabel, device=self.device),
+            retrain=dataclasses.replace(self.retrain, device=self.device),
+            inference=dataclasses.replace(self.inference, device=self.device),
+        )
+
+
+def preset(name: str) -> RunConfig:
+    """The named starting configuration (see the module docstring)."""
+    if name == "paper":
+        return RunConfig()
+    if name == "small":
+        return RunConfig(
+            preset="small",
+            finetune=FinetuneConfig.small(patch_size=SMALL_PATCH, iterations=150),
+            pseudolabel=PseudoLabelConfig(window=SMALL_PATCH, overlap=0.5),
+            retrain=RetrainConfig(patch_size=SMALL_PATCH, iterations=200, checkpoint_every=50, lr_step=150),
+            inference=InferenceConfig(patch_size=SMALL_PATCH, stride_xy=32, stride_z=8),
+        )
+    raise InputError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}", field="preset")

@@ -1,0 +1,313 @@
+"""Whole-volume prediction with a trained V-Net: the reference sliding window, optional post-processing, files.
+
+The sliding window reproduces the reference ``test_single_case`` (UA-MT's ``test_util.py``, used unchanged by SFR):
+
+* the volume is z-scored (the training loader's normalisation) and zero-padded, equally on both sides (the odd
+  voxel after), on every axis shorter than the patch;
+* per axis the windows start at ``min(stride·i, size − patch)`` for i = 0 … ceil((size − patch) / stride);
+* the softmax of each window is summed into the volume, divided by the number of windows covering each voxel,
+  and the argmax is the label (then the padding is cut off).
+
+It runs through MONAI's ``sliding_window_inference`` (``mode="constant"``, a softmax predictor), which scans with
+an interval ``int(roi·(1 − overlap))`` per axis, clips the last start to ``size − roi`` and stops at the first
+window reaching the end: the same starts, provided the interval equals the stride. A stride s < roi gets
+``overlap = 1 − (s + ½)/roi``, so that ``int`` lands on s whatever the rounding of the float; s = roi gets overlap 0.
+A stride larger than the patch (gaps between windows, which the reference allows) cannot be expressed and is
+refused. Windows run batched (``sw_batch_size``) under ``torch.inference_mode``, the model in eval mode and
+channels-last, in float32 (``precision="bf16"`` trades ~1e-3 on the logits for speed).
+
+The optional post-processing keeps, per class, the largest connected component (full 26-connectivity, as the
+reference's ``getLargestCC`` with skimage's default); it is off by default, as in SFR's evaluation. It uses
+``scipy.ndimage.label``: MONAI's ``KeepLargestConnectedComponent`` computes the same but needs scikit-image, which
+is not a dependency of the engine.
+
+Model files: :func:`save_vnet` writes the weights with everything needed to rebuild and apply the model
+(:class:`VNetInfo`) into one ``.pt`` file and the same information, readable, into a ``.json`` beside it;
+:func:`load_vnet` reads the ``.pt`` (or a run folder's ``retrain/vnet.pt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from .atomic import atomic_path, atomic_write_text
+from .config_io import to_dict
+from .data import Case, discover_cohort, zscore
+from .errors import InputError, PathLike
+from .io import Volume, default_segments, file_suffix, read_volume, write_volume
+from .runfolder import RunFolder
+from .validation import check_image
+from .vnet import INPUT_MULTIPLE, VNet
+
+MODEL_FORMAT = "sfrsegment-vnet/1"
+PREDICTION_SUFFIXES = (".seg.nrrd", ".nii.gz")
+"""Every prediction is written as a Slicer segmentation and as NIfTI."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Sliding-window settings; the defaults are the reference LA ones (patch 112×112×80, stride 18/18/4)."""
+
+    patch_size: Tuple[int, int, int] = (112, 112, 80)
+    stride_xy: int = 18
+    """Stride along the two in-plane axes (i, j)."""
+    stride_z: int = 4
+    """Stride along the slice axis (k)."""
+    sw_batch_size: int = 4
+    """Windows per forward pass (memory vs. speed; the result does not depend on it)."""
+    largest_component: bool = False
+    """Keep only the largest connected component of each class (off, as in SFR's evaluation)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``fp32`` reproduces the reference; ``bf16`` autocast is several times faster on recent CPUs and GPUs."""
+
+    def __post_init__(self) -> None:
+        patch = tuple(int(p) for p in self.patch_size)
+        if len(patch) != 3 or any(p < 1 or p % INPUT_MULTIPLE for p in patch):
+            raise InputError(f"patch_size needs 3 positive multiples of {INPUT_MULTIPLE} (the V-Net's input rule), "
+                             f"got {self.patch_size}", field="patch_size")
+        for name, stride, limit in (("stride_xy", self.stride_xy, min(patch[:2])), ("stride_z", self.stride_z,
+                                                                                  patch[2])):
+            if not 1 <= stride <= limit:
+                raise InputError(f"{name} must lie between 1 and the patch size {limit} (windows must overlap or "
+                                 f"touch), got {stride}", field=name)
+        if self.sw_batch_size < 1:
+            raise InputError(f"sw_batch_size must be at least 1, got {self.sw_batch_size}", field="sw_batch_size")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}", field="device")
+        if self.precision not in ("fp32", "bf16"):
+            raise InputError(f"precision must be fp32 or bf16, got {self.precision!r}", field="precision")
+
+    @property
+    def strides(self) -> Tuple[int, int, int]:
+        return (self.stride_xy, self.stride_xy, self.stride_z)
+
+
+@dataclass(frozen=True)
+class VNetInfo:
+    """What a trained V-Net file records besides its weights: how to rebuild it and what its channels mean."""
+
+    classes: Dict[int, str]
+    """Foreground class value → name; output channel c (1 … K) is the c-th smallest value, channel 0 background."""
+    patch_size: Tuple[int, int, int]
+    """The training patch, the default sliding window."""
+    n_filters: int = 16
+    normalization: str = "batchnorm"
+    training: Dict[str, Any] = field(default_factory=dict)
+    """The re-training configuration (for the record)."""
+
+    @property
+    def class_values(self) -> Tuple[int, ...]:
+        return tuple(sorted(self.classes))
+
+    def build_model(self) -> VNet:
+        """An untrained V-Net of this architecture (K+1 outputs)."""
+        return VNet(n_channels=1, n_classes=len(self.classes) + 1, n_filters=self.n_filters,
+                    normalization=self.normalization, has_dropout=True)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""``auto``: bf16 autocast on CUDA, float32 elsewhere; ``fp32``: float32 everywhere; ``bf16``: bf16 autocast on any
+device (fast on CPUs with AMX/AVX512-BF16; logits differ from float32 by about 1e-3)."""
+
+MEMORY_FORMAT = torch.channels_last_3d
+"""Models and their inputs run channels-last: the same numbers (to float rounding), faster convolutions on CPU
+(oneDNN) and with bf16."""
+
+
+def autocast_context(device: torch.device, precision: str) -> ContextManager:
+    """The context the V-Net's forward passes run in: bf16 autocast or nothing (see :data:`PRECISIONS`). The one
+    place where the engine's V-Net precision is decided."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", field="precision")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an InputError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for but no CUDA GPU is available", field="device")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model files
+
+
+def save_vnet(path: PathLike, model: torch.nn.Module, info: VNetInfo) -> Path:
+    """Write the weights and ``info`` to ``path`` (.pt) and ``info`` to the ``.json`` beside it, atomically."""
+    path = Path(path)
+    record = _info_record(info)
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"format": MODEL_FORMAT, "info": record, "state_dict": state}, tmp)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _info_record(info: VNetInfo) -> Dict[str, Any]:
+    record = to_dict(info)
+    record["classes"] = {str(value): name for value, name in sorted(info.classes.items())}
+    return record
+
+
+def load_vnet(path: PathLike, device: Optional[torch.device] = None) -> Tuple[VNet, VNetInfo]:
+    """The trained V-Net (in eval mode) and its :class:`VNetInfo`, from a ``.pt`` written by :func:`save_vnet` or
+    a run folder (its ``retrain/vnet.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunFolder(path).vnet_weights
+    if not path.is_file():
+        raise InputError("no trained V-Net here (run the retrain stage first)", path)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for files that are not its archives
+        raise InputError(f"cannot read the model file: {exc}", path) from exc
+    if not isinstance(stored, dict) or stored.get("format") != MODEL_FORMAT:
+        raise InputError(f"not a V-Net file of this engine (expected format {MODEL_FORMAT!r})", path, "format")
+    record = stored["info"]
+    info = VNetInfo(
+        classes={int(value): name for value, name in record["classes"].items()},
+        patch_size=tuple(record["patch_size"]),
+        n_filters=record["n_filters"],
+        normalization=record["normalization"],
+        training=record["training"],
+    )
+    model = info.build_model()
+    model.load_state_dict(stored["state_dict"])
+    return model.to(device or torch.device("cpu")).eval(), info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding window
+
+
+def window_starts(size: int, patch: int, stride: int) -> List[int]:
+    """The reference window starts along one axis of ``size`` voxels (after padding to at least ``patch``)."""
+    size = max(size, patch)
+    count = -(-(size - patch) // stride) + 1
+    return [min(stride * i, size - patch) for i in range(count)]
+
+
+def monai_overlap(config: InferenceConfig) -> Tuple[float, float, float]:
+    """MONAI overlaps whose scan interval ``int(roi·(1 − overlap))`` is exactly each stride."""
+    return tuple(0.0 if stride == roi else 1.0 - (stride + 0.5) / roi
+                 for stride, roi in zip(config.strides, config.patch_size))
+
+
+def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, config: InferenceConfig,
+                                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Class probabilities (C, I, J, K), float32 on the CPU, of an already normalised 3D array."""
+    device = device or resolve_device(config.device)
+    model = model.to(device, memory_format=MEMORY_FORMAT).eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        with autocast_context(device, config.precision):
+            logits = model(windows.contiguous(memory_format=MEMORY_FORMAT))
+        return torch.softmax(logits.float(), dim=1)
+
+    with torch.inference_mode():
+        probabilities = sliding_window_inference(
+            inputs, roi_size=config.patch_size, sw_batch_size=config.sw_batch_size, predictor=predictor,
+            overlap=monai_overlap(config), mode="constant", padding_mode="constant", cval=0.0,
+        )
+    return probabilities[0].cpu()
+
+
+def keep_largest_components(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``labels`` (channel indices) with, per foreground index 1 … n_classes − 1, only its largest 26-connected
+    component kept (the rest becomes background)."""
+    kept = labels.copy()
+    full_connectivity = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
+    for index in range(1, n_classes):
+        components, count = ndimage.label(labels == index, structure=full_connectivity)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            kept[(components > 0) & (components != int(sizes.argmax()))] = 0
+    return kept
+
+
+def predict_volume(model: torch.nn.Module, image: Volume, config: InferenceConfig = InferenceConfig(),
+                   classes: Optional[Mapping[int, str]] = None) -> Tuple[Volume, np.ndarray]:
+    """The label map (uint8 class values, on the image's grid, with segments) and the class probabilities
+    (float32, (K+1, I, J, K), channel c for the c-th class value) of ``image``.
+
+    ``classes`` (value → name, the model's :attr:`VNetInfo.classes`) gives the class values and segment names;
+    without it channel c is class value c.
+    """
+    probabilities = sliding_window_probabilities(model, zscore(image.array), config)
+    n_classes = probabilities.shape[0]
+    classes = dict(classes) if classes is not None else {c: f"class_{c}" for c in range(1, n_classes)}
+    if len(classes) != n_classes - 1:
+        raise InputError(f"the model has {n_classes - 1} foreground outputs but {len(classes)} classes were given",
+                         field="classes")
+    channels = torch.argmax(probabilities, dim=0).numpy()
+    if config.largest_component:
+        channels = keep_largest_components(channels, n_classes)
+    values = np.asarray((0,) + tuple(sorted(classes)), dtype=np.uint8)
+    labels = values[channels]
+    segments = default_segments(values[1:], [classes[int(v)] for v in values[1:]])
+    return image.with_array(labels, segments), probabilities.numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def image_case_name(path: Path) -> str:
+    """A case name for an image file: its folder's name for ``<case>/image.<ext>``, else the name without ending."""
+    stem = path.name[: -len(file_suffix(path))]
+    return path.parent.name if stem == "image" else stem
+
+
+def collect_images(paths: Sequence[PathLike]) -> Dict[str, Path]:
+    """Case name → image file for image files and cohort folders (every case of the cohort)."""
+    images: Dict[str, Path] = {}
+    for path in map(Path, paths):
+        found = ({case.name: case.image for case in discover_cohort(path).cases} if path.is_dir()
+                 else {image_case_name(path): path})
+        for name, image in found.items():
+            if name in images:
+                raise InputError(f"two images for case {name!r}: {images[name]} and {image}", image)
+            images[name] = image
+    return images
+
+
+def predict_to_folder(model: torch.nn.Module, info: VNetInfo, images: Sequence[PathLike], out_dir: PathLike,
+                      config: InferenceConfig) -> List[Path]:
+    """Predict every image (files or cohort folders, named by :func:`collect_images`); see :func:`predict_cases`."""
+    return _predict_named(model, info, collect_images(images), Path(out_dir), config)
+
+
+def predict_cases(model: torch.nn.Module, info: VNetInfo, cases: Sequence[Case], out_dir: PathLike,
+                  config: InferenceConfig) -> List[Path]:
+    """Predict the images of cohort cases and write ``<case.name>.seg.nrrd`` (segments named and coloured by the
+    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``. Returns the files written."""
+    return _predict_named(model, info, {case.name: case.image for case in cases}, Path(out_dir), config)
+
+
+def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, Path], out_dir: Path,
+                   config: InferenceConfig) -> List[Path]:
+    written = []
+    for name, path in images.items():
+        image = read_volume(path)
+        check_image(image)
+        labels, _ = predict_volume(model, image, config, info.classes)
+        written += [write_volume(labels, out_dir / f"{name}{suffix}") for suffix in PREDICTION_SUFFIXES]
+    return written

@@ -1,0 +1,243 @@
+"""The whole SFR run: validate → fine-tune SAM → pseudo-label → re-train (→ SFR+) → predict → evaluate → report.
+
+Every stage reads what the previous one wrote into the run folder (:mod:`SFRSegmentLib.runfolder`) and skips or
+resumes what is already there, so rerunning the same command continues at the first unfinished stage, and inside a
+stage from its last checkpoint. ``redo`` deletes a stage's outputs (and those of the stages after it) first.
+All inputs are validated before any training starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .atomic import atomic_write_text
+from .config import RunConfig
+from .config_io import to_dict
+from .data import Case, Cohort, discover_cohort, validate_cohort
+from .errors import InputError, PathLike
+from .inference import load_vnet, predict_to_folder, resolve_device
+from .metrics import evaluate_folders, find_label_files, summarise, write_metrics_csv
+from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
+from .retrain import retrain
+from .runfolder import RunFolder
+from .sam.finetune import finetune
+from .sam.pseudolabel import pseudolabel
+from .sam.weights import file_sha256
+from .sfrplus import run_sfrplus
+
+STAGES = ("finetune", "pseudolabel", "retrain", "sfrplus", "baseline", "predict", "evaluate", "report")
+BASELINE_FOLDER = "baseline"
+
+# What to lower when a stage runs out of GPU memory.
+_MEMORY_SETTINGS = {
+    "finetune": "finetune.batch_size, or set finetune.sam.gradient_checkpointing to true",
+    "pseudolabel": "pseudolabel.windows_per_batch",
+    "retrain": "retrain.batch_labeled / retrain.batch_unlabeled or retrain.patch_size",
+    "sfrplus": "finetune.batch_size and retrain.batch_labeled / batch_unlabeled",
+    "baseline": "retrain.batch_labeled / retrain.batch_unlabeled or retrain.patch_size",
+    "predict": "inference.sw_batch_size",
+}
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message names the stage and the setting to lower."""
+
+
+@dataclass
+class PipelineResult:
+    run: RunFolder
+    cohort: Cohort
+    vnet: Path
+    metrics: Optional[Path]
+    baseline_metrics: Optional[Path]
+    report: Path
+
+
+def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
+                 cancellation: Optional[Cancellation] = None, redo: Sequence[str] = ()) -> PipelineResult:
+    """Run (or resume) every stage of SFR on the cohort at ``cohort_path`` into the run folder ``out``."""
+    run = RunFolder(out)
+    cohort = discover_cohort(cohort_path)
+    _say(progress, "validate", f"validating {len(cohort.cases)} cases")
+    validate_cohort(cohort)
+    if not cohort.unlabeled:
+        raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
+                         cohort.root)
+    config = config.for_cohort(cohort)
+    _remove_outputs(run, redo)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
+    atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
+
+    stage_args = dict(progress=progress, cancellation=cancellation)
+    if config.retrain.uses_pseudo_labels:
+        with _stage("finetune"):
+            finetune(cohort, run, config.finetune, **stage_args)
+        with _stage("pseudolabel"):
+            pseudolabel(cohort, run, config.pseudolabel, **stage_args)
+    with _stage("retrain"):
+        vnet = retrain(cohort, run, config.retrain, **stage_args)
+    if config.sfr_plus:
+        with _stage("sfrplus"):
+            vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
+    baseline_metrics = None
+    if config.baseline_method:
+        with _stage("baseline"):
+            baseline_metrics = _run_baseline(cohort, run, config, progress, cancellation)
+    with _stage("predict"):
+        _predict(vnet, cohort.unlabeled, run.prediction_dir, config, progress)
+    metrics = None
+    if config.truth_dir:
+        metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
+    from .report import write_report
+
+    truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
+    report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
+                          truths=truths)
+    _say(progress, "report", f"report written to {report}")
+    return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
+
+
+def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:
+    """What the run used: package versions, device, seeds and the SHA-256 of every input file."""
+    packages = ("SFRSegmentLib", "torch", "numpy", "monai", "SimpleITK", "segment-anything", "slicerio", "pynrrd")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = resolve_device(config.device)
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "seeds": {"finetune": config.finetune.seed, "retrain": config.retrain.seed},
+        "cohort": str(cohort.root),
+        "inputs": {
+            case.name: {"image": _file_record(case.image), "label": _file_record(case.label) if case.label else None}
+            for case in cohort.cases
+        },
+    }
+
+
+def _file_record(path: Path) -> Dict[str, str]:
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def _remove_outputs(run: RunFolder, redo: Sequence[str]) -> None:
+    """Delete the outputs of the first stage named in ``redo`` and of every stage after it."""
+    unknown = [s for s in redo if s not in STAGES]
+    if unknown:
+        raise InputError(f"unknown stage {unknown[0]!r} for --redo; expected one of {', '.join(STAGES)}",
+                         field="redo")
+    if not redo:
+        return
+    first = min(STAGES.index(s) for s in redo)
+    outputs = {
+        "finetune": [run.finetune_dir], "pseudolabel": [run.pseudolabel_dir], "retrain": [run.retrain_dir],
+        "sfrplus": [run.root / "sfrplus"], "baseline": [run.root / BASELINE_FOLDER],
+        "predict": [run.prediction_dir], "evaluate": [run.metrics], "report": [run.report],
+    }
+    for stage in STAGES[first:]:
+        for path in outputs[stage]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error into one that says which setting to lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(f"GPU out of memory during {name}; lower {_MEMORY_SETTINGS[name]} "
+                          f"(with --config), or run on a larger GPU") from exc
+
+
+def _run_sfrplus(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
+                 cancellation: Optional[Cancellation]) -> Path:
+    def finetune_fn(cohort: Cohort, run: RunFolder, init_weights: Optional[PathLike]) -> Path:
+        settings = dataclasses.replace(config.finetune, init_weights=str(init_weights) if init_weights else None)
+        return finetune(cohort, run, settings, progress, cancellation)
+
+    def pseudolabel_fn(cohort: Cohort, run: RunFolder, cases: Sequence[Case], sam_weights: PathLike) -> Path:
+        return pseudolabel(cohort, run, config.pseudolabel, progress, cancellation, cases=cases,
+                           sam_weights=sam_weights)
+
+    def retrain_fn(cohort: Cohort, run: RunFolder, pseudo_labels: Dict[str, Path]) -> Path:
+        return retrain(cohort, run, config.retrain, pseudo_labels, progress, cancellation)
+
+    rounds = run_sfrplus(cohort, run, finetune_fn, pseudolabel_fn, retrain_fn, config.sfrplus, config.inference,
+                         progress)
+    return rounds[-1].vnet_weights
+
+
+def _run_baseline(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
+                  cancellation: Optional[Cancellation]) -> Optional[Path]:
+    """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled cases and evaluate them."""
+    baseline = RunFolder(run.root / BASELINE_FOLDER)
+    settings = dataclasses.replace(config.retrain, method=config.baseline_method)
+    vnet = retrain(cohort, baseline, settings, progress=progress, cancellation=cancellation)
+    _predict(vnet, cohort.unlabeled, baseline.prediction_dir, config, progress)
+    if not config.truth_dir:
+        return None
+    return _evaluate(baseline.prediction_dir, Path(config.truth_dir), baseline.metrics, cohort, progress)
+
+
+def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig, progress: Progress) -> None:
+    """Predict the cases whose predictions are missing or older than the V-Net."""
+    model, info = load_vnet(vnet, resolve_device(config.device))
+    stale = [c for c in cases if not _is_newer(out_dir / f"{c.name}.seg.nrrd", vnet)]
+    for step, case in enumerate(stale, start=1):
+        predict_to_folder(model, info, [case.image], out_dir, config.inference)
+        progress(ProgressEvent("predict", step, len(stale), message=f"predicted {case.name}"))
+
+
+def _is_newer(path: Path, than: Path) -> bool:
+    return path.is_file() and path.stat().st_mtime >= than.stat().st_mtime
+
+
+def _evaluate(pred_dir: Path, truth_dir: Path, out: Path, cohort: Cohort, progress: Progress) -> Path:
+    rows = evaluate_folders(pred_dir, truth_dir, classes=sorted(cohort.classes))
+    write_metrics_csv(rows, out)
+    for summary in summarise(rows):
+        _say(progress, "evaluate", f"class {summary.class_value}: Dice {summary.dice.mean:.4f} over "
+                                   f"{summary.n_cases} cases", metric=summary.dice.mean)
+    return out
+
+
+def mean_dice(metrics_csv: Path) -> float:
+    """Mean Dice over the cases and classes of a metrics table."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        values = [float(row["dice"]) for row in csv.DictReader(f)]
+    return sum(values) / len(values)
+
+
+def _comparison_section(metrics: Optional[Path], baseline: Optional[Path], config: RunConfig) -> List[tuple]:
+    if metrics is None or baseline is None:
+        return []
+    html = (f"<p>Mean Dice on the held-out unlabeled cases: <b>{config.baseline_method}</b> "
+            f"{mean_dice(baseline):.4f}; <b>{config.retrain.method}</b> {mean_dice(metrics):.4f}.</p>")
+    return [("Baseline versus SFR", html)]
+
+
+def _say(progress: Progress, stage: str, message: str, metric: Optional[float] = None) -> None:
+    progress(ProgressEvent(stage, 1, 1, metric=metric, message=message))

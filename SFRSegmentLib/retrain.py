@@ -1,0 +1,429 @@
+"""Stage R: re-train the V-Net with a semi-supervised method and (for ``sfr*`` methods) cached SAM pseudo-labels.
+
+The loop follows the reference recipe (SFR's ``train_retraining.py``, UA-MT's LA scripts; docs/sfr-method.md §4):
+
+* **Batches** come from two streams: ``batch_labeled`` crops of labeled cases, then ``batch_unlabeled`` crops of
+  unlabeled cases (:class:`TwoStreamSampler`). Each stream walks through fresh random permutations of its cases
+  without end, so one labeled case (the scarce setting) simply repeats, with a new random crop each time; the
+  reference sampler cannot do this (its labeled stream must fill one batch per epoch).
+* **Crops**: every volume is z-scored whole once; a crop is the reference ``RandomRotFlip`` (optional) and a random
+  ``patch_size`` crop (:func:`SFRSegmentLib.data.sample_patch`). An unlabeled crop and its pseudo-label crop are cut
+  together, with the same rotation, flip and corner, from the whole-volume pseudo-label that stage P cached in the
+  run folder. The official code runs SAM on every crop instead; the result is the same kind of target, without a
+  SAM forward per iteration (see ``benchmarks/bench_retrain.py``).
+* **Loss** = ½(CE + Dice) on the labeled crops + the method's terms (:mod:`SFRSegmentLib.ssl`), minimised by SGD
+  (lr 0.01, momentum 0.9, weight decay 1e-4), lr ×0.1 every 2,500 iterations (``step``) or (1 − it/T)^0.9
+  (``poly``), for 6,000 iterations; seed 1337.
+* **Device**: ``auto`` picks CUDA when present, where forwards run under bf16 autocast (losses in float32) with
+  ``cudnn.benchmark``; the CPU runs in float32 unless ``precision="bf16"``. Networks and batches are channels-last.
+
+Run-folder outputs (:class:`SFRSegmentLib.runfolder.RunFolder`): ``retrain/checkpoint.pt`` every
+``checkpoint_every`` iterations, at a cancellation and at the end (student, method state such as the teacher,
+optimiser, iteration, sampler and every random generator, log), written atomically; a rerun with the same
+configuration resumes from it and gives the same weights as an uninterrupted run. At the end ``retrain/vnet.pt``
+(the student at the final iteration, as the references evaluate it) with ``retrain/vnet.json`` (classes, patch,
+this configuration), and ``retrain/log.csv`` (iteration, lr, total loss, each term and its weight).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as text_io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path, atomic_write_text
+from .config_io import to_dict
+from .data import Case, Cohort, load_case, sample_patch, zscore
+from .errors import InputError
+from .inference import MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, resolve_device, save_vnet
+from .io import read_volume
+from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from .runfolder import RunFolder
+from .ssl import SSLConfig, Step, build_method, parse_method, segmentation_loss
+from .validation import check_same_geometry
+from .vnet import INPUT_MULTIPLE, NORMALIZATIONS
+
+STAGE = "retrain"
+CHECKPOINT_FORMAT = "sfrsegment-retrain-checkpoint/1"
+RESUME_INDEPENDENT_FIELDS = ("checkpoint_every", "device")
+"""Options that may change between an interrupted run and its resumption."""
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Every option of stage R; the defaults are the reference recipe (module docstring)."""
+
+    method: str = "sfr_mt"
+    """A name from :func:`SFRSegmentLib.ssl.method_names` (supervised, mt, uamt, acmt, sfr, sfr_mt, ...)."""
+    iterations: int = 6000
+    patch_size: Tuple[int, int, int] = (112, 112, 80)
+    batch_labeled: int = 2
+    batch_unlabeled: int = 2
+    """Unlabeled crops per batch; methods that use no unlabeled data (``supervised``) draw none."""
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: Literal["step", "poly"] = "step"
+    lr_step: int = 2500
+    lr_gamma: float = 0.1
+    """``step``: lr · lr_gamma^(iteration // lr_step)."""
+    lr_power: float = 0.9
+    """``poly``: lr · (1 − iteration / iterations)^lr_power."""
+    seed: int = 1337
+    rot_flip: bool = True
+    """The reference 3D rot90 + flip augmentation (LA, BraTS); off for the multi-organ recipes."""
+    n_filters: int = 16
+    normalization: str = "batchnorm"
+    checkpoint_every: int = 1000
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, float32 on the CPU; ``bf16`` also on the CPU (fast with AMX/AVX512-BF16)."""
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+
+    def __post_init__(self) -> None:
+        parse_method(self.method)
+        positive = ("iterations", "batch_labeled", "lr_step", "n_filters", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
+        if self.batch_unlabeled < 0:
+            raise InputError(f"batch_unlabeled must be at least 0, got {self.batch_unlabeled}", field="batch_unlabeled")
+        if len(self.patch_size) != 3 or any(p < 1 or p % INPUT_MULTIPLE for p in self.patch_size):
+            raise InputError(f"patch_size needs 3 positive multiples of {INPUT_MULTIPLE} (the V-Net's input rule), "
+                             f"got {self.patch_size}", field="patch_size")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                             field="precision")
+        if self.lr_schedule not in ("step", "poly"):
+            raise InputError(f"lr_schedule must be step or poly, got {self.lr_schedule!r}", field="lr_schedule")
+        if self.normalization not in NORMALIZATIONS:
+            raise InputError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}",
+                             field="normalization")
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lr_power"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"{name} must be at least 0, got {getattr(self, name)}", field=name)
+
+    @classmethod
+    def method_recipe(cls, method: str, **overrides: Any) -> "RetrainConfig":
+        """The configuration of ``method``'s own published LA script: the defaults (SFR / UA-MT: step lr, 6,000
+        iterations) except for AC-MT (``acmt``, ``sfr_acmt``), whose script uses poly lr for 8,000 iterations."""
+        recipe: Dict[str, Any] = {"method": method}
+        if parse_method(method)[0] == "acmt":
+            recipe.update(lr_schedule="poly", iterations=8000)
+        return cls(**{**recipe, **overrides})
+
+    @property
+    def uses_pseudo_labels(self) -> bool:
+        return parse_method(self.method)[1]
+
+
+def learning_rate(iteration: int, config: RetrainConfig) -> float:
+    """The learning rate of the 0-based ``iteration`` (the references update it after each iteration)."""
+    if config.lr_schedule == "poly":
+        return config.lr * (1.0 - iteration / config.iterations) ** config.lr_power
+    return config.lr * config.lr_gamma ** (iteration // config.lr_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class _Stream:
+    """Indices 0 … n−1 in fresh random permutations, one after another, without end."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.order: List[int] = []
+        self.position = 0
+
+    def take(self, count: int, rng: np.random.Generator) -> List[int]:
+        taken = []
+        for _ in range(count):
+            if self.position == len(self.order):
+                self.order = [int(i) for i in rng.permutation(self.n)]
+                self.position = 0
+            taken.append(self.order[self.position])
+            self.position += 1
+        return taken
+
+
+class TwoStreamSampler:
+    """Batches of ``batch_labeled`` labeled and ``batch_unlabeled`` unlabeled case indices, drawn from ``rng``.
+
+    Within a stream every case comes once per permutation; a batch larger than its stream's case count repeats
+    cases. The state (:meth:`state_dict`) is the current permutations and positions; the generator is the caller's.
+    """
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, batch_labeled: int, batch_unlabeled: int) -> None:
+        if n_labeled < 1 or (batch_unlabeled > 0 and n_unlabeled < 1):
+            raise ValueError(f"cannot draw {batch_labeled} + {batch_unlabeled} from {n_labeled} labeled and "
+                             f"{n_unlabeled} unlabeled cases")
+        self.streams = (_Stream(n_labeled), _Stream(n_unlabeled))
+        self.batch_sizes = (batch_labeled, batch_unlabeled)
+
+    def next_batch(self, rng: np.random.Generator) -> Tuple[List[int], List[int]]:
+        labeled, unlabeled = (s.take(n, rng) for s, n in zip(self.streams, self.batch_sizes))
+        return labeled, unlabeled
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"orders": [s.order for s in self.streams], "positions": [s.position for s in self.streams]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for stream, order, position in zip(self.streams, state["orders"], state["positions"]):
+            stream.order, stream.position = list(order), int(position)
+
+
+@dataclass
+class TrainingCase:
+    """A case in memory: its z-scored image and its target as class indices (label, pseudo-label or None)."""
+
+    name: str
+    image: np.ndarray
+    target: Optional[np.ndarray]
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: images (labeled first), labels of the labeled crops, and the
+    pseudo-labels of the unlabeled crops with a flag per crop (None when the run uses none)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    pseudo_labels: Optional[torch.Tensor]
+    has_pseudo_label: Optional[torch.Tensor]
+
+
+def class_index_table(classes: Mapping[int, str]) -> np.ndarray:
+    """A lookup table uint8 value → channel index (background 0, the c-th smallest class value c; others 255)."""
+    table = np.full(256, 255, dtype=np.uint8)
+    table[0] = 0
+    for index, value in enumerate(sorted(classes), start=1):
+        table[value] = index
+    return table
+
+
+def _class_indices(labels: np.ndarray, table: np.ndarray, path: Optional[Path]) -> np.ndarray:
+    if labels.min() < 0 or labels.max() > 255:
+        raise InputError(f"label values {labels.min()}..{labels.max()} lie outside 0..255", path, "labels")
+    indices = table[labels.astype(np.uint8)]
+    if (indices == 255).any():
+        unknown = sorted(set(np.unique(labels[indices == 255]).tolist()))
+        raise InputError(f"label values {unknown} are not classes of the cohort", path, "labels")
+    return indices
+
+
+def required_pseudo_labels(cohort: Cohort, run: RunFolder) -> Dict[str, Path]:
+    """Case name → the run folder's cached pseudo-label of every unlabeled case; InputError naming the first
+    missing file (stage P writes them)."""
+    paths = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled}
+    for path in paths.values():
+        if not path.is_file():
+            raise InputError("pseudo-label missing: this method needs the cached SAM pseudo-label of every "
+                             "unlabeled case (run the pseudolabel stage first)", path)
+    return paths
+
+
+def load_training_cases(cohort: Cohort, cases: Sequence[Case],
+                        pseudo_labels: Mapping[str, Path]) -> List[TrainingCase]:
+    """The cases z-scored, with their label (labeled cases) or pseudo-label (when one is given) as class indices."""
+    table = class_index_table(cohort.classes)
+    loaded = []
+    for case in cases:
+        image, label = load_case(case, cohort.classes)
+        target = None
+        if label is not None:
+            target = _class_indices(label.array, table, case.label)
+        elif case.name in pseudo_labels:
+            pseudo = read_volume(pseudo_labels[case.name])
+            check_same_geometry(image, pseudo)
+            target = _class_indices(pseudo.array, table, pseudo.path)
+        loaded.append(TrainingCase(case.name, zscore(image.array), target))
+    return loaded
+
+
+def draw_batch(labeled: Sequence[TrainingCase], unlabeled: Sequence[TrainingCase], sampler: TwoStreamSampler,
+               rng: np.random.Generator, config: RetrainConfig, with_pseudo_labels: bool,
+               device: torch.device) -> Batch:
+    """Cut the next batch: each crop and its target with one rotation, flip and corner."""
+    labeled_ids, unlabeled_ids = sampler.next_batch(rng)
+    crops = [sample_patch(labeled[i].image, labeled[i].target, config.patch_size, rng, config.rot_flip)
+             for i in labeled_ids]
+    crops += [sample_patch(unlabeled[i].image, unlabeled[i].target, config.patch_size, rng, config.rot_flip)
+              for i in unlabeled_ids]
+    images = torch.from_numpy(np.stack([image for image, _ in crops]))[:, None].to(device)
+    labels = torch.from_numpy(np.stack([target for _, target in crops[: len(labeled_ids)]])).long().to(device)
+    if not with_pseudo_labels:
+        return Batch(images, labels, None, None)
+    unlabeled_targets = [target for _, target in crops[len(labeled_ids):]]
+    has = torch.tensor([t is not None for t in unlabeled_targets], dtype=torch.bool, device=device)
+    blank = np.zeros(config.patch_size, dtype=np.uint8)
+    pseudo = np.stack([blank if t is None else t for t in unlabeled_targets])
+    return Batch(images, labels, torch.from_numpy(pseudo).long().to(device), has)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """One re-training's state (seeded student, method, optimiser, sampler, generator, log, iteration) and its
+    optimiser step. Its :meth:`state_dict` is what a checkpoint holds besides the configuration."""
+
+    def __init__(self, config: RetrainConfig, info: VNetInfo, n_labeled: int, n_unlabeled: int,
+                 device: torch.device) -> None:
+        torch.manual_seed(config.seed)
+        self.config, self.device = config, device
+        self.student = info.build_model().to(device, memory_format=MEMORY_FORMAT).train()
+        self.method = build_method(config.method, self.student, config.ssl, config.iterations)
+        batch_unlabeled = config.batch_unlabeled if self.method.uses_unlabeled else 0
+        if self.method.uses_unlabeled and n_unlabeled == 0:
+            raise InputError(f"method {config.method} learns from unlabeled cases but the cohort has none",
+                             field="method")
+        if self.method.uses_unlabeled and batch_unlabeled == 0:
+            raise InputError(f"method {config.method} needs batch_unlabeled of at least 1", field="batch_unlabeled")
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.sampler = TwoStreamSampler(n_labeled, n_unlabeled, config.batch_labeled, batch_unlabeled)
+        self.rng = np.random.default_rng(config.seed)
+        self.log: List[Dict[str, float]] = []
+        self.iteration = 0
+
+    def step(self, batch: Batch) -> Dict[str, float]:
+        """One optimiser step on ``batch``; appends and returns the log row (iteration counted from 1, lr, total
+        loss, each term and its weight)."""
+        lr = learning_rate(self.iteration, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_labeled = batch.labels.shape[0]
+        images = batch.images.contiguous(memory_format=MEMORY_FORMAT)
+        with autocast_context(self.device, self.config.precision):
+            logits = self.student(images).float()
+            step = Step(self.iteration, images, logits, n_labeled, batch.pseudo_labels, batch.has_pseudo_label)
+            terms = self.method.losses(step)
+        supervised = segmentation_loss(logits[:n_labeled], batch.labels)
+        loss = supervised + sum(term.weight * term.value for term in terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.method.after_step(self.student, self.iteration)
+        self.iteration += 1
+        row = {"iteration": self.iteration, "lr": lr, "loss": loss.item(), "supervised": supervised.item()}
+        for term in terms:
+            row[term.name] = term.value.item()
+            row[f"{term.name}_weight"] = term.weight
+        self.log.append(row)
+        return row
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "student": self.student.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "log": self.log,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.log = list(state["log"])
+        self.iteration = int(state["iteration"])
+
+
+def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfig(),
+            pseudo_labels: Optional[Mapping[str, Path]] = None, progress: Progress = ignore_progress,
+            cancellation: Optional[Cancellation] = None) -> Path:
+    """Run (or resume) stage R on ``cohort`` into ``run``; returns the path of the trained V-Net (``vnet.pt``).
+
+    ``pseudo_labels`` maps unlabeled case names to label files; by default an ``sfr*`` method takes the run
+    folder's cached pseudo-label of every unlabeled case (InputError naming a missing one). Unlabeled cases absent
+    from an explicit mapping are trained without the pseudo-label term (SFR+). A cancellation request saves a
+    checkpoint and raises :class:`~SFRSegmentLib.progress.Cancelled`.
+    """
+    with_pseudo_labels = config.uses_pseudo_labels
+    if with_pseudo_labels and pseudo_labels is None:
+        pseudo_labels = required_pseudo_labels(cohort, run)
+    pseudo_labels = dict(pseudo_labels or {}) if with_pseudo_labels else {}
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    info = VNetInfo(classes=dict(cohort.classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
+                    normalization=config.normalization, training=to_dict(config))
+    trainer = Trainer(config, info, len(cohort.labeled), len(cohort.unlabeled), device)
+    labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels)
+    unlabeled = load_training_cases(cohort, cohort.unlabeled, pseudo_labels) if trainer.method.uses_unlabeled else []
+    if run.retrain_checkpoint.is_file():
+        _restore(trainer, run.retrain_checkpoint, config, device)
+
+    clock = EtaClock(config.iterations, trainer.iteration)
+    while trainer.iteration < config.iterations:
+        batch = draw_batch(labeled, unlabeled, trainer.sampler, trainer.rng, config, with_pseudo_labels, device)
+        row = trainer.step(batch)
+        progress(ProgressEvent(STAGE, trainer.iteration, config.iterations, loss=row["loss"],
+                               eta_s=clock.eta_s(trainer.iteration)))
+        cancelled = cancellation is not None and cancellation.requested
+        if cancelled or trainer.iteration % config.checkpoint_every == 0:
+            _save_checkpoint(trainer, run, config)
+        if cancelled:
+            raise Cancelled(f"re-training stopped at iteration {trainer.iteration}; rerun to resume")
+
+    _save_checkpoint(trainer, run, config)
+    return save_vnet(run.vnet_weights, trainer.student, info)
+
+
+def _save_checkpoint(trainer: Trainer, run: RunFolder, config: RetrainConfig) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "config": to_dict(config), **trainer.state_dict()}
+    with atomic_path(run.retrain_checkpoint) as tmp:
+        torch.save(state, tmp)
+    _write_log(run.retrain_log, trainer.log)
+
+
+def _restore(trainer: Trainer, path: Path, config: RetrainConfig, device: torch.device) -> None:
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"not a re-training checkpoint of this engine (format {CHECKPOINT_FORMAT!r})", path)
+    changed = _changed_options(state["config"], to_dict(config))
+    if changed:
+        raise InputError(f"the checkpoint was made with other options ({'; '.join(changed)}); rerun with the same "
+                         "options to resume, or delete the checkpoint to start over", path, "config")
+    trainer.load_state_dict(state)
+
+
+def _changed_options(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """``name: saved → current`` for every option that differs, except :data:`RESUME_INDEPENDENT_FIELDS`."""
+    changed = []
+    for name in sorted(set(saved) | set(current)):
+        if not prefix and name in RESUME_INDEPENDENT_FIELDS:
+            continue
+        old, new = saved.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_options(old, new, f"{prefix}{name}.")
+        elif old != new:
+            changed.append(f"{prefix}{name}: {old!r} → {new!r}")
+    return changed
+
+
+def _write_log(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
+    """The training log as CSV, columns in the order the first row gives them."""
+    buffer = text_io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())

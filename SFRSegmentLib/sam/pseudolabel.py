@@ -1,0 +1,204 @@
+"""Stage P: whole-volume SAM pseudo-labels of the unlabeled cases (the paper's Eq. 3, materialised offline).
+
+The official code pseudo-labels online, on each random crop of the re-training loop (spec §3). Here every unlabeled
+volume is labeled once, whole, and the result is cached in the run folder:
+
+* the volume is z-scored as in training and cut into windows of the re-training patch size (default 112×112×80)
+  by MONAI's ``sliding_window_inference``; a volume smaller than the window is zero-padded (zero is its mean);
+* each batch of windows is stitched into mosaics, run through the fine-tuned SAM (LoRA merged, eval mode, no
+  gradients; bfloat16 autocast on CUDA), turned into K+1 softmax probabilities at full mosaic resolution and
+  un-stitched (:class:`MosaicPredictor`);
+* overlapping windows are averaged with equal weights, as the reference sliding-window test does. The default
+  overlap is 50 % (a stride of half the window): the reference evaluation stride (18/18/4 voxels for LA) would
+  cost about 30 times as many SAM passes for a smoother but hardly different result;
+* the hard label is the argmax of the averaged probabilities, mapped back to the cohort's class values.
+
+Outputs (:class:`~SFRSegmentLib.runfolder.RunFolder`): ``<case>.label.nrrd`` (uint8, the image's grid and geometry),
+``<case>.prob.npy`` (uint8 probabilities × 255, shape (K+1, I, J, K)) and ``confidence.csv``. A case whose two files
+exist is not computed again unless ``redo``. The confidence of a case is the SFR+ one (spec §5): the mean over all
+voxels of the largest class probability, taken from the stored probabilities so that cached and fresh cases agree
+(the quantisation moves it by at most 1/510).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from ..atomic import atomic_path, atomic_write_text
+from ..data import Case, Cohort, load_case, zscore
+from ..errors import InputError, PathLike
+from ..io import write_volume
+from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from ..runfolder import PROBABILITY_SCALE, RunFolder
+from ..stitching import MosaicLayout, stitch_image, unstitch
+from ..inference import PRECISIONS, autocast_context, resolve_device
+from .finetune import load_finetuned_sam, training_layout, weights_info_path
+from .lora import merge_lora
+from .model import SFRSam
+
+STAGE = "pseudolabel"
+CONFIDENCE_HEADER = "case,confidence\n"
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Settings of stage P. ``window`` is the re-training patch size; ``overlap`` the fraction of a window shared
+    with its neighbour along each axis; ``windows_per_batch`` the windows per SAM pass; ``precision`` as
+    :data:`~SFRSegmentLib.inference.PRECISIONS` (bf16 autocast on CUDA by default); ``redo`` recomputes cached
+    cases."""
+
+    window: Tuple[int, int, int] = (112, 112, 80)
+    overlap: float = 0.5
+    windows_per_batch: int = 2
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    redo: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.window) != 3 or any(int(s) < 1 for s in self.window):
+            raise InputError(f"window must be 3 positive integers, got {self.window}", field="window")
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"overlap must lie in [0, 1), got {self.overlap}", field="overlap")
+        if self.windows_per_batch < 1:
+            raise InputError(f"windows_per_batch must be at least 1, got {self.windows_per_batch}",
+                             field="windows_per_batch")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+                             field="precision")
+        object.__setattr__(self, "window", tuple(int(s) for s in self.window))
+
+    @classmethod
+    def small(cls, **overrides: Any) -> "PseudoLabelConfig":
+        """The CPU demo preset, matching :meth:`FinetuneConfig.small`: 64×64×16 windows."""
+        return cls(**{"window": (64, 64, 16), **overrides})
+
+
+class MosaicPredictor:
+    """SAM on 3D windows: (n, 1, H, W, D) → K+1 class probabilities (n, K+1, H, W, D), through the mosaics.
+
+    Raises :class:`Cancelled` before a batch when ``cancellation`` has been requested.
+    """
+
+    def __init__(self, model: SFRSam, layout: MosaicLayout, precision: str = "auto",
+                 cancellation: Optional[Cancellation] = None) -> None:
+        self.model = model
+        self.layout = layout
+        self.precision = precision
+        self.cancellation = cancellation
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.cancellation is not None and self.cancellation.requested:
+            raise Cancelled("pseudo-labelling stopped; finished cases are kept and a rerun continues")
+        n_windows, size = windows.shape[0], self.layout.canvas
+        mosaics = stitch_image(windows[:, 0], self.layout).reshape(-1, 1, size, size)
+        with autocast_context(windows.device, self.precision):
+            logits = self.model(mosaics)
+        probabilities = torch.softmax(logits.float(), dim=1)
+        per_window = probabilities.reshape(n_windows, self.layout.n_mosaics, -1, size, size).transpose(1, 2)
+        return unstitch(per_window, self.layout)
+
+
+def predict_probabilities(model: SFRSam, volume: np.ndarray, layout: MosaicLayout, overlap: float = 0.5,
+                          windows_per_batch: int = 2, precision: str = "auto",
+                          cancellation: Optional[Cancellation] = None) -> torch.Tensor:
+    """Averaged class probabilities (K+1, I, J, K), float32 on the CPU, of a z-scored volume (I, J, K) by
+    sliding windows of ``layout.patch_shape``; ``model`` should be in eval mode (merged LoRA is fastest)."""
+    device = next(model.parameters()).device
+    inputs = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        probabilities = sliding_window_inference(
+            inputs, roi_size=layout.patch_shape, sw_batch_size=windows_per_batch,
+            predictor=MosaicPredictor(model, layout, precision, cancellation), overlap=overlap, mode="constant",
+            padding_mode="constant", cval=0.0, sw_device=device, device=torch.device("cpu"),
+        )
+    return torch.as_tensor(probabilities)[0]
+
+
+def quantise(probabilities: torch.Tensor) -> np.ndarray:
+    """Probabilities as uint8, p ≈ stored / 255."""
+    return torch.round(probabilities * PROBABILITY_SCALE).clamp_(0, PROBABILITY_SCALE).to(torch.uint8).numpy()
+
+
+def volume_confidence(stored_probabilities: np.ndarray) -> float:
+    """SFR+ confidence from stored uint8 probabilities (K+1, ...): the mean over voxels of the largest one."""
+    return float(stored_probabilities.max(axis=0).mean(dtype=np.float64) / PROBABILITY_SCALE)
+
+
+def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = PseudoLabelConfig(),
+                progress: Progress = ignore_progress, cancellation: Optional[Cancellation] = None,
+                cases: Optional[Sequence[Case]] = None, sam_weights: Optional[PathLike] = None) -> Path:
+    """Pseudo-label the unlabeled cases of ``cohort`` (or just ``cases``) into ``run``; return ``confidence.csv``.
+
+    The SAM is the run's own fine-tuned one (``finetune/sam_trainable.pt``) unless ``sam_weights`` names another
+    trainable-weights file (SFR+ rounds reuse an earlier round's). Cached cases (both files present) are skipped
+    unless ``config.redo``; the model is loaded only if some case needs it. ``confidence.csv`` lists the cases
+    labeled here and is rewritten only when its content changes. When ``cancellation`` is requested, the case in
+    progress is dropped and :class:`~SFRSegmentLib.progress.Cancelled` is raised.
+    """
+    cases = list(cohort.unlabeled if cases is None else cases)
+    pending = [case for case in cases if config.redo or not _is_cached(run, case)]
+    weights = run.sam_weights if sam_weights is None else Path(sam_weights)
+    labeler = _Labeler(cohort, run, config, weights, cancellation) if pending else None
+    clock = EtaClock(len(pending))
+    confidences: List[Tuple[str, float]] = []
+    computed = 0
+    for step, case in enumerate(cases, start=1):
+        fresh = case in pending
+        if fresh:
+            labeler.write(case)
+            computed += 1
+        confidence = volume_confidence(np.load(run.pseudo_probabilities(case.name)))
+        confidences.append((case.name, confidence))
+        progress(ProgressEvent(STAGE, step, len(cases), metric=confidence, eta_s=clock.eta_s(computed),
+                             message=f"{case.name}: {'computed' if fresh else 'cached'}"))
+    if not cases:
+        progress(ProgressEvent(STAGE, 0, 0, message="no unlabeled case to pseudo-label"))
+    _write_if_changed(run.confidence_table, _confidence_table(confidences))
+    return run.confidence_table
+
+
+class _Labeler:
+    """The fine-tuned SAM of a run, ready to pseudo-label cases of a cohort."""
+
+    def __init__(self, cohort: Cohort, run: RunFolder, config: PseudoLabelConfig, weights: Path,
+                 cancellation: Optional[Cancellation]) -> None:
+        model, info = load_finetuned_sam(weights, resolve_device(config.device))
+        class_values = sorted(int(v) for v in cohort.classes)
+        if info["class_values"] != class_values:
+            raise InputError(f"SAM was fine-tuned for classes {info['class_values']} but the cohort has "
+                             f"{class_values}", weights_info_path(weights), "class_values")
+        self.model = merge_lora(model).eval()
+        self.layout = training_layout(config.window, self.model.config, info["depth_padding"])
+        self.label_values = np.array([0] + class_values, dtype=np.uint8)
+        self.cohort, self.run, self.config, self.cancellation = cohort, run, config, cancellation
+
+    def write(self, case: Case) -> None:
+        """Compute and write the case's probabilities and hard label (each file atomically)."""
+        image, _ = load_case(case, self.cohort.classes)
+        probabilities = predict_probabilities(self.model, zscore(image.array), self.layout, self.config.overlap,
+                                              self.config.windows_per_batch, self.config.precision, self.cancellation)
+        label = self.label_values[probabilities.argmax(dim=0).numpy()]
+        with atomic_path(self.run.pseudo_probabilities(case.name)) as tmp:
+            np.save(tmp, quantise(probabilities))
+        write_volume(image.with_array(label), self.run.pseudo_label(case.name))
+
+
+def _is_cached(run: RunFolder, case: Case) -> bool:
+    return run.pseudo_label(case.name).is_file() and run.pseudo_probabilities(case.name).is_file()
+
+
+def _confidence_table(confidences: Sequence[Tuple[str, float]]) -> str:
+    """CSV text, least confident first (ties by name)."""
+    rows = sorted(confidences, key=lambda row: (row[1], row[0]))
+    return CONFIDENCE_HEADER + "".join(f"{name},{confidence:.6f}\n" for name, confidence in rows)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)

@@ -1,0 +1,270 @@
+"""SFR+: split the unlabeled volumes by the re-trained V-Net's confidence and alternate SAM and V-Net updates.
+
+The paper (docs/sfr-method.md §5) defines the confidence of unlabeled volume j as the mean over its voxels of the
+largest softmax probability of the re-trained model, C_j = (1/N_v) Σ_v max_c p_c(v), and splits at τ = 0.985:
+volumes with C_j ≥ τ ("confident") further fine-tune SAM, the others ("uncertain") get SAM pseudo-labels in
+re-training. It leaves the rest open; :class:`SFRPlusConfig` makes each open choice an option, with the spec's
+suggested minimal reading as the default:
+
+1. C_j on the whole volume (the reference sliding window, :mod:`SFRSegmentLib.inference`), over all voxels;
+2. SAM is fine-tuned again, continuing from the previous fine-tuned weights, on the labeled volumes plus the
+   confident ones labeled with the V-Net's argmax;
+3. the uncertain volumes get pseudo-labels from that SAM;
+4. the V-Net is re-trained from scratch; the confident volumes stay unlabeled with their SSL terms but without a
+   pseudo-label term;
+5. one round.
+
+A round lives in its own run folder ``RUN/sfrplus/round<r>/`` (finetune/, pseudolabels/, retrain/ as any run,
+plus ``confidence.csv``, ``vnet_labels/<case>.label.nrrd`` and ``round.json``). Round r scores the V-Net of round
+r − 1 (round 0 is the SFR run itself) and continues from its SAM weights. The stage functions are injected
+(:class:`FinetuneFn`, :class:`PseudolabelFn`, :class:`RetrainFn`), so the driver is independent of SAM.
+
+Two decisions of this implementation: a confident volume whose V-Net prediction holds no foreground at all is
+treated as uncertain (a label without foreground teaches SAM nothing and is refused as a label); a round without
+any confident volume skips fine-tuning and keeps the previous SAM weights (there is nothing new to learn from).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as text_io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Literal, Mapping, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .data import Case, Cohort
+from .errors import InputError
+from .inference import InferenceConfig, load_vnet, predict_volume, resolve_device
+from .io import Volume, read_volume, write_volume
+from .progress import Progress, ProgressEvent, ignore_progress
+from .runfolder import RunFolder
+
+STAGE = "sfrplus"
+ROUNDS_FOLDER = "sfrplus"
+CONFIDENCE_FILE = "confidence.csv"
+VNET_LABELS_FOLDER = "vnet_labels"
+ROUND_RECORD = "round.json"
+
+
+@dataclass(frozen=True)
+class SFRPlusConfig:
+    """The open choices of SFR+ (module docstring); defaults = the spec's suggested minimal reading."""
+
+    threshold: float = 0.985
+    """τ: volumes with confidence ≥ τ are confident."""
+    rounds: int = 1
+    """Alternation rounds run by :func:`run_sfrplus`."""
+    confidence_voxels: Literal["all", "foreground"] = "all"
+    """``all``: C_j over every voxel (the paper's Eq. 8, background included); ``foreground``: over the voxels
+    predicted as a foreground class (0 when there is none)."""
+    confident_label_source: Literal["vnet", "sam"] = "vnet"
+    """Labels of the confident volumes for fine-tuning: the V-Net's argmax, or the SFR run's SAM pseudo-label."""
+    sam_start: Literal["continue", "restart"] = "continue"
+    """Fine-tune from the previous fine-tuned SAM weights, or from the base SAM checkpoint again."""
+    confident_in_retraining: Literal["ssl_only", "pseudo_label", "labeled", "excluded"] = "ssl_only"
+    """The confident volumes in re-training: unlabeled with SSL terms only; unlabeled with their confident label
+    as pseudo-label; labeled with it; or left out."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise InputError(f"threshold must lie in [0, 1], got {self.threshold}", field="threshold")
+        if self.rounds < 1:
+            raise InputError(f"rounds must be at least 1, got {self.rounds}", field="rounds")
+        choices = {"confidence_voxels": ("all", "foreground"), "confident_label_source": ("vnet", "sam"),
+                   "sam_start": ("continue", "restart"),
+                   "confident_in_retraining": ("ssl_only", "pseudo_label", "labeled", "excluded")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
+                                 field=name)
+
+
+class FinetuneFn(Protocol):
+    """Stage F: fine-tune SAM on the labeled cases of ``cohort`` into ``run``, starting from ``init_weights`` (the
+    trainable SAM weights to continue from; None = the base checkpoint). Returns the trainable weights file."""
+
+    def __call__(self, *, cohort: Cohort, run: RunFolder, init_weights: Optional[Path]) -> Path: ...
+
+
+class PseudolabelFn(Protocol):
+    """Stage P: write ``run.pseudo_label(case.name)`` for each of ``cases`` with the SAM weights ``sam_weights``."""
+
+    def __call__(self, *, cohort: Cohort, run: RunFolder, cases: Sequence[Case], sam_weights: Path) -> None: ...
+
+
+class RetrainFn(Protocol):
+    """Stage R: re-train on ``cohort`` into ``run``, the pseudo-label term only for the cases in
+    ``pseudo_labels`` (case name → label file). Returns the V-Net file."""
+
+    def __call__(self, *, cohort: Cohort, run: RunFolder, pseudo_labels: Mapping[str, Path]) -> Path: ...
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round decided and produced."""
+
+    round_index: int
+    run: RunFolder
+    confidences: Dict[str, float]
+    confident: List[str]
+    uncertain: List[str]
+    sam_weights: Path
+    vnet_weights: Path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Confidence
+
+
+def volume_confidence(probabilities: np.ndarray, voxels: str = "all") -> float:
+    """Mean over voxels of the largest class probability (probabilities (C, ...)); ``foreground`` averages only
+    over voxels whose argmax is not the background (0 if there is none)."""
+    top = probabilities.max(axis=0)
+    if voxels == "all":
+        return float(top.mean(dtype=np.float64))
+    foreground = probabilities.argmax(axis=0) > 0
+    return float(top[foreground].mean(dtype=np.float64)) if foreground.any() else 0.0
+
+
+def split_by_confidence(confidences: Mapping[str, float], threshold: float) -> Tuple[List[str], List[str]]:
+    """(confident: C ≥ threshold, uncertain: the rest), each in the mapping's order."""
+    confident = [name for name, c in confidences.items() if c >= threshold]
+    return confident, [name for name in confidences if name not in confident]
+
+
+def round_folder(run: RunFolder, round_index: int) -> RunFolder:
+    """The run folder of round ``round_index`` (round 0 is the SFR run itself)."""
+    return run if round_index == 0 else RunFolder(run.root / ROUNDS_FOLDER / f"round{round_index}")
+
+
+def _previous_sam_weights(run: RunFolder, round_index: int) -> Path:
+    """The SAM weights round ``round_index`` continues from: the SFR run's, or what the previous round used."""
+    if round_index == 1:
+        return run.sam_weights
+    record = round_folder(run, round_index - 1).root / ROUND_RECORD
+    if not record.is_file():
+        raise InputError(f"round {round_index - 1} has not finished; run it before round {round_index}", record)
+    return Path(json.loads(record.read_text(encoding="utf-8"))["sam_weights"])
+
+
+def _write_confidence_table(path: Path, confidences: Mapping[str, float], confident: Sequence[str]) -> None:
+    """case, confidence, split; least confident first."""
+    buffer = text_io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("case", "confidence", "split"))
+    for name, confidence in sorted(confidences.items(), key=lambda item: item[1]):
+        writer.writerow((name, repr(confidence), "confident" if name in confident else "uncertain"))
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _score_volumes(run: RunFolder, round_index: int, cases: Sequence[Case], config: SFRPlusConfig,
+                   inference: Optional[InferenceConfig], progress: Progress) -> Dict[str, Tuple[float, Volume]]:
+    """Case name → (confidence, V-Net label map) with the V-Net of the previous round."""
+    device = resolve_device(inference.device if inference else "auto")
+    model, info = load_vnet(round_folder(run, round_index - 1).vnet_weights, device)
+    inference = inference or InferenceConfig(patch_size=info.patch_size)
+    scored = {}
+    for index, case in enumerate(cases, start=1):
+        labels, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes)
+        scored[case.name] = (volume_confidence(probabilities, config.confidence_voxels), labels)
+        progress(ProgressEvent(STAGE, index, len(cases), metric=scored[case.name][0],
+                               message=f"round {round_index}: confidence of {case.name}"))
+    return scored
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rounds
+
+
+def run_sfrplus_round(cohort: Cohort, run: RunFolder, round_index: int, finetune_fn: FinetuneFn,
+                      pseudolabel_fn: PseudolabelFn, retrain_fn: RetrainFn,
+                      config: SFRPlusConfig = SFRPlusConfig(), inference: Optional[InferenceConfig] = None,
+                      progress: Progress = ignore_progress) -> RoundResult:
+    """One SFR+ round on ``cohort`` (the SFR run ``run`` must hold its V-Net, SAM weights and pseudo-labels).
+
+    Scores the unlabeled volumes with the previous round's V-Net, writes the confident ones' labels, fine-tunes
+    SAM on the labeled ∪ confident volumes, pseudo-labels the uncertain ones and re-trains, all into
+    ``RUN/sfrplus/round<round_index>/``; see the module docstring for the choices ``config`` makes.
+    """
+    if round_index < 1:
+        raise InputError(f"round_index must be at least 1, got {round_index}", field="round_index")
+    here = round_folder(run, round_index)
+    sam_weights = _previous_sam_weights(run, round_index)
+    scored = _score_volumes(run, round_index, cohort.unlabeled, config, inference, progress)
+    confidences = {name: confidence for name, (confidence, _) in scored.items()}
+    confident = split_by_confidence(confidences, config.threshold)[0]
+    confident_labels = _confident_labels(run, here, {name: scored[name][1] for name in confident}, config)
+    confident = [name for name in confident if name in confident_labels]
+    uncertain = [name for name in confidences if name not in confident]
+    _write_confidence_table(here.root / CONFIDENCE_FILE, confidences, confident)
+
+    if confident:
+        init_weights = sam_weights if config.sam_start == "continue" else None
+        sam_weights = finetune_fn(cohort=_with_labels(cohort, confident_labels), run=here,
+                                  init_weights=init_weights)
+    uncertain_cases = [case for case in cohort.unlabeled if case.name in uncertain]
+    if uncertain_cases:
+        pseudolabel_fn(cohort=cohort, run=here, cases=uncertain_cases, sam_weights=sam_weights)
+    retrain_cohort, pseudo_labels = _retraining_inputs(cohort, here, uncertain, confident_labels, config)
+    vnet_weights = retrain_fn(cohort=retrain_cohort, run=here, pseudo_labels=pseudo_labels)
+
+    result = RoundResult(round_index, here, confidences, confident, uncertain, Path(sam_weights), Path(vnet_weights))
+    record = {"round": round_index, "config": dataclasses.asdict(config), "confidences": confidences,
+              "confident": confident, "uncertain": uncertain, "sam_weights": str(sam_weights),
+              "vnet_weights": str(vnet_weights)}
+    atomic_write_text(here.root / ROUND_RECORD, json.dumps(record, indent=2) + "\n")
+    return result
+
+
+def run_sfrplus(cohort: Cohort, run: RunFolder, finetune_fn: FinetuneFn, pseudolabel_fn: PseudolabelFn,
+                retrain_fn: RetrainFn, config: SFRPlusConfig = SFRPlusConfig(),
+                inference: Optional[InferenceConfig] = None, progress: Progress = ignore_progress
+                ) -> List[RoundResult]:
+    """``config.rounds`` rounds of :func:`run_sfrplus_round`, each scoring the previous round's V-Net."""
+    return [run_sfrplus_round(cohort, run, r, finetune_fn, pseudolabel_fn, retrain_fn, config, inference, progress)
+            for r in range(1, config.rounds + 1)]
+
+
+def _confident_labels(run: RunFolder, here: RunFolder, predictions: Mapping[str, Volume],
+                      config: SFRPlusConfig) -> Dict[str, Path]:
+    """Case name → label file of each confident volume that has foreground (V-Net labels are written here)."""
+    labels = {}
+    for name, prediction in predictions.items():
+        if config.confident_label_source == "sam":
+            path = run.pseudo_label(name)
+            has_foreground = bool(read_volume(path).array.any())
+        else:
+            path = here.root / VNET_LABELS_FOLDER / f"{name}.label.nrrd"
+            has_foreground = bool(prediction.array.any())
+            if has_foreground:
+                write_volume(prediction, path)
+        if has_foreground:
+            labels[name] = path
+    return labels
+
+
+def _with_labels(cohort: Cohort, labels: Mapping[str, Path]) -> Cohort:
+    """The cohort in memory with the cases in ``labels`` counted as labeled by those files."""
+    cases = [dataclasses.replace(case, label=labels[case.name]) if case.name in labels else case
+             for case in cohort.cases]
+    return dataclasses.replace(cohort, cases=cases)
+
+
+def _retraining_inputs(cohort: Cohort, here: RunFolder, uncertain: Sequence[str], confident_labels: Mapping[str, Path],
+                       config: SFRPlusConfig) -> Tuple[Cohort, Dict[str, Path]]:
+    """The cohort and pseudo-label files the re-training of this round gets (``confident_in_retraining``)."""
+    pseudo_labels = {name: here.pseudo_label(name) for name in uncertain}
+    choice = config.confident_in_retraining
+    if choice == "pseudo_label":
+        return cohort, {**pseudo_labels, **confident_labels}
+    if choice == "labeled":
+        return _with_labels(cohort, confident_labels), pseudo_labels
+    if choice == "excluded":
+        kept = [case for case in cohort.cases if case.name not in confident_labels]
+        return dataclasses.replace(cohort, cases=kept), pseudo_labels
+    return cohort, pseudo_labels
