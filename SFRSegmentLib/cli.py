@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="default: auto (bf16 autocast on CUDA, float32 on the CPU)")
     p.add_argument("--config", type=Path, help="JSON file of RetrainConfig options (the flags above win)")
-    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="progress as a bar on stderr, JSON lines on stdout, or none")
     p.set_defaults(func=_cmd_retrain)
 
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="iterations between resumable checkpoints (default 500)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     p.add_argument("--config", type=Path, help="JSON file of FinetuneConfig options (the flags above win)")
-    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="progress as a bar on stderr, JSON lines on stdout, or none")
     p.set_defaults(func=_cmd_finetune)
 
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="store_true", help="recompute cases whose pseudo-labels exist")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     p.add_argument("--config", type=Path, help="JSON file of PseudoLabelConfig options (the flags above win)")
-    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="progress as a bar on stderr, JSON lines on stdout, or none")
     p.set_defaults(func=_cmd_pseudolabel)
     return parser
