@@ -26,7 +26,7 @@ from .config import RunConfig
 from .config_io import to_dict
 from .data import Case, Cohort, discover_cohort, validate_cohort
 from .errors import InputError, PathLike
-from .inference import load_vnet, predict_to_folder, resolve_device
+from .inference import load_vnet, predict_cases, resolve_device
 from .metrics import evaluate_folders, find_label_files, summarise, write_metrics_csv
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
 from .retrain import retrain
@@ -205,7 +205,7 @@ def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig
     model, info = load_vnet(vnet, resolve_device(config.device))
     stale = [c for c in cases if not _is_newer(out_dir / f"{c.name}.seg.nrrd", vnet)]
     for step, case in enumerate(stale, start=1):
-        predict_to_folder(model, info, [case.image], out_dir, config.inference)
+        predict_cases(model, info, [case], out_dir, config.inference)
         progress(ProgressEvent("predict", step, len(stale), message=f"predicted {case.name}"))
 
 

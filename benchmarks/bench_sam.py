@@ -15,10 +15,11 @@ Parts (``--parts``; the default is small-efficient, small-plain and pseudolabel-
   windows, 50 % overlap, 2 windows per SAM pass, LoRA merged).
 
 Weights are random: timing and memory do not depend on them. Each part runs ``--warmup`` untimed iterations, then
-``--iterations`` timed ones (medians reported; "CPU s" is the process's CPU time per iteration, a steadier measure
-than wall time on a shared machine: with 2 threads fully busy it is about twice the wall time); peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the
-part's process, torch runs on ``--threads`` CPU threads (2, as the issue's reference numbers: the official code takes
-60.7 s per iteration and 17.7 GB peak RSS at the paper's shapes). Usage::
+``--iterations`` timed ones (medians reported). "CPU s" is the process's CPU time per iteration, a second view
+when the machine is shared (with 2 threads fully busy it is about twice the wall time). Peak memory is
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the part's process. Torch runs on ``--threads`` CPU threads (2, as
+the issue's reference numbers: the official code takes 60.7 s per iteration and 17.7 GB peak RSS at the paper's
+shapes). Usage::
 
     .venv/bin/python benchmarks/bench_sam.py                               # small configuration only
     .venv/bin/python benchmarks/bench_sam.py --parts paper-efficient --warmup 0 --iterations 1

@@ -2,8 +2,8 @@
 
 SAM's ``Attention.forward`` materialises the (B·heads, N, N) score matrix, adds the decomposed relative-position
 terms to it, and keeps the softmax for the backward pass. :class:`EfficientAttention` computes the same function with
-``torch.nn.functional.scaled_dot_product_attention``, passing the decomposed relative-position bias as the additive
-``attn_mask``, so that fused kernels (memory-efficient attention on CUDA) can be used. :class:`CheckpointedBlock`
+``torch.nn.functional.scaled_dot_product_attention``, with the decomposed relative-position terms folded into q and k
+as extra channels (no (N, N) bias is materialised), so that fused kernels can be used on CPU and CUDA. :class:`CheckpointedBlock`
 recomputes each encoder block in the backward pass instead of storing its activations.
 
 Both are subclasses that add no parameters or buffers. They are installed by swapping the ``__class__`` of the
@@ -11,8 +11,6 @@ modules already built by ``ImageEncoderViT``; parameter names, state dicts and c
 """
 
 from __future__ import annotations
-
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,25 +25,6 @@ SamAttention = _image_encoder.Attention
 SamBlock = _image_encoder.Block
 
 
-def decomposed_rel_pos_bias(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, grid: Tuple[int, int]
-) -> torch.Tensor:
-    """SAM's decomposed relative-position term as an additive attention bias of shape (B, heads, N, N).
-
-    ``q`` is the *unscaled* query, (B, heads, N, head_dim) with N = H·W, as in SAM's ``add_decomposed_rel_pos``:
-    bias[(qh, qw), (kh, kw)] = q·Rh[qh, kh] + q·Rw[qw, kw].
-    """
-    height, width = grid
-    batch, heads, _, head_dim = q.shape
-    rel_h_table = _image_encoder.get_rel_pos(height, height, rel_pos_h)  # (H, H, head_dim)
-    rel_w_table = _image_encoder.get_rel_pos(width, width, rel_pos_w)  # (W, W, head_dim)
-    q_grid = q.reshape(batch, heads, height, width, head_dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rel_h_table)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rel_w_table)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, H, W, H_k, W_k)
-    return bias.reshape(batch, heads, height * width, height * width)
-
-
 class EfficientAttention(SamAttention):
     """SAM's encoder attention, computed with ``scaled_dot_product_attention``; numerically the same function."""
 
@@ -54,10 +33,21 @@ class EfficientAttention(SamAttention):
         tokens = height * width
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        bias = None
+        head_dim = v.shape[-1]
         if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (height, width))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            # Fold the decomposed bias into q and k (scale·q'·k' = scale·q·k + q·Rh[qh, kh] + q·Rw[qw, kw]) instead of
+            # passing it as attn_mask: a mask that needs a gradient sends the fused CPU kernel to the slow "math" path
+            # and materialises the (B, heads, N, N) matrices.
+            q_grid = q.reshape(batch, self.num_heads, height, width, head_dim)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, _image_encoder.get_rel_pos(height, height, self.rel_pos_h))
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, _image_encoder.get_rel_pos(width, width, self.rel_pos_w))
+            index = torch.arange(tokens, device=x.device)
+            key_cells = torch.cat([F.one_hot(index // width, height), F.one_hot(index % width, width)], -1).to(k.dtype)
+            q = torch.cat([q, rel_h.reshape(batch, self.num_heads, tokens, height) / self.scale,
+                           rel_w.reshape(batch, self.num_heads, tokens, width) / self.scale], -1)
+            k = torch.cat([k, key_cells.expand(batch, self.num_heads, -1, -1)], -1)
+            v = F.pad(v, (0, q.shape[-1] - head_dim))  # the fused CPU kernel needs equal q/k/v widths
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)[..., :head_dim]
         out = out.reshape(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(out.reshape(batch, height, width, -1))
 
