@@ -35,10 +35,13 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
 from .config_io import to_dict
 from .data import Case, Cohort, load_case, sample_patch, zscore
+from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
+                          rank_slice, ranks)
 from .errors import InputError
 from .inference import MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, resolve_device, save_vnet
 from .io import read_volume
@@ -49,7 +52,7 @@ from .validation import check_same_geometry
 from .vnet import INPUT_MULTIPLE, NORMALIZATIONS
 
 STAGE = "retrain"
-CHECKPOINT_FORMAT = "sfrsegment-retrain-checkpoint/1"
+CHECKPOINT_FORMAT = "sfrsegment-retrain-checkpoint/2"
 RESUME_INDEPENDENT_FIELDS = ("checkpoint_every", "device")
 """Options that may change between an interrupted run and its resumption."""
 
@@ -249,12 +252,17 @@ def load_training_cases(cohort: Cohort, cases: Sequence[Case],
 def draw_batch(labeled: Sequence[TrainingCase], unlabeled: Sequence[TrainingCase], sampler: TwoStreamSampler,
                rng: np.random.Generator, config: RetrainConfig, with_pseudo_labels: bool,
                device: torch.device) -> Batch:
-    """Cut the next batch: each crop and its target with one rotation, flip and corner."""
+    """Cut the next batch: each crop and its target with one rotation, flip and corner. Under torchrun the sampler
+    draws the global batch, every rank cuts all of it (the same generator on every rank) and keeps its own slice of
+    each stream."""
     labeled_ids, unlabeled_ids = sampler.next_batch(rng)
     crops = [sample_patch(labeled[i].image, labeled[i].target, config.patch_size, rng, config.rot_flip)
              for i in labeled_ids]
-    crops += [sample_patch(unlabeled[i].image, unlabeled[i].target, config.patch_size, rng, config.rot_flip)
-              for i in unlabeled_ids]
+    unlabeled_crops = [sample_patch(unlabeled[i].image, unlabeled[i].target, config.patch_size, rng,
+                                    config.rot_flip) for i in unlabeled_ids]
+    crops = crops[rank_slice(len(crops))]
+    labeled_ids = labeled_ids[rank_slice(len(labeled_ids))]
+    crops += unlabeled_crops[rank_slice(len(unlabeled_crops))]
     images = torch.from_numpy(np.stack([image for image, _ in crops]))[:, None].to(device)
     labels = torch.from_numpy(np.stack([target for _, target in crops[: len(labeled_ids)]])).long().to(device)
     if not with_pseudo_labels:
@@ -279,7 +287,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.config, self.device = config, device
         self.student = info.build_model().to(device, memory_format=MEMORY_FORMAT).train()
+        here = ranks()
+        if here.is_distributed and device.type == "cuda":
+            # Batch statistics over the global batch, as in one process (torch's SyncBatchNorm is GPU-only).
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.method = build_method(config.method, self.student, config.ssl, config.iterations)
+        self.forward_model = data_parallel(self.student)
+        if here.is_distributed:
+            torch.manual_seed(config.seed + here.rank)  # distinct dropout and teacher noise on each rank
         batch_unlabeled = config.batch_unlabeled if self.method.uses_unlabeled else 0
         if self.method.uses_unlabeled and n_unlabeled == 0:
             raise InputError(f"method {config.method} learns from unlabeled cases but the cohort has none",
@@ -288,7 +303,9 @@ class Trainer:
             raise InputError(f"method {config.method} needs batch_unlabeled of at least 1", field="batch_unlabeled")
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.sampler = TwoStreamSampler(n_labeled, n_unlabeled, config.batch_labeled, batch_unlabeled)
+        processes = here.world_size
+        self.sampler = TwoStreamSampler(n_labeled, n_unlabeled, config.batch_labeled * processes,
+                                        batch_unlabeled * processes)
         self.rng = np.random.default_rng(config.seed)
         self.log: List[Dict[str, float]] = []
         self.iteration = 0
@@ -302,7 +319,7 @@ class Trainer:
         n_labeled = batch.labels.shape[0]
         images = batch.images.contiguous(memory_format=MEMORY_FORMAT)
         with autocast_context(self.device, self.config.precision):
-            logits = self.student(images).float()
+            logits = self.forward_model(images).float()
             step = Step(self.iteration, images, logits, n_labeled, batch.pseudo_labels, batch.has_pseudo_label)
             terms = self.method.losses(step)
         supervised = segmentation_loss(logits[:n_labeled], batch.labels)
@@ -311,10 +328,12 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.method.after_step(self.student, self.iteration)
+        for network in (self.student, *self.method.networks()):
+            broadcast_buffers(network)  # BatchNorm statistics follow rank 0's, so every rank holds the same state
         self.iteration += 1
-        row = {"iteration": self.iteration, "lr": lr, "loss": loss.item(), "supervised": supervised.item()}
+        values = {"loss": loss.item(), "supervised": supervised.item(), **{t.name: t.value.item() for t in terms}}
+        row = {"iteration": self.iteration, "lr": lr, **dict(zip(values, mean_over_ranks(list(values.values()))))}
         for term in terms:
-            row[term.name] = term.value.item()
             row[f"{term.name}_weight"] = term.weight
         self.log.append(row)
         return row
@@ -327,8 +346,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": gather_to_main(torch.get_rng_state()),
+            "cuda_rng": gather_to_main(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+            "processes": ranks().world_size,
             "log": self.log,
         }
 
@@ -338,9 +358,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        rank = ranks().rank
+        torch.set_rng_state(state["torch_rng"][rank].cpu())
+        if state["cuda_rng"][rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"][rank]])
         self.log = list(state["log"])
         self.iteration = int(state["iteration"])
 
@@ -377,18 +398,24 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfi
         row = trainer.step(batch)
         progress(ProgressEvent(STAGE, trainer.iteration, config.iterations, loss=row["loss"],
                                eta_s=clock.eta_s(trainer.iteration)))
-        cancelled = cancellation is not None and cancellation.requested
+        cancelled = any_rank(cancellation is not None and cancellation.requested)
         if cancelled or trainer.iteration % config.checkpoint_every == 0:
             _save_checkpoint(trainer, run, config)
         if cancelled:
             raise Cancelled(f"re-training stopped at iteration {trainer.iteration}; rerun to resume")
 
     _save_checkpoint(trainer, run, config)
-    return save_vnet(run.vnet_weights, trainer.student, info)
+    if ranks().is_main:
+        save_vnet(run.vnet_weights, trainer.student, info)
+    barrier()
+    return run.vnet_weights
 
 
 def _save_checkpoint(trainer: Trainer, run: RunFolder, config: RetrainConfig) -> None:
+    """Rank 0 writes the checkpoint (every rank takes part: it holds each rank's random generator states)."""
     state = {"format": CHECKPOINT_FORMAT, "config": to_dict(config), **trainer.state_dict()}
+    if not ranks().is_main:
+        return
     with atomic_path(run.retrain_checkpoint) as tmp:
         torch.save(state, tmp)
     _write_log(run.retrain_log, trainer.log)
@@ -399,6 +426,9 @@ def _restore(trainer: Trainer, path: Path, config: RetrainConfig, device: torch.
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"not a re-training checkpoint of this engine (format {CHECKPOINT_FORMAT!r})", path)
     changed = _changed_options(state["config"], to_dict(config))
+    if state["processes"] != ranks().world_size:
+        changed.append(f"processes: {state['processes']} → {ranks().world_size} (the global batch is the per-process "
+                       "batch × processes)")
     if changed:
         raise InputError(f"the checkpoint was made with other options ({'; '.join(changed)}); rerun with the same "
                          "options to resume, or delete the checkpoint to start over", path, "config")

@@ -38,6 +38,7 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .data import Case, Cohort
+from .distributed import broadcast_from_main, map_cases, ranks
 from .errors import InputError
 from .inference import InferenceConfig, load_vnet, predict_volume, resolve_device
 from .io import Volume, read_volume, write_volume
@@ -164,16 +165,23 @@ def _write_confidence_table(path: Path, confidences: Mapping[str, float], confid
 
 def _score_volumes(run: RunFolder, round_index: int, cases: Sequence[Case], config: SFRPlusConfig,
                    inference: Optional[InferenceConfig], progress: Progress) -> Dict[str, Tuple[float, Volume]]:
-    """Case name → (confidence, V-Net label map) with the V-Net of the previous round."""
+    """Case name → (confidence, V-Net label map) with the V-Net of the previous round; under torchrun the ranks
+    share the cases and the result is on rank 0 only (empty elsewhere)."""
     device = resolve_device(inference.device if inference else "auto")
     model, info = load_vnet(round_folder(run, round_index - 1).vnet_weights, device)
     inference = inference or InferenceConfig(patch_size=info.patch_size)
-    scored = {}
-    for index, case in enumerate(cases, start=1):
+    scored: Dict[str, Tuple[float, Volume]] = {}
+
+    def score(case: Case) -> Tuple[float, Volume]:
         labels, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes)
-        scored[case.name] = (volume_confidence(probabilities, config.confidence_voxels), labels)
-        progress(ProgressEvent(STAGE, index, len(cases), metric=scored[case.name][0],
+        return volume_confidence(probabilities, config.confidence_voxels), labels
+
+    def collect(case: Case, result: Tuple[float, Volume]) -> None:
+        scored[case.name] = result
+        progress(ProgressEvent(STAGE, len(scored), len(cases), metric=result[0],
                                message=f"round {round_index}: confidence of {case.name}"))
+
+    map_cases(cases, score, collect)
     return scored
 
 
@@ -196,12 +204,17 @@ def run_sfrplus_round(cohort: Cohort, run: RunFolder, round_index: int, finetune
     here = round_folder(run, round_index)
     sam_weights = _previous_sam_weights(run, round_index)
     scored = _score_volumes(run, round_index, cohort.unlabeled, config, inference, progress)
-    confidences = {name: confidence for name, (confidence, _) in scored.items()}
-    confident = split_by_confidence(confidences, config.threshold)[0]
-    confident_labels = _confident_labels(run, here, {name: scored[name][1] for name in confident}, config)
-    confident = [name for name in confident if name in confident_labels]
+    confidences: Dict[str, float] = {}
+    confident_labels: Dict[str, Path] = {}
+    if ranks().is_main:  # rank 0 holds the scores and writes the files; the others receive the decisions
+        confidences = {name: confidence for name, (confidence, _) in scored.items()}
+        confident = split_by_confidence(confidences, config.threshold)[0]
+        confident_labels = _confident_labels(run, here, {name: scored[name][1] for name in confident}, config)
+        confident = [name for name in confident if name in confident_labels]
+        _write_confidence_table(here.root / CONFIDENCE_FILE, confidences, confident)
+    confidences, confident_labels = broadcast_from_main((confidences, confident_labels))
+    confident = [name for name in confidences if name in confident_labels]
     uncertain = [name for name in confidences if name not in confident]
-    _write_confidence_table(here.root / CONFIDENCE_FILE, confidences, confident)
 
     if confident:
         init_weights = sam_weights if config.sam_start == "continue" else None
@@ -217,7 +230,8 @@ def run_sfrplus_round(cohort: Cohort, run: RunFolder, round_index: int, finetune
     record = {"round": round_index, "config": dataclasses.asdict(config), "confidences": confidences,
               "confident": confident, "uncertain": uncertain, "sam_weights": str(sam_weights),
               "vnet_weights": str(vnet_weights)}
-    atomic_write_text(here.root / ROUND_RECORD, json.dumps(record, indent=2) + "\n")
+    if ranks().is_main:
+        atomic_write_text(here.root / ROUND_RECORD, json.dumps(record, indent=2) + "\n")
     return result
 
 

@@ -226,6 +226,10 @@ class SSLMethod:
     def after_step(self, student: nn.Module, iteration: int) -> None:
         """Called after the optimiser step of ``iteration``."""
 
+    def networks(self) -> List[nn.Module]:
+        """The networks the method keeps besides the student (e.g. the teacher)."""
+        return []
+
     def state_dict(self) -> Dict[str, object]:
         """What a checkpoint must hold to resume the method exactly (e.g. the teacher)."""
         return {}
@@ -309,6 +313,9 @@ class MeanTeacherFamily(SSLMethod):
     def after_step(self, student: nn.Module, iteration: int) -> None:
         ema_update(self.teacher, student, iteration, self.config.ema_decay)
 
+    def networks(self) -> List[nn.Module]:
+        return [self.teacher]
+
     def state_dict(self) -> Dict[str, object]:
         return {"teacher": self.teacher.state_dict()}
 
@@ -381,6 +388,9 @@ class WithPseudoLabels(SSLMethod):
 
     def after_step(self, student: nn.Module, iteration: int) -> None:
         self.base.after_step(student, iteration)
+
+    def networks(self) -> List[nn.Module]:
+        return self.base.networks()
 
     def state_dict(self) -> Dict[str, object]:
         return self.base.state_dict()

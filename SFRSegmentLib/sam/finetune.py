@@ -49,6 +49,7 @@ from torch.optim.lr_scheduler import PolynomialLR
 from ..atomic import atomic_path, atomic_write_text
 from ..config_io import to_dict, with_overrides
 from ..data import Case, Cohort, load_case, sample_patch, zscore
+from ..distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
 from ..errors import InputError, PathLike
 from ..inference import PRECISIONS, autocast_context, resolve_device
 from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
@@ -156,7 +157,8 @@ _SAM_EXECUTION_ONLY = ("efficient_attention", "gradient_checkpointing")
 def training_identity(config: FinetuneConfig, cohort: Cohort) -> Dict[str, Any]:
     """What determines the trained weights: the configuration without the execution-only settings (device,
     checkpoint interval, attention kernel, gradient checkpointing), the SHA-256 of ``init_weights``, the class
-    values and the labeled cases."""
+    values, the labeled cases and, under torchrun, the number of processes (the global batch is
+    ``batch_size`` × processes)."""
     values = to_dict(config)
     for name in _EXECUTION_ONLY:
         values.pop(name)
@@ -165,6 +167,8 @@ def training_identity(config: FinetuneConfig, cohort: Cohort) -> Dict[str, Any]:
         values["init_weights_sha256"] = _checked_weights_info(config.init_weights)["weights_sha256"]
     values["class_values"] = sorted(int(v) for v in cohort.classes)
     values["labeled_cases"] = [case.name for case in cohort.labeled]
+    if ranks().is_distributed:
+        values["processes"] = ranks().world_size
     return values
 
 
@@ -321,7 +325,8 @@ class MosaicBatches:
     """Training batches of augmented mosaics drawn from labeled volumes held in memory (see the module docstring).
 
     :meth:`sample` returns images (N, 1, S, S) float32 and labels (N, S, S) int64 (255 on gutters and empty
-    tiles) on ``device``, N = batch_size × mosaics per patch.
+    tiles) on ``device``, N = batch_size × mosaics per patch. Under torchrun every rank draws the same global batch
+    of batch_size × processes patches and keeps its own slice, so the data do not depend on the number of processes.
     """
 
     def __init__(self, volumes: Sequence[Tuple[np.ndarray, np.ndarray]], layout: MosaicLayout,
@@ -341,9 +346,10 @@ class MosaicBatches:
         return int(order[sample % n_cases])
 
     def sample(self, iteration: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        global_batch = self.config.batch_size * ranks().world_size
         images, labels = [], []
-        for b in range(self.config.batch_size):
-            image, label = self.volumes[self.case_index(iteration * self.config.batch_size + b)]
+        for b in range(global_batch):
+            image, label = self.volumes[self.case_index(iteration * global_batch + b)]
             image_patch, label_patch = sample_patch(image, label, self.layout.patch_shape, rng,
                                                     augment=self.config.rot_flip)
             if self.config.bezier_p > 0:
@@ -357,7 +363,8 @@ class MosaicBatches:
         label_mosaics = label_mosaics.reshape(-1, size, size)
         if self.config.mosaic_rot_flip:
             image_mosaics, label_mosaics = _rot_flip_mosaics(image_mosaics, label_mosaics, rng)
-        return image_mosaics, label_mosaics
+        mine = rank_slice(len(image_mosaics))
+        return image_mosaics[mine], label_mosaics[mine]
 
 
 def _rot_flip_mosaics(images: torch.Tensor, labels: torch.Tensor,
@@ -375,7 +382,7 @@ def _rot_flip_mosaics(images: torch.Tensor, labels: torch.Tensor,
 # Training
 
 
-def compute_loss(model: SFRSam, loss_function: SFRLoss, images: torch.Tensor, labels: torch.Tensor,
+def compute_loss(model: torch.nn.Module, loss_function: SFRLoss, images: torch.Tensor, labels: torch.Tensor,
                  precision: str = "auto") -> torch.Tensor:
     """The forward pass and loss of one batch of mosaics (full-resolution logits, as the paper)."""
     with autocast_context(images.device, precision):
@@ -397,6 +404,8 @@ class _Training:
 
     def __init__(self, model: SFRSam, config: FinetuneConfig, identity: Mapping[str, Any]) -> None:
         self.model = model.train()
+        # SAM's prompt encoder holds point and mask embeddings that prompt-free SFR never uses.
+        self.forward_model = data_parallel(self.model, find_unused_parameters=True)
         self.config = config
         self.identity = dict(identity)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -411,15 +420,17 @@ class _Training:
     def step(self, batches: MosaicBatches) -> float:
         images, labels = batches.sample(self.iteration, self.rng)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss = compute_loss(self.model, self.loss_function, images, labels, self.config.precision)
+        loss = compute_loss(self.forward_model, self.loss_function, images, labels, self.config.precision)
         apply_gradients(loss, self.optimizer, self.scheduler)
-        value = loss.item()
+        value, = mean_over_ranks([loss.item()])
         self.log.append((self.iteration, value, float(lr)))
         self.iteration += 1
         return value
 
     def save(self, run: RunFolder) -> None:
-        """Write the resumable checkpoint and the log so far, atomically."""
+        """Write the resumable checkpoint and the log so far, atomically (rank 0; the ranks' states are equal)."""
+        if not ranks().is_main:
+            return
         state = {
             "format": FORMAT_VERSION,
             "identity": self.identity,
@@ -460,7 +471,8 @@ def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig = FinetuneCo
         progress(ProgressEvent(STAGE, config.iterations, config.iterations, message="already fine-tuned"))
         return run.sam_weights
     resume_state = _read_checkpoint(run, identity)
-    base = resolve_base_checkpoint(config.base_checkpoint)
+    with main_first():
+        base = resolve_base_checkpoint(config.base_checkpoint)
     if base is None:
         log.warning(RANDOM_INIT_MESSAGE)
         progress(ProgressEvent(STAGE, 0, config.iterations, message=RANDOM_INIT_MESSAGE))
@@ -485,7 +497,7 @@ def _train(training: _Training, batches: MosaicBatches, run: RunFolder, progress
     config = training.config
     clock = EtaClock(config.iterations, training.iteration)
     while training.iteration < config.iterations:
-        if cancellation is not None and cancellation.requested:
+        if any_rank(cancellation is not None and cancellation.requested):
             training.save(run)
             raise Cancelled(f"fine-tuning stopped at iteration {training.iteration} of {config.iterations}; the "
                             "checkpoint is saved and a rerun resumes from it")
@@ -497,7 +509,15 @@ def _train(training: _Training, batches: MosaicBatches, run: RunFolder, progress
 
 
 def _write_result(training: _Training, run: RunFolder, base: Optional[Dict[str, str]], layout: MosaicLayout) -> Path:
-    """Write ``sam_trainable.pt``, then the log, then ``sam_trainable.json`` (whose presence marks the end)."""
+    """Write ``sam_trainable.pt``, then the log, then ``sam_trainable.json`` (whose presence marks the end); rank 0
+    writes, the others wait for it."""
+    if ranks().is_main:
+        _write_files(training, run, base, layout)
+    barrier()
+    return run.sam_weights
+
+
+def _write_files(training: _Training, run: RunFolder, base: Optional[Dict[str, str]], layout: MosaicLayout) -> None:
     weights = {key: value.cpu() for key, value in trainable_state_dict(training.model).items()}
     with atomic_path(run.sam_weights) as tmp:
         torch.save(weights, tmp)
@@ -515,7 +535,6 @@ def _write_result(training: _Training, run: RunFolder, base: Optional[Dict[str, 
         "weights_sha256": file_sha256(run.sam_weights),
     }
     atomic_write_text(run.sam_weights_info, json.dumps(info, indent=2) + "\n")
-    return run.sam_weights
 
 
 def _is_finished(run: RunFolder, identity: Mapping[str, Any]) -> bool:

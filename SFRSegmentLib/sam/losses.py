@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from ..distributed import gather_batch
 from ..stitching import IGNORE_LABEL
 
 DICE_SMOOTH = 1e-10
@@ -49,4 +50,7 @@ class SFRLoss(nn.Module):
         if not self.dice_counts_ignored:
             probabilities = probabilities * (labels != IGNORE_LABEL).unsqueeze(1).to(logits.dtype)
         cross_entropy = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL)
-        return 0.5 * (cross_entropy + self.dice(probabilities, one_hot))
+        # Under torchrun the Dice sums run over the global batch; each rank's slice has as many counted pixels, so
+        # DDP's average of the per-rank CE means is the global one.
+        dice = self.dice(gather_batch(probabilities), gather_batch(one_hot))
+        return 0.5 * (cross_entropy + dice)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ from monai.inferers import sliding_window_inference
 
 from ..atomic import atomic_path, atomic_write_text
 from ..data import Case, Cohort, load_case, zscore
+from ..distributed import barrier, map_cases, ranks
 from ..errors import InputError, PathLike
-from ..io import write_volume
+from ..io import Volume, write_volume
 from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from ..runfolder import PROBABILITY_SCALE, RunFolder
 from ..stitching import MosaicLayout, stitch_image, unstitch
@@ -146,20 +147,29 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
     weights = run.sam_weights if sam_weights is None else Path(sam_weights)
     labeler = _Labeler(cohort, run, config, weights, cancellation) if pending else None
     clock = EtaClock(len(pending))
-    confidences: List[Tuple[str, float]] = []
-    computed = 0
-    for step, case in enumerate(cases, start=1):
-        fresh = case in pending
-        if fresh:
-            labeler.write(case)
-            computed += 1
-        confidence = volume_confidence(np.load(run.pseudo_probabilities(case.name)))
-        confidences.append((case.name, confidence))
-        progress(ProgressEvent(STAGE, step, len(cases), metric=confidence, eta_s=clock.eta_s(computed),
-                             message=f"{case.name}: {'computed' if fresh else 'cached'}"))
+    confidences: Dict[str, float] = {}
+
+    def record(case: Case, status: str) -> None:
+        confidences[case.name] = volume_confidence(np.load(run.pseudo_probabilities(case.name)))
+        computed = sum(1 for c in pending if c.name in confidences)
+        progress(ProgressEvent(STAGE, len(confidences), len(cases), metric=confidences[case.name],
+                               eta_s=clock.eta_s(computed), message=f"{case.name}: {status}"))
+
+    def write(case: Case, result: Tuple[np.ndarray, Volume]) -> None:
+        labeler.write(case, result)
+        record(case, "computed")
+
+    if ranks().is_main:
+        for case in cases:
+            if case not in pending:
+                record(case, "cached")
+    if pending:  # under torchrun each rank labels its share of the cases and rank 0 writes them
+        map_cases(pending, labeler.compute, write)
     if not cases:
         progress(ProgressEvent(STAGE, 0, 0, message="no unlabeled case to pseudo-label"))
-    _write_if_changed(run.confidence_table, _confidence_table(confidences))
+    if ranks().is_main:
+        _write_if_changed(run.confidence_table, _confidence_table([(c.name, confidences[c.name]) for c in cases]))
+    barrier()
     return run.confidence_table
 
 
@@ -178,15 +188,20 @@ class _Labeler:
         self.label_values = np.array([0] + class_values, dtype=np.uint8)
         self.cohort, self.run, self.config, self.cancellation = cohort, run, config, cancellation
 
-    def write(self, case: Case) -> None:
-        """Compute and write the case's probabilities and hard label (each file atomically)."""
+    def compute(self, case: Case) -> Tuple[np.ndarray, Volume]:
+        """The case's stored probabilities (uint8, see :func:`quantise`) and its hard label on the image's grid."""
         image, _ = load_case(case, self.cohort.classes)
         probabilities = predict_probabilities(self.model, zscore(image.array), self.layout, self.config.overlap,
                                               self.config.windows_per_batch, self.config.precision, self.cancellation)
         label = self.label_values[probabilities.argmax(dim=0).numpy()]
+        return quantise(probabilities), image.with_array(label)
+
+    def write(self, case: Case, result: Tuple[np.ndarray, Volume]) -> None:
+        """Write what :meth:`compute` returned: probabilities and hard label, each file atomically."""
+        probabilities, label = result
         with atomic_path(self.run.pseudo_probabilities(case.name)) as tmp:
-            np.save(tmp, quantise(probabilities))
-        write_volume(image.with_array(label), self.run.pseudo_label(case.name))
+            np.save(tmp, probabilities)
+        write_volume(label, self.run.pseudo_label(case.name))
 
 
 def _is_cached(run: RunFolder, case: Case) -> bool:
