@@ -512,7 +512,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if event.eta_s is not None:
             parts.append(_("{duration} left").format(duration=formatDuration(event.eta_s)))
         self.ui.statusLabel.text = " · ".join(parts)
-        if event.message:
+        if event.level == "warning":
+            # e.g. the time estimate of a run that would take days: it must be seen, so it takes the status line.
+            self.ui.statusLabel.text = _("Warning: {message}").format(message=event.message)
+            self.onLog(_("[{title}] WARNING: {message}").format(title=title, message=event.message))
+        elif event.message:
             self.onLog(f"[{title}] {event.message}")
 
     def onLog(self, text: str) -> None:
@@ -550,6 +554,7 @@ def stageTitle(stage: str) -> str:
     """The title of an engine stage (validate, then SFRSegmentLib.pipeline.STAGES); other stages show their name."""
     return {
         "validate": _("Checking the inputs"),
+        "estimate": _("Estimating the run time"),
         "finetune": _("Fine-tuning SAM"),
         "pseudolabel": _("Pseudo-labelling"),
         "retrain": _("Re-training the V-Net"),

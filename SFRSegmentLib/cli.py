@@ -6,15 +6,19 @@ Exit status: 0 on success, 2 on bad input (the message names the file and the fi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from .atomic import WriteError
 from .errors import InputError
 from .progress import REPORTER_KINDS, Cancelled
 
+EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 """A stage stopped on request (SIGINT/SIGTERM) after saving its checkpoint; rerunning resumes it."""
@@ -140,8 +144,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = preset(args.preset)
     if args.config:
         config = with_overrides(config, load_overrides(args.config), source=args.config)
-    overrides = {k: v for k, v in (("device", args.device), ("truth_dir", args.truth and str(args.truth)))
-                 if v is not None}
+    given = (("device", args.device), ("truth_dir", args.truth and str(args.truth)),
+             ("estimate", False if args.no_estimate else None))
+    overrides = {k: v for k, v in given if v is not None}
     config = with_overrides(config, overrides)
     if args.print_config:
         import json
@@ -262,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsonl: one JSON object per line on stdout (the Slicer module's protocol)")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE",
                    help="delete this stage's outputs and those after it, then run (repeatable)")
+    p.add_argument("--no-estimate", action="store_true", help="skip timing a few steps of each stage to estimate "
+                   "the run time before training (the estimate warns when it exceeds estimate_warn_hours, default 3)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(func=_cmd_run)
 
@@ -361,10 +368,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with _torchrun_group(args):
+            return int(args.func(args))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except Cancelled:
         print("cancelled: the last checkpoint is saved; rerun the same command to resume", file=sys.stderr)
         return EXIT_CANCELLED
+
+
+@contextlib.contextmanager
+def _torchrun_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under torchrun, join the process group for the command, and let only rank 0 print on stdout (its JSON lines
+    stay the one stream a caller parses); errors still reach stderr from every rank."""
+    from .distributed import launched_by_torchrun, process_group
+
+    if not launched_by_torchrun():
+        yield
+        return
+    import torch
+
+    use_cuda = torch.cuda.is_available() and getattr(args, "device", None) != "cpu"
+    with process_group(use_cuda) as here:
+        if here.is_main:
+            yield
+            return
+        with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere):
+            yield

@@ -51,6 +51,16 @@ class RunConfig:
     """Also re-train this method (e.g. "supervised") without pseudo-labels, for a side-by-side comparison."""
     truth_dir: Optional[str] = None
     """Folder of true labels of unlabeled cases (``<case>/label.*`` or ``<case>.*``) to evaluate against."""
+    estimate: bool = True
+    """Before training, time a few steps of each remaining stage and report the estimated run time
+    (:mod:`SFRSegmentLib.estimate`)."""
+    estimate_warn_hours: float = 3.0
+    """Warn (a ``warning`` progress event) when the estimated run time exceeds this many hours."""
+
+    def __post_init__(self) -> None:
+        if not self.estimate_warn_hours > 0:
+            raise InputError(f"estimate_warn_hours must be positive, got {self.estimate_warn_hours}",
+                             field="estimate_warn_hours")
 
     def for_cohort(self, cohort: Cohort) -> "RunConfig":
         """This configuration with the SAM head sized to the cohort's classes and ``device`` in every stage."""

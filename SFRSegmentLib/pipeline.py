@@ -3,7 +3,8 @@
 Every stage reads what the previous one wrote into the run folder (:mod:`SFRSegmentLib.runfolder`) and skips or
 resumes what is already there, so rerunning the same command continues at the first unfinished stage, and inside a
 stage from its last checkpoint. ``redo`` deletes a stage's outputs (and those of the stages after it) first.
-All inputs are validated before any training starts.
+All inputs are validated before any training starts; then (unless ``config.estimate`` is off) the time of what is
+left is estimated and reported, with a warning when it exceeds ``config.estimate_warn_hours``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,15 +27,17 @@ from .config import RunConfig
 from .config_io import to_dict
 from .data import Case, Cohort, discover_cohort, validate_cohort
 from .errors import InputError, PathLike
+from .distributed import barrier, ranks
+from .estimate import StageWork, estimate_run
 from .inference import load_vnet, predict_cases, resolve_device
 from .metrics import evaluate_folders, find_label_files, summarise, write_metrics_csv
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
-from .retrain import retrain
+from .retrain import RetrainConfig, retrain
 from .runfolder import RunFolder
-from .sam.finetune import finetune
+from .sam.finetune import finetune, read_weights_info
 from .sam.pseudolabel import pseudolabel
 from .sam.weights import file_sha256
-from .sfrplus import run_sfrplus
+from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 
 STAGES = ("finetune", "pseudolabel", "retrain", "sfrplus", "baseline", "predict", "evaluate", "report")
 BASELINE_FOLDER = "baseline"
@@ -75,10 +78,14 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
         raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
                          cohort.root)
     config = config.for_cohort(cohort)
-    _remove_outputs(run, redo)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
-    atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
+    if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
+        _remove_outputs(run, redo)
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
+        atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
+    barrier()
+    if config.estimate:
+        estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
 
     stage_args = dict(progress=progress, cancellation=cancellation)
     if config.retrain.uses_pseudo_labels:
@@ -102,10 +109,13 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
         metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
     from .report import write_report
 
-    truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
-    report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
-                          truths=truths)
-    _say(progress, "report", f"report written to {report}")
+    report = run.report
+    if ranks().is_main:
+        truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
+        report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
+                              truths=truths)
+        _say(progress, "report", f"report written to {report}")
+    barrier()
     return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
 
 
@@ -192,8 +202,7 @@ def _run_baseline(cohort: Cohort, run: RunFolder, config: RunConfig, progress: P
                   cancellation: Optional[Cancellation]) -> Optional[Path]:
     """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled cases and evaluate them."""
     baseline = RunFolder(run.root / BASELINE_FOLDER)
-    settings = dataclasses.replace(config.retrain, method=config.baseline_method)
-    vnet = retrain(cohort, baseline, settings, progress=progress, cancellation=cancellation)
+    vnet = retrain(cohort, baseline, _baseline_settings(config), progress=progress, cancellation=cancellation)
     _predict(vnet, cohort.unlabeled, baseline.prediction_dir, config, progress)
     if not config.truth_dir:
         return None
@@ -203,22 +212,81 @@ def _run_baseline(cohort: Cohort, run: RunFolder, config: RunConfig, progress: P
 def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig, progress: Progress) -> None:
     """Predict the cases whose predictions are missing or older than the V-Net."""
     model, info = load_vnet(vnet, resolve_device(config.device))
-    stale = [c for c in cases if not _is_newer(out_dir / f"{c.name}.seg.nrrd", vnet)]
-    for step, case in enumerate(stale, start=1):
-        predict_cases(model, info, [case], out_dir, config.inference)
-        progress(ProgressEvent("predict", step, len(stale), message=f"predicted {case.name}"))
+    predict_cases(model, info, _stale_predictions(cases, out_dir, vnet), out_dir, config.inference, progress)
+
+
+def _stale_predictions(cases: Sequence[Case], out_dir: Path, vnet: Path) -> List[Case]:
+    """The cases whose prediction in ``out_dir`` is missing or older than the V-Net (all of them while the V-Net
+    does not exist yet)."""
+    if not vnet.is_file():
+        return list(cases)
+    return [case for case in cases if not _is_newer(out_dir / f"{case.name}.seg.nrrd", vnet)]
 
 
 def _is_newer(path: Path, than: Path) -> bool:
     return path.is_file() and path.stat().st_mtime >= than.stat().st_mtime
 
 
+def _baseline_settings(config: RunConfig) -> RetrainConfig:
+    return dataclasses.replace(config.retrain, method=config.baseline_method)
+
+
+def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[StageWork]:
+    """What each training and prediction stage of ``run_pipeline`` still has to do in ``run``, for the estimate.
+
+    Finished work is left out: fine-tuning with its ``sam_trainable.json``, re-training with its ``vnet.pt``,
+    pseudo-labelling per cached case, prediction per up-to-date case, SFR+ per finished round. A stage stopped
+    midway counts in full. In an unfinished SFR+ round every unlabeled case counts as scored and pseudo-labelled,
+    and fine-tuning as run: which cases are confident is known only once the round runs, so this is an upper bound.
+    """
+    unlabeled = tuple(cohort.unlabeled)
+    work: List[StageWork] = []
+    if config.retrain.uses_pseudo_labels:
+        work += [StageWork("finetune", finetune_iterations=_finetune_left(run, config)),
+                 StageWork("pseudolabel", pseudolabel_cases=_pseudolabels_left(run, unlabeled, config))]
+    work.append(StageWork("retrain", retrain=config.retrain, retrain_iterations=_retrain_left(run, config.retrain)))
+    vnet = run.vnet_weights
+    if config.sfr_plus:
+        rounds = [round_folder(run, r) for r in range(1, config.sfrplus.rounds + 1)]
+        left = [here for here in rounds if not (here.root / ROUND_RECORD).is_file()]
+        work.append(StageWork(
+            "sfrplus", finetune_iterations=sum(_finetune_left(here, config) for here in left),
+            pseudolabel_cases=sum((_pseudolabels_left(here, unlabeled, config) for here in left), ()),
+            retrain=config.retrain, retrain_iterations=sum(_retrain_left(here, config.retrain) for here in left),
+            predict_cases=unlabeled * len(left)))
+        vnet = rounds[-1].vnet_weights
+    if config.baseline_method:
+        baseline = RunFolder(run.root / BASELINE_FOLDER)
+        settings = _baseline_settings(config)
+        work.append(StageWork("baseline", retrain=settings, retrain_iterations=_retrain_left(baseline, settings),
+                              predict_cases=tuple(_stale_predictions(unlabeled, baseline.prediction_dir,
+                                                                     baseline.vnet_weights))))
+    work.append(StageWork("predict", predict_cases=tuple(_stale_predictions(unlabeled, run.prediction_dir, vnet))))
+    return work
+
+
+def _finetune_left(run: RunFolder, config: RunConfig) -> int:
+    return 0 if read_weights_info(run.sam_weights) is not None else config.finetune.iterations
+
+
+def _pseudolabels_left(run: RunFolder, cases: Sequence[Case], config: RunConfig) -> Tuple[Case, ...]:
+    return tuple(case for case in cases if config.pseudolabel.redo or not (
+        run.pseudo_label(case.name).is_file() and run.pseudo_probabilities(case.name).is_file()))
+
+
+def _retrain_left(run: RunFolder, settings: RetrainConfig) -> int:
+    return 0 if run.vnet_weights.is_file() else settings.iterations
+
+
 def _evaluate(pred_dir: Path, truth_dir: Path, out: Path, cohort: Cohort, progress: Progress) -> Path:
-    rows = evaluate_folders(pred_dir, truth_dir, classes=sorted(cohort.classes))
-    write_metrics_csv(rows, out)
-    for summary in summarise(rows):
-        _say(progress, "evaluate", f"class {summary.class_value}: Dice {summary.dice.mean:.4f} over "
-                                   f"{summary.n_cases} cases", metric=summary.dice.mean)
+    """Write the metrics table ``out`` (rank 0; the others wait for it)."""
+    if ranks().is_main:
+        rows = evaluate_folders(pred_dir, truth_dir, classes=sorted(cohort.classes))
+        write_metrics_csv(rows, out)
+        for summary in summarise(rows):
+            _say(progress, "evaluate", f"class {summary.class_value}: Dice {summary.dice.mean:.4f} over "
+                                       f"{summary.n_cases} cases", metric=summary.dice.mean)
+    barrier()
     return out
 
 

@@ -2,8 +2,10 @@
 
 A stage reports :class:`ProgressEvent` objects to a :data:`Progress` callable. The command line turns them into a
 tqdm bar on a terminal (:class:`TqdmReporter`) or into JSON lines on stdout (:class:`JsonLinesReporter`, one object per
-line with the keys of :class:`ProgressEvent`): the JSON lines are the one contract between the Slicer module and the
-engine's child process.
+line with the keys of :class:`ProgressEvent`: stage, step, total, loss, metric, eta_s, message, level): the JSON lines
+are the one contract between the Slicer module and the engine's child process. ``level`` is ``info`` or ``warning``;
+the run-time estimate (stage ``estimate``, :mod:`SFRSegmentLib.estimate`) warns this way before a run that would
+take many hours.
 
 A :class:`Cancellation` is a flag a stage checks once per iteration. Inside :meth:`Cancellation.on_signals`, SIGINT
 and SIGTERM set it instead of killing the process, so the stage saves its checkpoint and raises :class:`Cancelled`; a
@@ -24,10 +26,19 @@ from typing import Callable, Iterator, Optional, TextIO
 
 from tqdm import tqdm
 
+from .distributed import ranks
+
+LEVELS = ("info", "warning")
+"""Event levels: ``warning`` marks a message the user should act on."""
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Where a stage is: ``step`` of ``total`` done, with the latest loss or metric and the estimated time left."""
+    """Where a stage is: ``step`` of ``total`` done, with the latest loss or metric and the estimated time left.
+
+    ``level`` is ``info``, or ``warning`` for a message the user should act on (e.g. a run estimated to take many
+    hours); reporters show warnings as such.
+    """
 
     stage: str
     step: int
@@ -36,6 +47,11 @@ class ProgressEvent:
     metric: Optional[float] = None
     eta_s: Optional[float] = None
     message: str = ""
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
 
     def to_json(self) -> str:
         """One line of JSON with every field (None as null)."""
@@ -75,7 +91,8 @@ class TqdmReporter:
             self._bar = tqdm(total=event.total, desc=event.stage, dynamic_ncols=True, file=sys.stderr)
             self._stage = event.stage
         if event.message:
-            self._bar.write(f"[{event.stage}] {event.message}", file=sys.stderr)
+            marker = "WARNING: " if event.level == "warning" else ""
+            self._bar.write(f"[{event.stage}] {marker}{event.message}", file=sys.stderr)
         values = {"loss": event.loss, "metric": event.metric}
         self._bar.set_postfix({name: f"{value:.4f}" for name, value in values.items() if value is not None},
                               refresh=False)
@@ -94,6 +111,8 @@ def make_reporter(kind: str) -> Progress:
     """The reporter the command line's ``--progress`` names: a tqdm ``bar``, ``jsonl`` on stdout, or ``none``."""
     if kind not in REPORTER_KINDS:
         raise ValueError(f"unknown progress reporter {kind!r}; expected one of {REPORTER_KINDS}")
+    if not ranks().is_main:
+        return ignore_progress  # under torchrun rank 0 reports for all processes
     return {"bar": TqdmReporter, "jsonl": JsonLinesReporter, "none": lambda: ignore_progress}[kind]()
 
 

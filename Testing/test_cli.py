@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,12 @@ def test_cohort_reports_labeled_and_unlabeled_cases(tmp_path):
     write_volume(label, tmp_path / "c" / "case_000" / "label.nrrd")
     result = run_cli("cohort", tmp_path / "c", "--validate")
     assert result.returncode == 2 and "case_000" in result.stderr and "empty" in result.stderr
+
+
+@pytest.mark.parametrize("flags, estimate", [((), True), (("--no-estimate",), False)])
+def test_run_estimates_the_run_time_unless_told_not_to(tmp_path, flags, estimate):
+    result = run_cli("run", "--cohort", tmp_path, "--out", tmp_path / "run", "--preset", "small", *flags,
+                     "--print-config")
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["estimate"] is estimate and config["estimate_warn_hours"] == 3.0

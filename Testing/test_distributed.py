@@ -122,3 +122,37 @@ def test_resuming_with_another_number_of_processes_is_refused(two_processes, coh
     run.retrain_checkpoint.write_bytes(source.retrain_checkpoint.read_bytes())
     with pytest.raises(InputError, match="processes: 2 → 1"):
         retrain(discover_cohort(cohort), run, RetrainConfig(**RETRAIN), pseudo_labels={})
+
+
+def test_torchrun_runs_the_whole_pipeline_with_one_voice(cohort, tmp_path):
+    """``torchrun -m SFRSegmentLib run``: every stage with 2 processes, JSON lines from rank 0 only, one set of
+    outputs, predictions of every unlabeled case."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "finetune": {"iterations": 2, "patch_size": [32, 32, 16], "checkpoint_every": 2},
+        "pseudolabel": {"window": [32, 32, 16]},
+        "retrain": {"iterations": 2, "patch_size": [32, 32, 16], "batch_labeled": 1, "batch_unlabeled": 1,
+                    "checkpoint_every": 2},
+        "inference": {"patch_size": [32, 32, 16], "stride_xy": 16, "stride_z": 8},
+        "baseline_method": None, "estimate": False,
+    }))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "SFRSegmentLib", "run", "--cohort", str(cohort), "--out", str(out), "--preset", "small",
+               "--config", str(config), "--progress", "jsonl", "--device", "cpu", "--truth", str(cohort / "truth")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-5000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    finished = [e for e in events if e["stage"] == "retrain" and e["step"] == e["total"] == 2]
+    assert len(finished) == 1  # one rank reports
+    assert [e["stage"] for e in events].count("report") == 1
+    unlabeled = sorted(case.name for case in discover_cohort(cohort).unlabeled)
+    predicted = [e["message"] for e in events if e["stage"] == "predict"]
+    assert sorted(m.removeprefix("predicted ") for m in predicted) == unlabeled
+    run = RunFolder(out)
+    assert all((run.prediction_dir / f"{name}.seg.nrrd").is_file() for name in unlabeled)
+    rows = list(csv.DictReader(open(run.metrics)))
+    assert sorted(row["case"] for row in rows) == unlabeled
+    info = json.loads(run.sam_weights_info.read_text())
+    assert info["training"]["processes"] == 2

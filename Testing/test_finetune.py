@@ -294,7 +294,7 @@ def test_cli_finetune_small_preset_with_json_progress(cohort, tmp_path):
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[0]["message"] == RANDOM_INIT_MESSAGE and [e["step"] for e in events[1:]] == [1, 2]
-    assert set(events[1]) == {"stage", "step", "total", "loss", "metric", "eta_s", "message"}
+    assert set(events[1]) == {"stage", "step", "total", "loss", "metric", "eta_s", "message", "level"}
     assert RANDOM_INIT_MESSAGE in result.stderr and "sam_trainable.pt" in result.stderr
     assert RunFolder(tmp_path).sam_weights_info.is_file() and len(read_log(RunFolder(tmp_path))) == 2
 

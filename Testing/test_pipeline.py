@@ -22,7 +22,7 @@ from SFRSegmentLib.sam.weights import file_sha256
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
-EVENT_KEYS = {"stage", "step", "total", "loss", "metric", "eta_s", "message"}
+EVENT_KEYS = {"stage", "step", "total", "loss", "metric", "eta_s", "message", "level"}
 
 
 def _command(cohort: Path, out: Path, config: Path, *extra: str) -> list:
@@ -30,11 +30,13 @@ def _command(cohort: Path, out: Path, config: Path, *extra: str) -> list:
             "--preset", "small", "--config", str(config), "--progress", "jsonl", "--device", "cpu", *extra]
 
 
-def _write_config(path: Path, retrain_iterations: int, checkpoint_every: int) -> Path:
+def _write_config(path: Path, retrain_iterations: int, checkpoint_every: int, estimate_warn_hours: float = 3.0
+                  ) -> Path:
     path.write_text(json.dumps({
         "finetune": {"iterations": 4, "checkpoint_every": 2},
         "retrain": {"iterations": retrain_iterations, "checkpoint_every": checkpoint_every, "lr_step": 1000},
         "inference": {"stride_xy": 24, "stride_z": 8},
+        "estimate_warn_hours": estimate_warn_hours,
     }))
     return path
 
@@ -48,7 +50,8 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def test_run_streams_json_lines_and_writes_every_output(cohort, tmp_path):
-    config = _write_config(tmp_path / "config.json", retrain_iterations=3, checkpoint_every=3)
+    config = _write_config(tmp_path / "config.json", retrain_iterations=3, checkpoint_every=3,
+                           estimate_warn_hours=1e-6)
     out = tmp_path / "run"
     result = subprocess.run(_command(cohort, out, config, "--truth", str(cohort / "truth")), cwd=REPO,
                             capture_output=True, text=True, timeout=600)
@@ -56,8 +59,13 @@ def test_run_streams_json_lines_and_writes_every_output(cohort, tmp_path):
     events = [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is one JSON object
     assert events and all(set(e) == EVENT_KEYS for e in events)
     stages = list(dict.fromkeys(e["stage"] for e in events))
-    assert stages[:5] == ["validate", "finetune", "pseudolabel", "retrain", "predict"]
+    assert stages[:6] == ["validate", "estimate", "finetune", "pseudolabel", "retrain", "predict"]
     assert stages[-1] == "report"
+    estimate = [e["message"].split(":")[0] for e in events if e["stage"] == "estimate"]
+    assert estimate[1:-2] == ["finetune", "pseudolabel", "retrain", "predict"]  # between "timing" and the total
+    warnings = [e for e in events if e["level"] == "warning"]
+    assert [e["stage"] for e in warnings] == ["estimate"] and "more than 1e-06 h" in warnings[0]["message"]
+    assert warnings[0]["eta_s"] > 0
     finetune_steps = [e["step"] for e in events if e["stage"] == "finetune" and e["loss"] is not None]
     assert finetune_steps == [1, 2, 3, 4] and all(e["total"] == 4 for e in events if e["stage"] == "finetune")
 
@@ -106,6 +114,8 @@ def test_killed_run_resumes_from_the_last_checkpoint(cohort, tmp_path):
     result = subprocess.run(_command(cohort, out, config), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stdout.splitlines()]
+    estimate = [e["message"].split(":")[0] for e in events if e["stage"] == "estimate"]
+    assert estimate[1:-1] == ["retrain", "predict"]  # fine-tuning and pseudo-labels are finished
     retrain_steps = [e["step"] for e in events if e["stage"] == "retrain"]
     assert retrain_steps[0] == saved_iteration + 1 and retrain_steps[-1] == 24
     assert not [e for e in events if e["stage"] == "finetune" and e["loss"] is not None]  # F was not redone

@@ -182,6 +182,7 @@ def test_progress_line_with_missing_optional_fields():
     event = parse_progress_line('  {"stage": "predict", "step": 2, "total": 0}\r\n')
     assert event == ProgressEvent("predict", 2, 0)
     assert event.fraction is None  # an unknown length
+    assert event.level == "info"
 
 
 def test_the_parser_reads_what_the_engine_writes():
@@ -191,7 +192,8 @@ def test_the_parser_reads_what_the_engine_writes():
     stream = io.StringIO()
     reporter = progress.JsonLinesReporter(stream)
     sent = [progress.ProgressEvent("finetune", 5, 10, loss=0.25, metric=0.8, eta_s=12.5, message="half"),
-            progress.ProgressEvent("retrain", 0, 6000)]
+            progress.ProgressEvent("retrain", 0, 6000),
+            progress.ProgressEvent("estimate", 3, 3, eta_s=86400.0, message="a day", level="warning")]
     for event in sent:
         reporter(event)
     received = [parse_progress_line(line) for line in stream.getvalue().splitlines()]

@@ -3,9 +3,9 @@
 Standard library only, so it works inside Slicer, under ``PythonSlicer`` and in a plain Python.
 
 The engine (``python -m SFRSegmentLib run … --progress jsonl``) writes one JSON object per line on stdout with the
-fields of :class:`SFRSegmentLib.progress.ProgressEvent` (stage, step, total, loss, metric, eta_s, message). Any other
-line, on stdout or stderr, is log text. :class:`EngineJob` turns the output into :class:`ProgressEvent` objects and log
-lines, and the end of the process into an :class:`Outcome`. It is driven either by a Qt timer calling
+fields of :class:`SFRSegmentLib.progress.ProgressEvent` (stage, step, total, loss, metric, eta_s, message, level).
+Any other line, on stdout or stderr, is log text. :class:`EngineJob` turns the output into :class:`ProgressEvent`
+objects and log lines, and the end of the process into an :class:`Outcome`. It is driven either by a Qt timer calling
 :meth:`EngineJob.poll` (in the GUI) or by :meth:`EngineJob.wait` (a blocking loop, for scripts).
 
 The process is started through a runner object (:class:`ChildProcessRunner` by default) so that tests and other hosts
@@ -60,6 +60,8 @@ class ProgressEvent:
     metric: Optional[float] = None
     eta_s: Optional[float] = None
     message: str = ""
+    level: str = "info"
+    """``info``, or ``warning`` for a message the user should act on (e.g. a run estimated to take many hours)."""
 
     @property
     def fraction(self) -> Optional[float]:
@@ -89,6 +91,7 @@ def parse_progress_line(line: str) -> Optional[ProgressEvent]:
             metric=_optional_float(fields.get("metric")),
             eta_s=_optional_float(fields.get("eta_s")),
             message=str(fields.get("message") or ""),
+            level=str(fields.get("level") or "info"),
         )
     except (TypeError, ValueError):
         return None

@@ -1,0 +1,168 @@
+"""The run-time estimate: what is counted (checked against MONAI's own window count), the warning in the JSON lines,
+and that finished stages are left out. Timings are only checked to be positive and finite."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from typing import List, Sequence
+
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from SFRSegmentLib.config import RunConfig, preset
+from SFRSegmentLib.config_io import with_overrides
+from SFRSegmentLib.data import Case, Cohort
+from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.estimate import StageWork, StepTimes, estimate_run, estimate_stages, format_duration
+from SFRSegmentLib.inference import monai_overlap
+from SFRSegmentLib.io import read_volume
+from SFRSegmentLib.pipeline import remaining_work
+from SFRSegmentLib.progress import JsonLinesReporter
+from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.sfrplus import ROUND_RECORD, round_folder
+from SFRSegmentLib.synthetic import make_synthetic_cohort
+
+TIMES = StepTimes(finetune_iteration=2.0, pseudolabel_pass=3.0, retrain_iteration={"sfr_mt": 5.0, "supervised": 7.0},
+                  predict_pass=11.0)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
+    """One labeled and three unlabeled cases of different shapes, some smaller than the windows along an axis."""
+    root = tmp_path_factory.mktemp("cohort") / "synthetic"
+    return make_synthetic_cohort(root, n_cases=4, n_labeled=1, seed=3, size_range=((40, 90), (44, 70), (16, 30)))
+
+
+def small_config(cohort: Cohort, **overrides: object) -> RunConfig:
+    config = with_overrides(preset("small"), {"device": "cpu", "finetune": {"iterations": 7},
+                                              "retrain": {"iterations": 13}, **overrides})
+    return config.for_cohort(cohort)
+
+
+def monai_calls(case: Case, roi: Sequence[int], overlap: object, batch_size: int) -> int:
+    """How often MONAI's sliding window calls the network on the case's image (as stages P and predict run it)."""
+    calls: List[int] = []
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        calls.append(windows.shape[0])
+        return windows
+
+    shape = read_volume(case.image).shape
+    sliding_window_inference(torch.zeros((1, 1) + shape), roi_size=roi, sw_batch_size=batch_size,
+                             predictor=predictor, overlap=overlap, mode="constant")
+    return len(calls)
+
+
+def events(stream: io.StringIO) -> List[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_each_stage_is_its_counts_times_the_seconds_per_step(cohort):
+    config = small_config(cohort, sfr_plus=True, sfrplus={"rounds": 2}, baseline_method="supervised")
+    stages = estimate_stages(remaining_work(cohort, RunFolder("/nonexistent/run"), config), TIMES, config)
+
+    unlabeled = cohort.unlabeled
+    sam_passes = sum(monai_calls(case, config.pseudolabel.window, config.pseudolabel.overlap,
+                                 config.pseudolabel.windows_per_batch) for case in unlabeled)
+    vnet_passes = sum(monai_calls(case, config.inference.patch_size, monai_overlap(config.inference),
+                                  config.inference.sw_batch_size) for case in unlabeled)
+    assert sam_passes > len(unlabeled) and vnet_passes > len(unlabeled)  # several windows per case
+    expected = {
+        "finetune": [(7, 2.0)],
+        "pseudolabel": [(sam_passes, 3.0)],
+        "retrain": [(13, 5.0)],
+        "sfrplus": [(2 * 7, 2.0), (2 * sam_passes, 3.0), (2 * 13, 5.0), (2 * vnet_passes, 11.0)],
+        "baseline": [(13, 7.0), (vnet_passes, 11.0)],
+        "predict": [(vnet_passes, 11.0)],
+    }
+    assert [stage.stage for stage in stages] == list(expected)
+    for stage in stages:
+        assert [(item.count, item.seconds_each) for item in stage.items] == expected[stage.stage]
+        assert stage.seconds == pytest.approx(sum(count * each for count, each in expected[stage.stage]))
+        assert format_duration(stage.seconds) in stage.describe()
+
+
+def test_finished_stages_and_cached_cases_are_left_out(cohort, tmp_path):
+    config = small_config(cohort, sfr_plus=True, sfrplus={"rounds": 2})
+    run = RunFolder(tmp_path / "run")
+    cached, fresh, *others = cohort.unlabeled
+    run.finetune_dir.mkdir(parents=True)
+    run.sam_weights_info.write_text("{}")  # the JSON that fine-tuning writes last
+    run.pseudolabel_dir.mkdir()
+    run.pseudo_label(cached.name).touch()
+    run.pseudo_probabilities(cached.name).touch()
+    run.pseudo_label(fresh.name).touch()  # without its probabilities: not cached
+    run.retrain_dir.mkdir()
+    run.vnet_weights.touch()
+    first_round = round_folder(run, 1).root
+    first_round.mkdir(parents=True)
+    (first_round / ROUND_RECORD).write_text("{}")
+    final_vnet = round_folder(run, 2).vnet_weights
+    final_vnet.parent.mkdir(parents=True)
+    final_vnet.touch()
+    run.prediction(cached.name).parent.mkdir()
+    run.prediction(cached.name).touch()  # newer than the final V-Net
+
+    work = {stage.stage: stage for stage in remaining_work(cohort, run, config)}
+    assert work["finetune"] == StageWork("finetune")
+    assert work["pseudolabel"].pseudolabel_cases == (fresh, *others)
+    assert work["retrain"].retrain_iterations == 0
+    sfrplus = work["sfrplus"]  # round 1 is finished, round 2 has its V-Net but nothing else
+    assert (sfrplus.finetune_iterations, sfrplus.retrain_iterations) == (7, 0)
+    assert sfrplus.pseudolabel_cases == tuple(cohort.unlabeled) == sfrplus.predict_cases
+    assert work["predict"].predict_cases == (fresh, *others)
+
+    no_sfrplus = dataclasses.replace(config, sfr_plus=False)
+    stream = io.StringIO()
+    estimate = estimate_run(cohort, no_sfrplus, remaining_work(cohort, run, no_sfrplus), JsonLinesReporter(stream))
+    assert [stage.stage for stage in estimate.stages] == ["pseudolabel", "predict"]
+    messages = [event["message"] for event in events(stream)]
+    assert any(message.startswith("pseudolabel: ") for message in messages)
+    assert not any(message.startswith(("finetune", "retrain")) for message in messages)
+    for stage in estimate.stages:
+        assert all(math.isfinite(item.seconds_each) and item.seconds_each > 0 for item in stage.items)
+
+
+@pytest.mark.parametrize("warn_hours, warns", [(1e-9, True), (1e9, False)])
+def test_the_estimate_warns_in_the_json_lines_only_above_the_threshold(cohort, warn_hours, warns):
+    config = small_config(cohort, estimate_warn_hours=warn_hours)
+    stream = io.StringIO()
+    work = [StageWork("retrain"), StageWork("predict", predict_cases=tuple(cohort.unlabeled))]  # V-Net passes only
+    estimate = estimate_run(cohort, config, work, JsonLinesReporter(stream))
+
+    sent = events(stream)
+    assert {event["stage"] for event in sent} == {"estimate"}
+    assert sent[1]["message"].startswith("predict: ")
+    total = sent[2]
+    assert total["level"] == "info" and total["step"] == total["total"] == 2
+    assert total["eta_s"] == pytest.approx(estimate.total_s) and 0 < estimate.total_s < math.inf
+    warnings = [event for event in sent if event["level"] == "warning"]
+    if warns:
+        assert warnings == [sent[-1]] and len(sent) == 4
+        assert "more than 1e-09 h" in warnings[0]["message"] and "CUDA GPU" in warnings[0]["message"]
+        assert "--preset small" in warnings[0]["message"]
+    else:
+        assert warnings == [] and len(sent) == 3
+
+
+def test_nothing_left_is_an_estimate_of_zero(cohort):
+    config = small_config(cohort)
+    stream = io.StringIO()
+    estimate = estimate_run(cohort, config, [StageWork("finetune"), StageWork("predict")], JsonLinesReporter(stream))
+    assert estimate.stages == () and estimate.total_s == 0
+    assert [event["eta_s"] for event in events(stream)] == [None, 0]
+
+
+def test_the_warning_threshold_must_be_positive():
+    with pytest.raises(InputError, match="estimate_warn_hours must be positive"):
+        with_overrides(preset("small"), {"estimate_warn_hours": 0})
+
+
+@pytest.mark.parametrize("seconds, text", [(0.42, "0.4 s"), (12.4, "12 s"), (260, "4 min 20 s"),
+                                           (41 * 3600 + 5 * 60 + 10, "41 h 05 min")])
+def test_durations_read_naturally(seconds, text):
+    assert format_duration(seconds) == text
