@@ -13,8 +13,10 @@ an interval ``int(roi·(1 − overlap))`` per axis, clips the last start to ``si
 window reaching the end: the same starts, provided the interval equals the stride. A stride s < roi gets
 ``overlap = 1 − (s + ½)/roi``, so that ``int`` lands on s whatever the rounding of the float; s = roi gets overlap 0.
 A stride larger than the patch (gaps between windows, which the reference allows) cannot be expressed and is
-refused. Windows run batched (``sw_batch_size``) under ``torch.inference_mode``, the model in eval mode and
-channels-last, in float32 (``precision="bf16"`` trades ~1e-3 on the logits for speed).
+refused. Windows run batched (``sw_batch_size``) under ``torch.inference_mode`` through an eval-mode copy of the
+model with its BatchNorms folded into the convolutions (:func:`SFRSegmentLib.vnet.fold_batchnorm`: the same
+probabilities to float rounding, ~20 % faster on the CPU), channels-last, in float32 (``precision="bf16"`` trades
+~1e-3 on the logits for speed).
 
 The optional post-processing keeps, per class, the largest connected component (full 26-connectivity, as the
 reference's ``getLargestCC`` with skimage's default); it is off by default, as in SFR's evaluation. It uses
@@ -42,11 +44,13 @@ from scipy import ndimage
 from .atomic import atomic_path, atomic_write_text
 from .config_io import to_dict
 from .data import Case, discover_cohort, zscore
+from .distributed import map_cases
 from .errors import InputError, PathLike
 from .io import Volume, default_segments, file_suffix, read_volume, write_volume
+from .progress import Progress, ProgressEvent, ignore_progress
 from .runfolder import RunFolder
 from .validation import check_image
-from .vnet import INPUT_MULTIPLE, VNet
+from .vnet import INPUT_MULTIPLE, VNet, fold_batchnorm
 
 MODEL_FORMAT = "sfrsegment-vnet/1"
 PREDICTION_SUFFIXES = (".seg.nrrd", ".nii.gz")
@@ -213,7 +217,7 @@ def sliding_window_probabilities(model: torch.nn.Module, image: np.ndarray, conf
                                  device: Optional[torch.device] = None) -> torch.Tensor:
     """Class probabilities (C, I, J, K), float32 on the CPU, of an already normalised 3D array."""
     device = device or resolve_device(config.device)
-    model = model.to(device, memory_format=MEMORY_FORMAT).eval()
+    model = fold_batchnorm(model).to(device, memory_format=MEMORY_FORMAT)
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -290,24 +294,34 @@ def collect_images(paths: Sequence[PathLike]) -> Dict[str, Path]:
 
 
 def predict_to_folder(model: torch.nn.Module, info: VNetInfo, images: Sequence[PathLike], out_dir: PathLike,
-                      config: InferenceConfig) -> List[Path]:
+                      config: InferenceConfig, progress: Progress = ignore_progress) -> List[Path]:
     """Predict every image (files or cohort folders, named by :func:`collect_images`); see :func:`predict_cases`."""
-    return _predict_named(model, info, collect_images(images), Path(out_dir), config)
+    return _predict_named(model, info, collect_images(images), Path(out_dir), config, progress)
 
 
 def predict_cases(model: torch.nn.Module, info: VNetInfo, cases: Sequence[Case], out_dir: PathLike,
-                  config: InferenceConfig) -> List[Path]:
+                  config: InferenceConfig, progress: Progress = ignore_progress) -> List[Path]:
     """Predict the images of cohort cases and write ``<case.name>.seg.nrrd`` (segments named and coloured by the
-    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``. Returns the files written."""
-    return _predict_named(model, info, {case.name: case.image for case in cases}, Path(out_dir), config)
+    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``. Returns the files written.
+
+    Under torchrun the processes share the cases and rank 0 writes every file (the list is empty elsewhere).
+    """
+    return _predict_named(model, info, {case.name: case.image for case in cases}, Path(out_dir), config, progress)
 
 
 def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, Path], out_dir: Path,
-                   config: InferenceConfig) -> List[Path]:
-    written = []
-    for name, path in images.items():
-        image = read_volume(path)
+                   config: InferenceConfig, progress: Progress) -> List[Path]:
+    written: List[Path] = []
+
+    def predict(name: str) -> Volume:
+        image = read_volume(images[name])
         check_image(image)
-        labels, _ = predict_volume(model, image, config, info.classes)
-        written += [write_volume(labels, out_dir / f"{name}{suffix}") for suffix in PREDICTION_SUFFIXES]
+        return predict_volume(model, image, config, info.classes)[0]
+
+    def write(name: str, labels: Volume) -> None:
+        written.extend(write_volume(labels, out_dir / f"{name}{suffix}") for suffix in PREDICTION_SUFFIXES)
+        progress(ProgressEvent("predict", len(written) // len(PREDICTION_SUFFIXES), len(images),
+                               message=f"predicted {name}"))
+
+    map_cases(list(images), predict, write)
     return written

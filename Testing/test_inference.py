@@ -32,6 +32,7 @@ from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 from SFRSegmentLib.vnet import VNet
 
 REPO = Path(__file__).resolve().parents[1]
+LA_CASE = REPO.parent / "shared" / "data" / "LA" / "06SR5RBREL16DQ6M8LWS"
 SMALL = InferenceConfig(patch_size=(32, 32, 16), stride_xy=9, stride_z=4, sw_batch_size=3, device="cpu")
 
 
@@ -144,6 +145,39 @@ def test_predictions_equal_the_reference_loop(shape) -> None:
     assert ours.shape == probabilities.shape == (3,) + shape
     np.testing.assert_allclose(ours, probabilities, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(ours.argmax(axis=0), labels)
+
+
+def la_calibrated_vnet(image: np.ndarray, patch: Tuple[int, int, int]) -> VNet:
+    """A small V-Net whose BatchNorm running statistics are those of windows of ``image`` (cumulative over a few
+    train-mode passes): its eval-mode output then varies across the volume, with class boundaries."""
+    torch.manual_seed(6)
+    model = VNet(n_filters=4)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.momentum = None  # a cumulative average of the passes' statistics
+    rng = np.random.default_rng(6)
+    with torch.no_grad():
+        for _ in range(4):
+            corner = [int(rng.integers(0, size - p + 1)) for size, p in zip(image.shape, patch)]
+            window = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+            model(torch.from_numpy(np.ascontiguousarray(image[window]))[None, None])
+    return model.eval()
+
+
+@pytest.mark.skipif(not LA_CASE.is_dir(), reason="../shared/data/LA is not present")
+def test_predictions_equal_the_reference_loop_on_an_la_volume() -> None:
+    # Real LA intensities through folded BatchNorm and batched channels-last windows: the reference's probabilities
+    # to float rounding, and its labels wherever its two probabilities are not tied within that rounding.
+    image = zscore(read_volume(LA_CASE / "image.nrrd").array)[60:124, 40:104, 30:62]
+    model = la_calibrated_vnet(image, SMALL.patch_size)
+    labels, probabilities = reference_test_single_case(model, image, SMALL.stride_xy, SMALL.stride_z,
+                                                       SMALL.patch_size, 2)
+    ours = sliding_window_probabilities(model, image, SMALL).numpy()
+    np.testing.assert_allclose(ours, probabilities, rtol=0, atol=1e-5)
+    assert 0.05 < labels.mean() < 0.95  # a label map with boundaries, not one class everywhere
+    decided = np.abs(probabilities[1] - probabilities[0]) > 2e-5
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal(ours.argmax(axis=0)[decided], labels[decided])
 
 
 def test_bf16_precision_is_close_to_float32() -> None:

@@ -1,12 +1,15 @@
-"""The literature V-Net: the published parameter count, shapes, gradients, dropout and the input-size rule."""
+"""The literature V-Net: the published parameter count, shapes, gradients, dropout, the input-size rule, the no-grad
+path and BatchNorm folding."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from SFRSegmentLib.vnet import VNet, check_input_shape
+from SFRSegmentLib.vnet import VNet, check_input_shape, fold_batchnorm
 
 SMALL_INPUT = (1, 1, 32, 32, 16)
 
@@ -83,3 +86,49 @@ def test_bad_constructor_arguments_are_refused() -> None:
         VNet(normalization="layernorm")
     with pytest.raises(ValueError, match="multiple of 16"):
         VNet(n_filters=8, normalization="groupnorm")
+
+
+def randomised_batchnorm(model: VNet) -> VNet:
+    """``model`` with non-trivial BatchNorm affine parameters and running statistics."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_forward_without_autograd_computes_the_same_numbers() -> None:
+    # In place without autograd (skip additions, dropout): the same logits, dropout masks and BatchNorm statistics.
+    torch.manual_seed(3)
+    model = VNet(n_classes=3, n_filters=4, has_dropout=True).train()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 1, 32, 32, 16)
+    torch.manual_seed(4)
+    tracked = model(x)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        untracked = twin(x)
+    assert tracked.requires_grad and torch.equal(tracked.detach(), untracked)
+    for (name, buffer), twin_buffer in zip(model.named_buffers(), twin.buffers()):
+        assert torch.equal(buffer, twin_buffer), name
+    model.eval()
+    evaluated = model(x).detach()
+    with torch.inference_mode():
+        assert torch.equal(model(x), evaluated)
+
+
+def test_fold_batchnorm_keeps_the_eval_function() -> None:
+    torch.manual_seed(5)
+    model = randomised_batchnorm(VNet(n_classes=3, n_filters=4, has_dropout=True).train())
+    folded = fold_batchnorm(model)
+    assert model.training and sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules()) == 29  # untouched
+    assert not folded.training and not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    assert len(folded.block_five_up.conv) == 2 and len(folded.block_three.conv) == 6  # (conv, ReLU) per layer
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=0, atol=1e-5)
+    grouped = fold_batchnorm(VNet(n_filters=16, normalization="groupnorm"))
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in grouped.modules()) == 29  # only BatchNorm folds

@@ -13,7 +13,8 @@ Parts (``--parts``, all by default):
 * ``ours-bf16``: ``ours`` with ``precision="bf16"`` (bf16 autocast on the CPU; AMX/AVX512-BF16 CPUs run it
   several times faster; the float32 default reproduces the reference numerics).
 * ``sliding-ours``: :func:`SFRSegmentLib.inference.sliding_window_probabilities` on one LA volume (patch
-  112×112×80, stride 18/18/4, 4 windows per forward, inference mode, channels-last, float32);
+  112×112×80, stride 18/18/4, 4 windows per forward, inference mode, BatchNorm folded into the convolutions,
+  channels-last, float32);
   ``sliding-ours-bf16`` the same with ``precision="bf16"``.
 * ``sliding-official``: the reference ``test_single_case`` loop on the same volume: one window per forward, with
   gradient tracking on (the official test code does not disable it).
