@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the whole SFR pipeline on a cohort: fine-tune SAM, pseudo-label, re-train, "
                        "predict, evaluate, report (resumes an interrupted run)")
-    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+    _add_cohort_option(p)
     p.add_argument("--out", type=Path, required=True, help="run folder (created; rerun to resume)")
     p.add_argument("--preset", choices=("paper", "small"), default="paper",
                    help="paper: the paper's settings (GPU); small: the CPU-sized configuration")
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrain", help="re-train the V-Net (stage R) with a semi-supervised method; resumes a "
                        "stopped run")
-    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest")
+    _add_cohort_option(p)
     p.add_argument("--run", type=Path, required=True, help="run folder (sfr* methods read its pseudolabels/)")
     p.add_argument("--method", help="supervised, mt, uamt, acmt, or sfr / sfr_mt / sfr_uamt / sfr_acmt (with the "
                    "cached pseudo-labels; default sfr_mt, the paper's code)")
@@ -294,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="default: auto (bf16 autocast on CUDA, float32 on the CPU)")
     p.add_argument("--config", type=Path, help="JSON file of RetrainConfig options (the flags above win)")
-    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
-                   help="progress as a bar on stderr, JSON lines on stdout, or none")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("predict", help="segment images with a trained V-Net (sliding window)")
@@ -320,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("finetune", help="fine-tune SAM on the stitched labeled cases (stage F); resumes a stopped "
                        "run")
-    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+    _add_cohort_option(p)
     p.add_argument("--run", type=Path, required=True, help="run folder (writes its finetune/)")
     p.add_argument("--preset", choices=("paper", "small"), default="paper",
                    help="paper: ViT-B 1024², patches 112 112 80, 6000 iterations, SAM checkpoint sam_vit_b (GPU); "
@@ -342,13 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="iterations between resumable checkpoints (default 500)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     p.add_argument("--config", type=Path, help="JSON file of FinetuneConfig options (the flags above win)")
-    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
-                   help="progress as a bar on stderr, JSON lines on stdout, or none")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("pseudolabel", help="pseudo-label the unlabeled cases with the fine-tuned SAM (stage P), "
                        "whole volumes by sliding windows; cached")
-    p.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+    _add_cohort_option(p)
     p.add_argument("--run", type=Path, required=True, help="run folder holding finetune/ (writes pseudolabels/)")
     p.add_argument("--preset", choices=("paper", "small"), default="paper",
                    help="window size of the matching finetune preset (112 112 80 or 64 64 16)")
@@ -359,10 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="store_true", help="recompute cases whose pseudo-labels exist")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     p.add_argument("--config", type=Path, help="JSON file of PseudoLabelConfig options (the flags above win)")
-    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
-                   help="progress as a bar on stderr, JSON lines on stdout, or none")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_pseudolabel)
     return parser
+
+
+def _add_cohort_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+
+
+def _add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
+                        help="progress as a bar on stderr, JSON lines on stdout, or none")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
