@@ -145,15 +145,6 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
-def all_gather_objects(value: T) -> List[T]:
-    """Every rank's ``value`` (picklable), in rank order, on every rank."""
-    if not ranks().is_distributed:
-        return [value]
-    gathered: List[Optional[T]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered  # type: ignore[return-value]
-
-
 def gather_to_main(value: T) -> List[T]:
     """Every rank's ``value`` (picklable), in rank order, on rank 0; an empty list on the others."""
     if not ranks().is_distributed:

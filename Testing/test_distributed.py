@@ -36,7 +36,7 @@ weights whose true gradient is zero (attention key biases, to which softmax is b
 becomes a step of up to ~lr. Measured: 2.4e-5 after 3 steps."""
 
 
-def launch(command, out: Path) -> None:
+def launch(command) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -54,14 +54,14 @@ def cohort(tmp_path_factory) -> Path:
 def two_processes(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two")
     launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-            str(cohort), str(out), "1"], out)
+            str(cohort), str(out), "1"])
     return out
 
 
 @pytest.fixture(scope="module")
 def one_process(cohort, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
-    launch([sys.executable, str(WORKER), str(cohort), str(out), "2"], out)
+    launch([sys.executable, str(WORKER), str(cohort), str(out), "2"])
     return out
 
 

@@ -148,15 +148,17 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
     labeler = _Labeler(cohort, run, config, weights, cancellation) if pending else None
     clock = EtaClock(len(pending))
     confidences: Dict[str, float] = {}
+    computed = 0
 
     def record(case: Case, status: str) -> None:
         confidences[case.name] = volume_confidence(np.load(run.pseudo_probabilities(case.name)))
-        computed = sum(1 for c in pending if c.name in confidences)
         progress(ProgressEvent(STAGE, len(confidences), len(cases), metric=confidences[case.name],
                                eta_s=clock.eta_s(computed), message=f"{case.name}: {status}"))
 
     def write(case: Case, result: Tuple[np.ndarray, Volume]) -> None:
+        nonlocal computed
         labeler.write(case, result)
+        computed += 1
         record(case, "computed")
 
     if ranks().is_main:
