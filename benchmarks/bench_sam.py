@@ -5,17 +5,20 @@ Parts (``--parts``; the default is small-efficient, small-plain and pseudolabel-
 
 * ``small-<variant>``: one fine-tuning iteration of :mod:`SFRSegmentLib.sam.finetune` at the
   small configuration (``SamConfig.small()``, 256² mosaics, batch 2, 64×64×16 patches): data (crop + stitch),
-  forward + loss, backward + optimiser step, timed separately. Variants: ``efficient`` = SDPA attention + gradient
-  checkpointing; ``sdpa`` = SDPA attention only; ``plain`` = segment_anything's own attention, no checkpointing (as
-  the official code); ``efficient+bf16`` and ``sdpa+bf16`` the same under bfloat16 autocast (``precision="bf16"``,
-  fast on CPUs with AMX; float32 is the default and the reference numerics).
+  forward + loss, backward + optimiser step, timed separately. Variants: ``efficient`` = the engine's default,
+  :class:`~SFRSegmentLib.sam.attention.EfficientAttention` (blockwise on CPU, SDPA elsewhere); ``checkpointed`` = the
+  same plus gradient checkpointing of the encoder blocks; ``plain`` = segment_anything's own attention, no
+  checkpointing (as the official code); ``efficient+bf16`` and ``checkpointed+bf16`` the same under bfloat16 autocast
+  (``precision="bf16"``, fast on CPUs with AMX; float32 is the default and the reference numerics).
 * ``paper-<variant>``: the same at the paper's shapes (ViT-B, 1024², batch 2, 112×112×80 patches; about one to two
-  minutes per float32 iteration on 2 CPU threads). ``--paper`` adds paper-efficient and paper-plain.
+  minutes per float32 iteration on 2 CPU threads). ``--paper`` adds paper-efficient, paper-checkpointed and
+  paper-plain, and then also prints each variant's ratios to paper-plain measured in the same run.
 * ``pseudolabel-small``: whole-volume pseudo-labelling of one 96×96×40 volume at the small configuration (64×64×16
   windows, 50 % overlap, 2 windows per SAM pass, LoRA merged).
 
 Weights are random: timing and memory do not depend on them. Each part runs ``--warmup`` untimed iterations, then
-``--iterations`` timed ones (medians reported). "CPU s" is the process's CPU time per iteration, a second view
+``--iterations`` timed ones (medians reported; "1st iter s" is the first, cold iteration, which pays the page
+faults of first allocations). "CPU s" is the process's CPU time per iteration, a second view
 when the machine is shared (with 2 threads fully busy it is about twice the wall time). Peak memory is
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the part's process. Torch runs on ``--threads`` CPU threads (2, as
 the issue's reference numbers: the official code takes 60.7 s per iteration and 17.7 GB peak RSS at the paper's
@@ -41,9 +44,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"efficient": (True, True, "fp32"), "sdpa": (True, False, "fp32"), "plain": (False, False, "fp32"),
-            "efficient+bf16": (True, True, "bf16"), "sdpa+bf16": (True, False, "bf16")}
-"""Variant → (SDPA attention, gradient checkpointing, precision)."""
+VARIANTS = {"efficient": (True, False, "fp32"), "checkpointed": (True, True, "fp32"), "plain": (False, False, "fp32"),
+            "efficient+bf16": (True, False, "bf16"), "checkpointed+bf16": (True, True, "bf16")}
+"""Variant → (efficient attention, gradient checkpointing, precision)."""
 SMALL_PARTS = tuple(f"small-{v}" for v in VARIANTS) + ("pseudolabel-small",)
 PAPER_PARTS = tuple(f"paper-{v}" for v in VARIANTS)
 DEFAULT_PARTS = ("small-efficient", "small-plain", "pseudolabel-small")
@@ -70,9 +73,10 @@ def finetune_config(part: str):
     from SFRSegmentLib.sam.model import SamConfig
 
     scale, variant = part.split("-", 1)
-    sdpa, checkpointing, precision = VARIANTS[variant]
+    efficient_attention, checkpointing, precision = VARIANTS[variant]
     sam = SamConfig.small() if scale == "small" else SamConfig.paper()
-    sam = SamConfig(**{**sam.__dict__, "efficient_attention": sdpa, "gradient_checkpointing": checkpointing})
+    sam = SamConfig(**{**sam.__dict__, "efficient_attention": efficient_attention,
+                       "gradient_checkpointing": checkpointing})
     preset = FinetuneConfig.small if scale == "small" else FinetuneConfig.paper
     return preset(sam=sam, base_checkpoint=None, allow_random_init=True, device="cpu", precision=precision)
 
@@ -95,6 +99,7 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
     loss_function = SFRLoss()
     times: Dict[str, List[float]] = {"data_s": [], "forward_loss_s": [], "backward_step_s": []}
     cpu_seconds = []
+    first_iteration_s = 0.0
     for iteration in range(warmup + iterations):
         cpu_started = time.process_time()
         started = time.perf_counter()
@@ -104,6 +109,8 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
         forwarded = time.perf_counter()
         apply_gradients(loss, optimizer, scheduler)
         stepped = time.perf_counter()
+        if iteration == 0:
+            first_iteration_s = stepped - started
         if iteration >= warmup:
             times["data_s"].append(loaded - started)
             times["forward_loss_s"].append(forwarded - loaded)
@@ -112,6 +119,7 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
     result = {name: statistics.median(values) for name, values in times.items()}
     result["iteration_s"] = sum(result.values())
     result["cpu_s"] = statistics.median(cpu_seconds)
+    result["first_iteration_s"] = first_iteration_s
     return result
 
 
@@ -154,29 +162,36 @@ def run_part(part: str, args: argparse.Namespace) -> Dict[str, float]:
 
 
 def report(results: List[Dict[str, float]]) -> None:
-    print(f"{'part':<22} {'data s':>8} {'fwd+loss s':>11} {'bwd+step s':>11} {'iter s':>8} {'CPU s':>8} "
-          f"{'volume s':>9} {'peak RSS GB':>12}")
+    print(f"{'part':<26} {'data s':>8} {'fwd+loss s':>11} {'bwd+step s':>11} {'iter s':>8} {'CPU s':>8} "
+          f"{'volume s':>9} {'peak RSS GB':>12} {'1st iter s':>11}")
     for r in results:
         if "error" in r:
-            print(f"{r['part']:<22} error: {r['error']}")
+            print(f"{r['part']:<26} error: {r['error']}")
             continue
         cells = [f"{r[k]:>{w}.3f}" if k in r else " " * w for k, w in
                  (("data_s", 8), ("forward_loss_s", 11), ("backward_step_s", 11), ("iteration_s", 8),
                   ("cpu_s", 8), ("volume_s", 9))]
-        print(f"{r['part']:<22} {' '.join(cells)} {r['peak_rss_gb']:>12.2f}")
+        first = f"{r['first_iteration_s']:>11.3f}" if "first_iteration_s" in r else ""
+        print(f"{r['part']:<26} {' '.join(cells)} {r['peak_rss_gb']:>12.2f} {first}")
     for r in results:
         if r["part"].startswith("paper-") and "error" not in r:
             print(f"{r['part']} vs the official code ({OFFICIAL_PAPER['iteration_s']} s, "
                   f"{OFFICIAL_PAPER['peak_rss_gb']} GB): time ×{r['iteration_s'] / OFFICIAL_PAPER['iteration_s']:.2f} "
                   f"(target ≤ {TARGETS['iteration']}), memory ×{r['peak_rss_gb'] / OFFICIAL_PAPER['peak_rss_gb']:.2f} "
                   f"(target ≤ {TARGETS['memory']})")
+    plain = next((r for r in results if r["part"] == "paper-plain" and "error" not in r), None)
+    for r in results:
+        if plain and r is not plain and r["part"].startswith("paper-") and "error" not in r:
+            print(f"{r['part']} vs paper-plain measured in this run: time ×{r['iteration_s'] / plain['iteration_s']:.2f} "
+                  f"(first iteration ×{r['first_iteration_s'] / plain['first_iteration_s']:.2f}), "
+                  f"memory ×{r['peak_rss_gb'] / plain['peak_rss_gb']:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=SMALL_PARTS + PAPER_PARTS, default=list(DEFAULT_PARTS))
     parser.add_argument("--paper", action="store_true",
-                        help="add paper-efficient and paper-plain (slow: minutes each; plain needs ~18 GB)")
+                        help="add paper-efficient, paper-checkpointed and paper-plain (slow: minutes each; plain needs ~18 GB)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
@@ -185,7 +200,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.threads, args.warmup, args.iterations)
         return
-    parts = list(dict.fromkeys(args.parts + (["paper-efficient", "paper-plain"] if args.paper else [])))
+    parts = list(dict.fromkeys(args.parts + (["paper-efficient", "paper-checkpointed", "paper-plain"] if args.paper else [])))
     report([run_part(part, args) for part in parts])
 
 

@@ -74,7 +74,8 @@ class SamConfig:
 
     ``num_classes`` is K, the number of foreground classes; the decoder emits K+1 masks. ``global_attn_indexes``
     defaults to the arch's global blocks that exist at this depth. ``efficient_attention`` computes the encoder
-    attention with ``scaled_dot_product_attention`` (same result, less memory); ``gradient_checkpointing``
+    attention without keeping (N, N) score matrices (same result, less memory and time; see ``attention.py``);
+    ``gradient_checkpointing``
     recomputes encoder blocks in the backward pass.
     """
 
