@@ -9,7 +9,8 @@ A write that fails with an OS or library error (a full disk surfaces as ``OSErro
 ``RuntimeError`` that names only the temporary file) raises :class:`WriteError`, which names the destination and says
 that the disk may be full; the original error is chained. A ``.gz`` file is read to its end before it is moved into
 place, because ITK's NIfTI writer silently leaves a truncated ``.nii.gz`` on a full disk. A killed process leaves its
-hidden temporary folder (``.<name>.*.partial``) behind, never a file under the final name.
+hidden temporary folder (``.<name>.*.partial``) behind, never a file under the final name; the next process to take
+the run folder's lock removes such folders (:meth:`SFRSegmentLib.runfolder.RunFolder.exclusive`).
 """
 
 from __future__ import annotations

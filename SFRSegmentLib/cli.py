@@ -90,6 +90,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from .config_io import load_overrides, with_overrides
     from .data import discover_cohort
+    from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .retrain import RetrainConfig, retrain
     from .runfolder import RunFolder
@@ -102,9 +103,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     if args.config:
         config = with_overrides(config, load_overrides(args.config), args.config)
     config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
-    with Cancellation().on_signals() as cancellation:
-        weights = retrain(discover_cohort(args.cohort), RunFolder(args.run), config,
-                          progress=make_reporter(args.progress), cancellation=cancellation)
+    run = RunFolder(args.run)
+    with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
+        weights = retrain(discover_cohort(args.cohort), run, config, progress=make_reporter(args.progress),
+                          cancellation=cancellation)
     print(f"wrote {weights}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
     return 0
 
@@ -169,6 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .config_io import load_overrides, with_overrides
     from .data import discover_cohort
+    from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .runfolder import RunFolder
     from .sam.finetune import FinetuneConfig, finetune
@@ -189,8 +192,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.gradient_checkpointing:
         given["sam"] = {"gradient_checkpointing": True}
     config = with_overrides(config, given)
-    with Cancellation().on_signals() as cancellation:
-        weights = finetune(cohort, RunFolder(args.run), config, make_reporter(args.progress), cancellation)
+    run = RunFolder(args.run)
+    with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
+        weights = finetune(cohort, run, config, make_reporter(args.progress), cancellation)
     print(f"wrote {weights}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
     return 0
 
@@ -198,6 +202,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
     from .config_io import load_overrides, with_overrides
     from .data import discover_cohort
+    from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .runfolder import RunFolder
     from .sam.pseudolabel import PseudoLabelConfig, pseudolabel
@@ -210,7 +215,7 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
                "device": args.device, "redo": args.redo or None}
     config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
     run = RunFolder(args.run)
-    with Cancellation().on_signals() as cancellation:
+    with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         table = pseudolabel(cohort, run, config, make_reporter(args.progress), cancellation)
     out = sys.stderr if args.progress == "jsonl" else sys.stdout
     print(f"wrote the pseudo-labels of {len(cohort.unlabeled)} cases to {run.pseudolabel_dir}", file=out)

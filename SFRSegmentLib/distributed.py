@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
+from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -100,6 +100,12 @@ def main_first() -> Iterator[None]:
     yield
     if here.is_main:
         barrier()
+
+
+def on_main_rank(context: ContextManager[T]) -> ContextManager[Optional[T]]:
+    """``context`` on rank 0 (or without torchrun), a no-op elsewhere: for what one process must hold for all, such as
+    the run folder's lock."""
+    return context if ranks().is_main else contextlib.nullcontext()
 
 
 def rank_slice(global_count: int) -> slice:

@@ -27,7 +27,7 @@ from .config import RunConfig
 from .config_io import to_dict
 from .data import Case, Cohort, discover_cohort, validate_cohort
 from .errors import InputError, PathLike
-from .distributed import barrier, ranks
+from .distributed import barrier, on_main_rank, ranks
 from .estimate import StageWork, estimate_run
 from .inference import load_vnet, predict_cases, resolve_device
 from .metrics import evaluate_folders, find_label_files, summarise, write_metrics_csv
@@ -78,45 +78,46 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
         raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
                          cohort.root)
     config = config.for_cohort(cohort)
-    if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
-        _remove_outputs(run, redo)
-        run.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
-        atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
-    barrier()
-    if config.estimate:
-        estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+    # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
+    with on_main_rank(run.exclusive()):
+        if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
+            _remove_outputs(run, redo)
+            atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
+            atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
+        barrier()
+        if config.estimate:
+            estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
 
-    stage_args = dict(progress=progress, cancellation=cancellation)
-    if config.retrain.uses_pseudo_labels:
-        with _stage("finetune"):
-            finetune(cohort, run, config.finetune, **stage_args)
-        with _stage("pseudolabel"):
-            pseudolabel(cohort, run, config.pseudolabel, **stage_args)
-    with _stage("retrain"):
-        vnet = retrain(cohort, run, config.retrain, **stage_args)
-    if config.sfr_plus:
-        with _stage("sfrplus"):
-            vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
-    baseline_metrics = None
-    if config.baseline_method:
-        with _stage("baseline"):
-            baseline_metrics = _run_baseline(cohort, run, config, progress, cancellation)
-    with _stage("predict"):
-        _predict(vnet, cohort.unlabeled, run.prediction_dir, config, progress)
-    metrics = None
-    if config.truth_dir:
-        metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
-    from .report import write_report
+        stage_args = dict(progress=progress, cancellation=cancellation)
+        if config.retrain.uses_pseudo_labels:
+            with _stage("finetune"):
+                finetune(cohort, run, config.finetune, **stage_args)
+            with _stage("pseudolabel"):
+                pseudolabel(cohort, run, config.pseudolabel, **stage_args)
+        with _stage("retrain"):
+            vnet = retrain(cohort, run, config.retrain, **stage_args)
+        if config.sfr_plus:
+            with _stage("sfrplus"):
+                vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
+        baseline_metrics = None
+        if config.baseline_method:
+            with _stage("baseline"):
+                baseline_metrics = _run_baseline(cohort, run, config, progress, cancellation)
+        with _stage("predict"):
+            _predict(vnet, cohort.unlabeled, run.prediction_dir, config, progress)
+        metrics = None
+        if config.truth_dir:
+            metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
+        from .report import write_report
 
-    report = run.report
-    if ranks().is_main:
-        truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
-        report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
-                              truths=truths)
-        _say(progress, "report", f"report written to {report}")
-    barrier()
-    return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
+        report = run.report
+        if ranks().is_main:
+            truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
+            report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
+                                  truths=truths)
+            _say(progress, "report", f"report written to {report}")
+        barrier()
+        return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
 
 
 def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:

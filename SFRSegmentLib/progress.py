@@ -1,6 +1,6 @@
 """Progress reporting and cancellation shared by the long-running stages.
 
-A stage reports :class:`ProgressEvent` objects to a :data:`Progress` callable. The command line turns them into a
+A stage reports :class:`~SFRSegmentLib.events.ProgressEvent` objects to a :data:`Progress` callable. The command line turns them into a
 tqdm bar on a terminal (:class:`TqdmReporter`) or into JSON lines on stdout (:class:`JsonLinesReporter`, one object per
 line with the keys of :class:`ProgressEvent`: stage, step, total, loss, metric, eta_s, message, level): the JSON lines
 are the one contract between the Slicer module and the engine's child process. ``level`` is ``info`` or ``warning``;
@@ -15,48 +15,16 @@ second SIGINT interrupts at once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, TextIO
 
 from tqdm import tqdm
 
 from .distributed import ranks
-
-LEVELS = ("info", "warning")
-"""Event levels: ``warning`` marks a message the user should act on."""
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Where a stage is: ``step`` of ``total`` done, with the latest loss or metric and the estimated time left.
-
-    ``level`` is ``info``, or ``warning`` for a message the user should act on (e.g. a run estimated to take many
-    hours); reporters show warnings as such.
-    """
-
-    stage: str
-    step: int
-    total: int
-    loss: Optional[float] = None
-    metric: Optional[float] = None
-    eta_s: Optional[float] = None
-    message: str = ""
-    level: str = "info"
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
-
-    def to_json(self) -> str:
-        """One line of JSON with every field (None as null)."""
-        return json.dumps(dataclasses.asdict(self))
-
+from .events import ProgressEvent  # noqa: F401  (stages import it from here)
 
 Progress = Callable[[ProgressEvent], None]
 """Anything that accepts progress events."""

@@ -18,16 +18,21 @@
         checkpoint.pt, vnet.pt, log.csv
       predictions/<case>.seg.nrrd, <case>.nii.gz
       metrics.csv, report.html
+      .lock                            held by the process that runs in this folder (see RunFolder.exclusive)
 
 Every file is written atomically (see :mod:`SFRSegmentLib.atomic`): a file that exists is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from .errors import PathLike
+from .errors import InputError, PathLike
 
 PROBABILITY_SCALE = 255
 """Probabilities are stored as uint8: p = stored / PROBABILITY_SCALE (a 0.002 quantisation step)."""
@@ -41,6 +46,29 @@ class RunFolder:
 
     def __init__(self, root: PathLike) -> None:
         object.__setattr__(self, "root", Path(root))
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator["RunFolder"]:
+        """Hold the folder's lock while the body runs; a second process (a second click on Run, a second command)
+        gets an :class:`InputError` at once instead of overwriting the first one's files.
+
+        The lock is an OS file lock on ``.lock``, so the OS releases it when its process dies, however it dies: no
+        stale lock survives a kill. Once it is held, the hidden temporary folders that killed writers left behind
+        (``.<name>.*.partial``, :mod:`SFRSegmentLib.atomic`) are removed, since no writer can still be using them.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock_path = self.root / ".lock"
+        with open(lock_path, "a+", encoding="utf-8") as lock_file:
+            if not _try_lock(lock_file):
+                raise InputError(f"another SFRSegment process (pid {_lock_holder(lock_path)}) is running in this run folder; wait for "
+                                 "it to finish or stop it, or choose another output folder", self.root)
+            lock_file.seek(0)
+            lock_file.truncate()
+            lock_file.write(f"{os.getpid()}\n")
+            lock_file.flush()
+            for leftover in sorted(self.root.rglob(".*.partial"), reverse=True):
+                shutil.rmtree(leftover, ignore_errors=True)
+            yield self  # the lock ends when the file is closed
 
     # run level
     @property
@@ -119,3 +147,28 @@ class RunFolder:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+
+def _lock_holder(lock_path: Path) -> str:
+    """The pid the holder wrote into the lock file ("unknown" where it cannot be read, e.g. locked on Windows)."""
+    try:
+        return lock_path.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _try_lock(lock_file) -> bool:
+    """Take an exclusive, non-blocking lock on the open file; False when another process holds it."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            lock_file.seek(0)
+            msvcrt.locking(lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True

@@ -136,6 +136,25 @@ def test_a_bad_case_stops_the_run_before_training(cohort, tmp_path):
     assert not (tmp_path / "run" / "finetune").exists()
 
 
+def test_a_second_run_on_a_folder_in_use_stops_without_touching_it(cohort, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from SFRSegmentLib.runfolder import RunFolder\n"
+                               "with RunFolder(sys.argv[1]).exclusive():\n"
+                               "    print('locked', flush=True); time.sleep(600)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = _write_config(tmp_path / "config.json", 2, 2)
+        result = subprocess.run(_command(cohort, out, config), cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2
+    assert f"pid {holder.pid}" in result.stderr and str(out) in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no config, manifest or stage folder written
+
+
 def test_config_validation_names_the_field(tmp_path):
     with pytest.raises(InputError) as info:
         with_overrides(preset("small"), {"retrain": {"patch_size": [50, 48, 16]}}, source=tmp_path / "c.json")

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -28,6 +29,18 @@ from SFRSegmentLogicLib.process import (  # noqa: E402
     engine_environment,
     parse_progress_line,
 )
+
+def test_the_process_module_imports_without_the_engine_dependencies():
+    # Inside Slicer it must work before torch, tqdm, numpy and the rest are installed.
+    blocked = ("torch", "tqdm", "numpy", "monai", "SimpleITK", "segment_anything")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            "import SFRSegmentLogicLib.process as p; print(p.parse_progress_line('{\"stage\": \"x\"}').stage)")
+    path = os.pathsep.join([str(ROOT / "SFRSegment"), str(ROOT)])
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": path})
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "x"
+
 
 FAKE_ENGINE = textwrap.dedent('''
     import json, signal, subprocess, sys, time
@@ -185,10 +198,14 @@ def test_progress_line_with_missing_optional_fields():
     assert event.level == "info"
 
 
+def test_an_unknown_level_reads_as_info():
+    event = parse_progress_line('{"stage": "estimate", "step": 1, "total": 1, "level": "critical"}')
+    assert event == ProgressEvent("estimate", 1, 1)
+
+
 def test_the_parser_reads_what_the_engine_writes():
     progress = pytest.importorskip("SFRSegmentLib.progress")
-    assert [f.name for f in dataclasses.fields(progress.ProgressEvent)] == \
-        [f.name for f in dataclasses.fields(ProgressEvent)]
+    assert progress.ProgressEvent is ProgressEvent  # one definition, in SFRSegmentLib.events
     stream = io.StringIO()
     reporter = progress.JsonLinesReporter(stream)
     sent = [progress.ProgressEvent("finetune", 5, 10, loss=0.25, metric=0.8, eta_s=12.5, message="half"),

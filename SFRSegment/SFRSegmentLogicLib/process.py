@@ -1,9 +1,10 @@
 """The engine's child process: start it, read its JSON-lines progress, cancel it with everything it started.
 
-Standard library only, so it works inside Slicer, under ``PythonSlicer`` and in a plain Python.
+Standard library only (with the engine's stdlib-only :mod:`SFRSegmentLib.events`), so it works inside Slicer before
+the engine's dependencies are installed, under ``PythonSlicer`` and in a plain Python.
 
 The engine (``python -m SFRSegmentLib run … --progress jsonl``) writes one JSON object per line on stdout with the
-fields of :class:`SFRSegmentLib.progress.ProgressEvent` (stage, step, total, loss, metric, eta_s, message, level).
+fields of :class:`SFRSegmentLib.events.ProgressEvent` (stage, step, total, loss, metric, eta_s, message, level).
 Any other line, on stdout or stderr, is log text. :class:`EngineJob` turns the output into :class:`ProgressEvent`
 objects and log lines, and the end of the process into an :class:`Outcome`. It is driven either by a Qt timer calling
 :meth:`EngineJob.poll` (in the GUI) or by :meth:`EngineJob.wait` (a blocking loop, for scripts).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import json
 import os
 import queue
 import signal
@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from SFRSegmentLib.events import ProgressEvent, parse_progress_line
 
 STDOUT = "stdout"
 STDERR = "stderr"
@@ -43,64 +45,6 @@ _CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 """Windows: start console programs without a console window (0 elsewhere)."""
 _DRAIN_S = 2.0
 """How long output is still awaited after the child has exited (a leftover grandchild may hold its pipes open)."""
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One progress line of the engine: ``step`` of ``total`` done in ``stage``, with the latest loss or metric.
-
-    The fields are those of :class:`SFRSegmentLib.progress.ProgressEvent` (which imports tqdm and so cannot be used
-    before the engine's dependencies are installed); a test keeps the two in step.
-    """
-
-    stage: str
-    step: int
-    total: int
-    loss: Optional[float] = None
-    metric: Optional[float] = None
-    eta_s: Optional[float] = None
-    message: str = ""
-    level: str = "info"
-    """``info``, or ``warning`` for a message the user should act on (e.g. a run estimated to take many hours)."""
-
-    @property
-    def fraction(self) -> Optional[float]:
-        """How much of the stage is done, in [0, 1]; None when the stage does not know its length."""
-        if self.total <= 0:
-            return None
-        return min(max(self.step / self.total, 0.0), 1.0)
-
-
-def parse_progress_line(line: str) -> Optional[ProgressEvent]:
-    """The progress event on one line of the engine's stdout, or None when the line is not one (it is log text)."""
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        fields = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(fields, dict) or not isinstance(fields.get("stage"), str):
-        return None
-    try:
-        return ProgressEvent(
-            stage=fields["stage"],
-            step=int(fields.get("step") or 0),
-            total=int(fields.get("total") or 0),
-            loss=_optional_float(fields.get("loss")),
-            metric=_optional_float(fields.get("metric")),
-            eta_s=_optional_float(fields.get("eta_s")),
-            message=str(fields.get("message") or ""),
-            level=str(fields.get("level") or "info"),
-        )
-    except (TypeError, ValueError):
-        return None
-
-
-def _optional_float(value: object) -> Optional[float]:
-    if value is None or isinstance(value, bool):
-        return None
-    return float(value)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------------
