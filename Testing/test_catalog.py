@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
@@ -14,7 +18,9 @@ from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.sam import catalog
 from SFRSegmentLib.sam.catalog import DEFAULT_MODEL_ID, FIELD_NAMES, ModelEntry, get_model, load_catalog
 
-SCHEMA = Path(catalog.BUNDLED_CATALOG).with_name("Models.schema.json")
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "Resources" / "Models.json"
+SCHEMA = SHIPPED.with_name("Models.schema.json")
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +29,7 @@ def _no_catalog_override(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def shipped_document() -> Dict[str, Any]:
-    return json.loads(catalog.BUNDLED_CATALOG.read_text(encoding="utf-8"))
+    return json.loads(SHIPPED.read_text(encoding="utf-8"))
 
 
 def write_catalog(tmp_path: Path, document: Any) -> Path:
@@ -59,7 +65,7 @@ def test_env_var_selects_another_catalog(tmp_path: Path, monkeypatch: pytest.Mon
     document["models"] = document["models"][:1]
     monkeypatch.setenv(catalog.MODELS_JSON_ENV, str(write_catalog(tmp_path, document)))
     assert list(load_catalog()) == ["sam_vit_b"]
-    assert list(load_catalog(catalog.BUNDLED_CATALOG)) != ["sam_vit_b"]  # an explicit path wins over the env var
+    assert list(load_catalog(SHIPPED)) != ["sam_vit_b"]  # an explicit path wins over the env var
 
 
 def test_null_sha256_is_allowed_and_marks_the_entry_unverified(tmp_path: Path) -> None:
@@ -155,3 +161,33 @@ def test_model_entry_fields_match_the_catalog_fields() -> None:
     entry = next(iter(load_catalog().values()))
     assert isinstance(entry, ModelEntry)
     assert set(shipped_document()["models"][0]) == set(FIELD_NAMES)
+
+
+def test_the_repository_catalog_is_the_default() -> None:
+    assert catalog.find_catalog() == SHIPPED
+
+
+def test_a_wheel_installed_by_pip_carries_the_catalog(tmp_path: Path) -> None:
+    # Build the real wheel from a copy of the sources (so the repository gets no build folder), install it into a
+    # folder of its own, and read the catalog from there, far from the repository's Resources/.
+    source = tmp_path / "source"
+    for name in ("SFRSegmentLib", "Resources"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   capture_output=True)
+    code = ("import json, SFRSegmentLib; from SFRSegmentLib.sam import catalog; "
+            "print(json.dumps([SFRSegmentLib.__file__, str(catalog.find_catalog()), list(catalog.load_catalog())]))")
+    environment = {key: value for key, value in os.environ.items() if key != catalog.MODELS_JSON_ENV}
+    completed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                               env={**environment, "PYTHONPATH": str(tmp_path / "site")}, check=True)
+    package_file, found, ids = json.loads(completed.stdout.strip().splitlines()[-1])
+    site = tmp_path / "site"
+    assert Path(package_file).is_relative_to(site)
+    assert Path(found) == site / "SFRSegmentLib" / "resources" / "Models.json"
+    assert ids == list(load_catalog(SHIPPED))

@@ -28,8 +28,10 @@ FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(pth|pt)$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 # Where the catalog lives when nothing else is said: <root>/Resources/Models.json, <root> being the folder that
-# holds the SFRSegmentLib package (the repository, or the Slicer module folder the package is copied into).
-BUNDLED_CATALOG = Path(__file__).resolve().parents[2] / "Resources" / "Models.json"
+# holds the SFRSegmentLib package (the repository, or the Slicer module folder the package is copied into); in a
+# wheel installed by pip it is SFRSegmentLib/resources/Models.json (pyproject.toml maps Resources/ there).
+_PACKAGE = Path(__file__).resolve().parents[1]
+BUNDLED_CATALOG_LOCATIONS = (_PACKAGE.parent / "Resources" / "Models.json", _PACKAGE / "resources" / "Models.json")
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,14 @@ def find_catalog(path: Optional[PathLike] = None) -> Path:
     """The catalog file to read: ``path`` if given, else ``$SFRSEGMENT_MODELS_JSON``, else the bundled one.
 
     The bundled catalog is ``Resources/Models.json`` next to the ``SFRSegmentLib`` package folder, which is where
-    both the repository and the Slicer extension keep it.
+    both the repository and the Slicer extension keep it, or ``SFRSegmentLib/resources/Models.json`` in a wheel.
     """
     if path is not None:
         return Path(path).expanduser()
     from_env = os.environ.get(MODELS_JSON_ENV)
     if from_env:
         return Path(from_env).expanduser()
-    return BUNDLED_CATALOG
+    return next((p for p in BUNDLED_CATALOG_LOCATIONS if p.is_file()), BUNDLED_CATALOG_LOCATIONS[0])
 
 
 def load_catalog(path: Optional[PathLike] = None) -> Dict[str, ModelEntry]:
