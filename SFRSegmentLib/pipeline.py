@@ -236,9 +236,10 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
     """What each training and prediction stage of ``run_pipeline`` still has to do in ``run``, for the estimate.
 
     Finished work is left out: fine-tuning with its ``sam_trainable.json``, re-training with its ``vnet.pt``,
-    pseudo-labelling per cached case, prediction per up-to-date case, SFR+ per finished round. A stage stopped
-    midway counts in full. In an unfinished SFR+ round every unlabeled case counts as scored and pseudo-labelled,
-    and fine-tuning as run: which cases are confident is known only once the round runs, so this is an upper bound.
+    pseudo-labelling per cached case, prediction per up-to-date case, SFR+ per finished round; a fine-tuning or
+    re-training stopped midway counts the iterations its checkpoint has still to do. In an unfinished SFR+ round
+    every unlabeled case counts as scored and pseudo-labelled, and fine-tuning as run: which cases are confident is
+    known only once the round runs, so this is an upper bound.
     """
     unlabeled = tuple(cohort.unlabeled)
     work: List[StageWork] = []
@@ -267,7 +268,9 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
 
 
 def _finetune_left(run: RunFolder, config: RunConfig) -> int:
-    return 0 if read_weights_info(run.sam_weights) is not None else config.finetune.iterations
+    if read_weights_info(run.sam_weights) is not None:
+        return 0
+    return max(0, config.finetune.iterations - _checkpoint_iteration(run.finetune_checkpoint))
 
 
 def _pseudolabels_left(run: RunFolder, cases: Sequence[Case], config: RunConfig) -> Tuple[Case, ...]:
@@ -276,7 +279,20 @@ def _pseudolabels_left(run: RunFolder, cases: Sequence[Case], config: RunConfig)
 
 
 def _retrain_left(run: RunFolder, settings: RetrainConfig) -> int:
-    return 0 if run.vnet_weights.is_file() else settings.iterations
+    if run.vnet_weights.is_file():
+        return 0
+    return max(0, settings.iterations - _checkpoint_iteration(run.retrain_checkpoint))
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    """The iterations a stage's checkpoint has done (0 without one). Memory-mapped, so the weights are not read; a
+    damaged checkpoint counts as 0 here and is reported by its stage."""
+    if not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+    except Exception:  # torch.load raises many types for damaged files
+        return 0
 
 
 def _evaluate(pred_dir: Path, truth_dir: Path, out: Path, cohort: Cohort, progress: Progress) -> Path:

@@ -127,6 +127,20 @@ def test_finished_stages_and_cached_cases_are_left_out(cohort, tmp_path):
         assert all(math.isfinite(item.seconds_each) and item.seconds_each > 0 for item in stage.items)
 
 
+def test_a_stage_stopped_midway_counts_what_its_checkpoint_has_left(cohort, tmp_path):
+    config = small_config(cohort)
+    run = RunFolder(tmp_path / "run")
+    run.finetune_dir.mkdir(parents=True)
+    run.retrain_dir.mkdir()
+    torch.save({"iteration": 4, "weights": torch.zeros(3)}, run.finetune_checkpoint)
+    torch.save({"iteration": 5, "weights": torch.zeros(3)}, run.retrain_checkpoint)
+    work = {stage.stage: stage for stage in remaining_work(cohort, run, config)}
+    assert (work["finetune"].finetune_iterations, work["retrain"].retrain_iterations) == (7 - 4, 13 - 5)
+
+    run.retrain_checkpoint.write_bytes(b"damaged")  # counted in full here; the stage itself reports it
+    assert {s.stage: s for s in remaining_work(cohort, run, config)}["retrain"].retrain_iterations == 13
+
+
 @pytest.mark.parametrize("warn_hours, warns", [(1e-9, True), (1e9, False)])
 def test_the_estimate_warns_in_the_json_lines_only_above_the_threshold(cohort, warn_hours, warns):
     config = small_config(cohort, estimate_warn_hours=warn_hours)
