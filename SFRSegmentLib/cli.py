@@ -103,7 +103,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     if args.config:
         config = with_overrides(config, load_overrides(args.config), args.config)
     config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
-    run = RunFolder(args.run)
+    run = RunFolder(args.out)
     with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         weights = retrain(discover_cohort(args.cohort), run, config, progress=make_reporter(args.progress),
                           cancellation=cancellation)
@@ -192,7 +192,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.gradient_checkpointing:
         given["sam"] = {"gradient_checkpointing": True}
     config = with_overrides(config, given)
-    run = RunFolder(args.run)
+    run = RunFolder(args.out)
     with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         weights = finetune(cohort, run, config, make_reporter(args.progress), cancellation)
     print(f"wrote {weights}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
@@ -214,7 +214,7 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
     options = {"window": args.window, "overlap": args.overlap, "windows_per_batch": args.windows_per_batch,
                "device": args.device, "redo": args.redo or None}
     config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
-    run = RunFolder(args.run)
+    run = RunFolder(args.out)
     with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         table = pseudolabel(cohort, run, config, make_reporter(args.progress), cancellation)
     out = sys.stderr if args.progress == "jsonl" else sys.stdout
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="re-train the V-Net (stage R) with a semi-supervised method; resumes a "
                        "stopped run")
     _add_cohort_option(p)
-    p.add_argument("--run", type=Path, required=True, help="run folder (sfr* methods read its pseudolabels/)")
+    _add_run_folder_option(p, "(sfr* methods read its pseudolabels/; writes retrain/)")
     p.add_argument("--method", help="supervised, mt, uamt, acmt, or sfr / sfr_mt / sfr_uamt / sfr_acmt (with the "
                    "cached pseudo-labels; default sfr_mt, the paper's code)")
     p.add_argument("--iterations", type=int, help="default: 6000")
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune SAM on the stitched labeled cases (stage F); resumes a stopped "
                        "run")
     _add_cohort_option(p)
-    p.add_argument("--run", type=Path, required=True, help="run folder (writes its finetune/)")
+    _add_run_folder_option(p, "(writes its finetune/)")
     p.add_argument("--preset", choices=("paper", "small"), default="paper",
                    help="paper: ViT-B 1024², patches 112 112 80, 6000 iterations, SAM checkpoint sam_vit_b (GPU); "
                    "small: 256² CPU model, patches 64 64 16, 200 iterations, random initialisation (demo/test only)")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pseudolabel", help="pseudo-label the unlabeled cases with the fine-tuned SAM (stage P), "
                        "whole volumes by sliding windows; cached")
     _add_cohort_option(p)
-    p.add_argument("--run", type=Path, required=True, help="run folder holding finetune/ (writes pseudolabels/)")
+    _add_run_folder_option(p, "(reads its finetune/, writes pseudolabels/)")
     p.add_argument("--preset", choices=("paper", "small"), default="paper",
                    help="window size of the matching finetune preset (112 112 80 or 64 64 16)")
     p.add_argument("--window", type=int, nargs=3, metavar=("H", "W", "D"), help="window size (the re-training "
@@ -369,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_cohort_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+
+
+def _add_run_folder_option(parser: argparse.ArgumentParser, what: str) -> None:
+    # Named as `run --out`. Not `--run`: under `torchrun -m SFRSegmentLib …` torchrun's own parser reads our
+    # options too, and `--run` is an ambiguous prefix of its `--run-path`.
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help=f"the run folder {what}")
 
 
 def _add_progress_option(parser: argparse.ArgumentParser) -> None:

@@ -109,3 +109,21 @@ def test_run_estimates_the_run_time_unless_told_not_to(tmp_path, flags, estimate
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert config["estimate"] is estimate and config["estimate_warn_hours"] == 3.0
+
+
+def test_no_option_is_taken_by_torchrun():
+    # Under `torchrun … -m SFRSegmentLib CMD ARGS`, torchrun's parser also reads ARGS and takes any option that is a
+    # prefix of one of its own (argparse abbreviations): it would fail (`--run` vs `--run-path`) or silently eat it.
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    from SFRSegmentLib.cli import build_parser
+
+    theirs = {s for action in get_args_parser()._actions for s in action.option_strings}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    ours = {(name, s) for name, parser in commands.items() for action in parser._actions
+            for s in action.option_strings if s not in ("-h", "--help")}
+    assert len(commands) >= 10 and len(ours) > 50
+    taken = sorted((name, s) for name, s in ours if any(t.startswith(s) for t in theirs))
+    assert taken == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,41 @@ def test_torchrun_runs_the_whole_pipeline_with_one_voice(cohort, tmp_path):
     assert sorted(row["case"] for row in rows) == unlabeled
     info = json.loads(run.sam_weights_info.read_text())
     assert info["training"]["processes"] == 2
+
+
+def test_a_signal_to_torchrun_stops_every_rank_at_a_checkpoint_and_a_rerun_resumes(cohort, tmp_path):
+    """SIGTERM to torchrun (what a scheduler or the Slicer module's Cancel sends): torchrun passes it to both ranks,
+    they agree to stop at the same iteration, rank 0 saves the checkpoint, and the same command then finishes."""
+    run = RunFolder(tmp_path / "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "SFRSegmentLib", "finetune", "--cohort", str(cohort), "--out", str(run.root), "--preset", "small",
+               "--iterations", "40", "--patch", "32", "32", "16", "--checkpoint-every", "1000", "--progress", "jsonl",
+               "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        try:
+            for line in launcher.stdout:
+                event = json.loads(line)
+                if event["stage"] == "finetune" and event["step"] >= 3:
+                    launcher.send_signal(signal.SIGTERM)
+                    break
+            launcher.stdout.read()
+            launcher.wait(timeout=120)
+        finally:
+            launcher.kill()
+    log = (tmp_path / "stderr.txt").read_text()
+    assert launcher.returncode != 0
+    assert log.count("cancelled: the last checkpoint is saved") == 2, log[-3000:]  # both ranks stopped cleanly
+    stopped_at = load(run.finetune_checkpoint)["iteration"]
+    assert 3 <= stopped_at < 40  # the only checkpoint is the one saved on the stop (--checkpoint-every 1000)
+    assert not run.sam_weights.exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    events = [json.loads(line) for line in resumed.stdout.splitlines()]
+    assert f"resumed at iteration {stopped_at}" in [e["message"] for e in events]
+    trained = [e["step"] for e in events if e["stage"] == "finetune" and e["loss"] is not None]
+    assert trained == list(range(stopped_at + 1, 41))  # continued, not restarted, one rank reporting
+    with open(run.finetune_log, newline="") as handle:
+        assert [int(row["iteration"]) for row in csv.DictReader(handle)] == list(range(40))  # each once (0-based)

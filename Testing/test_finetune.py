@@ -289,7 +289,7 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
 
 
 def test_cli_finetune_small_preset_with_json_progress(cohort, tmp_path):
-    result = run_cli("finetune", "--cohort", cohort.root, "--run", tmp_path, "--preset", "small", "--iterations", 2,
+    result = run_cli("finetune", "--cohort", cohort.root, "--out", tmp_path, "--preset", "small", "--iterations", 2,
                      "--patch", *PATCH, "--progress", "jsonl")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
@@ -302,7 +302,7 @@ def test_cli_finetune_small_preset_with_json_progress(cohort, tmp_path):
 def test_cli_finetune_on_a_bad_cohort_exits_2(tmp_path):
     (tmp_path / "case_a").mkdir()
     (tmp_path / "case_a" / "scan.nrrd").write_bytes(b"")
-    result = run_cli("finetune", "--cohort", tmp_path, "--run", tmp_path / "run", "--preset", "small")
+    result = run_cli("finetune", "--cohort", tmp_path, "--out", tmp_path / "run", "--preset", "small")
     assert result.returncode == 2
     assert "case_a" in result.stderr and "no image file" in result.stderr and "Traceback" not in result.stderr
 
@@ -310,7 +310,7 @@ def test_cli_finetune_on_a_bad_cohort_exits_2(tmp_path):
 def test_cli_paper_preset_offline_says_how_to_use_a_local_checkpoint(cohort, tmp_path):
     env = {"SFRSEGMENT_CACHE_DIR": str(tmp_path / "cache"),
            "SFRSEGMENT_MODEL_URL_SAM_VIT_B": "http://127.0.0.1:9/sam_vit_b_01ec64.pth"}  # refused at once: offline
-    result = run_cli("finetune", "--cohort", cohort.root, "--run", tmp_path / "run", env=env)
+    result = run_cli("finetune", "--cohort", cohort.root, "--out", tmp_path / "run", env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "sam_vit_b" in result.stderr and "import_local" in result.stderr and "--checkpoint FILE" in result.stderr
     assert not (tmp_path / "run" / "finetune").exists()

@@ -165,7 +165,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 def test_cli_finetune_then_pseudolabel(tmp_path):
     cohort = make_synthetic_cohort(tmp_path / "cohort", n_cases=3, n_labeled=1, spacing=SPACING,
                                    size_range=((36, 40), (36, 40), (16, 18)))
-    common = ("--cohort", cohort.root, "--run", tmp_path / "run", "--preset", "small", "--progress", "none")
+    common = ("--cohort", cohort.root, "--out", tmp_path / "run", "--preset", "small", "--progress", "none")
     result = run_cli("finetune", *common, "--iterations", 1, "--patch", *PATCH)
     assert result.returncode == 0, result.stderr
     result = run_cli("pseudolabel", *common, "--window", *PATCH, "--overlap", 0.25)
@@ -178,8 +178,8 @@ def test_cli_finetune_then_pseudolabel(tmp_path):
 
 
 def test_cli_pseudolabel_on_a_bad_cohort_or_without_fine_tuning_exits_2(tmp_path):
-    result = run_cli("pseudolabel", "--cohort", tmp_path / "missing", "--run", tmp_path / "run")
+    result = run_cli("pseudolabel", "--cohort", tmp_path / "missing", "--out", tmp_path / "run")
     assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
     cohort = make_synthetic_cohort(tmp_path / "cohort", n_cases=2, n_labeled=1, size_range=((16, 16),) * 3)
-    result = run_cli("pseudolabel", "--cohort", cohort.root, "--run", tmp_path / "run", "--preset", "small")
+    result = run_cli("pseudolabel", "--cohort", cohort.root, "--out", tmp_path / "run", "--preset", "small")
     assert result.returncode == 2 and "run the finetune stage first" in result.stderr

@@ -201,7 +201,7 @@ def test_cli_retrain(cohort: Cohort, tmp_path: Path) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
     options = tmp_path / "options.json"
     options.write_text(json.dumps({"n_filters": 4, "iterations": 50}))  # the flags win over the file
-    command = [sys.executable, "-m", "SFRSegmentLib", "retrain", "--cohort", str(cohort.root), "--run", str(run.root),
+    command = [sys.executable, "-m", "SFRSegmentLib", "retrain", "--cohort", str(cohort.root), "--out", str(run.root),
                "--method", "sfr_mt", "--iterations", "2", "--patch", "32", "32", "16", "--batch-labeled", "1",
                "--batch-unlabeled", "1", "--device", "cpu", "--progress", "jsonl", "--config", str(options)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
