@@ -122,7 +122,14 @@ def blockwise_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def _blockwise_applies(q: torch.Tensor) -> bool:
     """The blockwise kernel is the faster one on CPU; under autocast the folded SDPA keeps bf16 kernels."""
-    return q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    return q.device.type == "cpu" and not _cpu_autocast_enabled()
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument (pyproject allows torch from 2.1)
+        return torch.is_autocast_cpu_enabled()
 
 
 class EfficientAttention(SamAttention):
