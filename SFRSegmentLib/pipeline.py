@@ -80,44 +80,50 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
     config = config.for_cohort(cohort)
     # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
     with on_main_rank(run.exclusive()):
-        if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
-            _remove_outputs(run, redo)
-            atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
-            atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
-        barrier()
-        if config.estimate:
-            estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+        return _run_stages(cohort, run, config, progress, cancellation, redo)
 
-        stage_args = dict(progress=progress, cancellation=cancellation)
-        if config.retrain.uses_pseudo_labels:
-            with _stage("finetune"):
-                finetune(cohort, run, config.finetune, **stage_args)
-            with _stage("pseudolabel"):
-                pseudolabel(cohort, run, config.pseudolabel, **stage_args)
-        with _stage("retrain"):
-            vnet = retrain(cohort, run, config.retrain, **stage_args)
-        if config.sfr_plus:
-            with _stage("sfrplus"):
-                vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
-        baseline_metrics = None
-        if config.baseline_method:
-            with _stage("baseline"):
-                baseline_metrics = _run_baseline(cohort, run, config, progress, cancellation)
-        with _stage("predict"):
-            _predict(vnet, cohort.unlabeled, run.prediction_dir, config, progress)
-        metrics = None
-        if config.truth_dir:
-            metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
-        from .report import write_report
 
-        report = run.report
-        if ranks().is_main:
-            truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
-            report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
-                                  truths=truths)
-            _say(progress, "report", f"report written to {report}")
-        barrier()
-        return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
+def _run_stages(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
+                cancellation: Optional[Cancellation], redo: Sequence[str]) -> PipelineResult:
+    """Every stage in order, in a run folder this process holds (see :func:`run_pipeline`)."""
+    if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
+        _remove_outputs(run, redo)
+        atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
+        atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
+    barrier()
+    if config.estimate:
+        estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+
+    stage_args = dict(progress=progress, cancellation=cancellation)
+    if config.retrain.uses_pseudo_labels:
+        with _stage("finetune"):
+            finetune(cohort, run, config.finetune, **stage_args)
+        with _stage("pseudolabel"):
+            pseudolabel(cohort, run, config.pseudolabel, **stage_args)
+    with _stage("retrain"):
+        vnet = retrain(cohort, run, config.retrain, **stage_args)
+    if config.sfr_plus:
+        with _stage("sfrplus"):
+            vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
+    baseline_metrics = None
+    if config.baseline_method:
+        with _stage("baseline"):
+            baseline_metrics = _run_baseline(cohort, run, config, progress, cancellation)
+    with _stage("predict"):
+        _predict(vnet, cohort.unlabeled, run.prediction_dir, config, progress)
+    metrics = None
+    if config.truth_dir:
+        metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
+    from .report import write_report
+
+    report = run.report
+    if ranks().is_main:
+        truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
+        report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
+                              truths=truths)
+        _say(progress, "report", f"report written to {report}")
+    barrier()
+    return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
 
 
 def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:

@@ -1,9 +1,10 @@
 """Progress reporting and cancellation shared by the long-running stages.
 
-A stage reports :class:`~SFRSegmentLib.events.ProgressEvent` objects to a :data:`Progress` callable. The command line turns them into a
-tqdm bar on a terminal (:class:`TqdmReporter`) or into JSON lines on stdout (:class:`JsonLinesReporter`, one object per
-line with the keys of :class:`ProgressEvent`: stage, step, total, loss, metric, eta_s, message, level): the JSON lines
-are the one contract between the Slicer module and the engine's child process. ``level`` is ``info`` or ``warning``;
+A stage reports :class:`~SFRSegmentLib.events.ProgressEvent` objects to a :data:`Progress` callable. The command
+line turns them into a tqdm bar on a terminal (:class:`TqdmReporter`) or into JSON lines on stdout
+(:class:`JsonLinesReporter`, one object per line with the keys of :class:`ProgressEvent`: stage, step, total, loss,
+metric, eta_s, message, level): the JSON lines are the one contract between the Slicer module and the engine's child
+process (:mod:`SFRSegmentLib.events` defines and parses them). ``level`` is ``info`` or ``warning``;
 the run-time estimate (stage ``estimate``, :mod:`SFRSegmentLib.estimate`) warns this way before a run that would
 take many hours.
 

@@ -60,8 +60,8 @@ class RunFolder:
         lock_path = self.root / ".lock"
         with open(lock_path, "a+", encoding="utf-8") as lock_file:
             if not _try_lock(lock_file):
-                raise InputError(f"another SFRSegment process (pid {_lock_holder(lock_path)}) is running in this run folder; wait for "
-                                 "it to finish or stop it, or choose another output folder", self.root)
+                raise InputError(f"another SFRSegment process (pid {_lock_holder(lock_path)}) is running in this run "
+                                 "folder; wait for it to finish or stop it, or choose another output folder", self.root)
             lock_file.seek(0)
             lock_file.truncate()
             lock_file.write(f"{os.getpid()}\n")

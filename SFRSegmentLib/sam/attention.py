@@ -4,7 +4,7 @@ SAM's ``Attention.forward`` materialises the (B·heads, N, N) score matrix, adds
 terms to it, and keeps the softmax for the backward pass (1.6 GB per global block at 1024², batch 2).
 :class:`EfficientAttention` computes the same function without keeping any (N, N) matrix:
 
-* on CPU (float32, no autocast), with :func:`blockwise_rel_pos_attention`: scores, bias and softmax are formed for
+* on CPU (without autocast), with :func:`blockwise_rel_pos_attention`: scores, bias and softmax are formed for
   a block of queries at a time, and recomputed block by block in the backward pass;
 * elsewhere, with ``torch.nn.functional.scaled_dot_product_attention``, the decomposed bias folded into q and k as
   extra channels so that the fused CUDA kernels apply.
@@ -35,7 +35,7 @@ SamBlock = _image_encoder.Block
 
 SCORE_BLOCK_ELEMENTS = 1 << 22
 """Score-matrix elements formed at once by :func:`blockwise_rel_pos_attention` (16 MB in float32: large enough for
-efficient matrix products, small enough to stay in cache; measured with benchmarks/bench_sam.py)."""
+efficient matrix products, small enough to stay in cache; at the paper's shapes 2 M and 8 M were slower)."""
 
 _softmax_into = torch.ops.aten._softmax.out
 
