@@ -20,6 +20,7 @@ from SFRSegmentLib.io import read_volume, write_volume
 from SFRSegmentLib.metrics import CSV_COLUMNS
 from SFRSegmentLib.sam.weights import file_sha256
 from SFRSegmentLib.synthetic import make_synthetic_cohort
+from test_runfolder import start_holder  # a real process holding a run folder's lock
 
 REPO = Path(__file__).resolve().parents[1]
 EVENT_KEYS = {"stage", "step", "total", "loss", "metric", "eta_s", "message", "level"}
@@ -138,13 +139,8 @@ def test_a_bad_case_stops_the_run_before_training(cohort, tmp_path):
 
 def test_a_second_run_on_a_folder_in_use_stops_without_touching_it(cohort, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from SFRSegmentLib.runfolder import RunFolder\n"
-                               "with RunFolder(sys.argv[1]).exclusive():\n"
-                               "    print('locked', flush=True); time.sleep(600)", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = start_holder(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         config = _write_config(tmp_path / "config.json", 2, 2)
         result = subprocess.run(_command(cohort, out, config), cwd=REPO, capture_output=True, text=True, timeout=300)
     finally:

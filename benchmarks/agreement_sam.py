@@ -4,7 +4,8 @@ the official code) and once with the engine's (blockwise on CPU). Prints the lar
 loss and every trainable gradient, each relative to the largest magnitude of the reference.
 
 The tests check the same at the small configuration; this measures it at the paper's shapes (ViT-B, 1024², batch 2;
-about two minutes and 17 GB peak, the reference model running first and being freed before the second). Weights are
+about 1.5 minutes; the reference model runs first, needs about 17 GB as bench_sam's paper-plain, and is freed
+before the second). Weights are
 random, with non-zero relative-position tables and LoRA B (SAM initialises both to zero, which would hide them).
 Usage::
 
