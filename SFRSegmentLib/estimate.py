@@ -34,8 +34,9 @@ from .config import RunConfig
 from .data import Case, Cohort
 from .distributed import any_rank, ranks
 from .inference import InferenceConfig, VNetInfo, resolve_device, sliding_window_probabilities, window_starts
-from .io import read_volume
+from .io import Volume, read_volume
 from .progress import Progress, ProgressEvent, ignore_progress
+from .resample import working_shape
 from .retrain import RetrainConfig, Trainer, TrainingCase, draw_batch
 from .sam.finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
 from .sam.lora import merge_lora
@@ -148,11 +149,10 @@ def warning_message(estimate: RunEstimate, config: RunConfig) -> str:
     """What the user reads when the run would take longer than ``config.estimate_warn_hours``: the time and the
     ways to shorten it."""
     if estimate.device == "cpu":
-        remedy = ("run it on a machine with a CUDA GPU (the paper preset is sized for one), or try the small preset "
-                  "(--preset small) first")
+        remedy = ("run it on a machine with a CUDA GPU (the paper preset is sized for one), or use the cpu preset "
+                  "(--preset cpu), which is sized for real scans on a computer without one")
     else:
-        remedy = ("try the small preset (--preset small) first, or lower finetune.iterations and "
-                  "retrain.iterations (--config)")
+        remedy = "lower finetune.iterations and retrain.iterations (--config)"
     return (f"this run would take about {format_duration(estimate.total_s)} on {estimate.device}, more than "
             f"{config.estimate_warn_hours:g} h: {remedy}. It continues now; stop it (Ctrl-C or Cancel) to change "
             "the setup, and rerun to resume. The threshold is estimate_warn_hours; --no-estimate skips the estimate.")
@@ -203,13 +203,18 @@ def _batches(count: int, batch_size: int) -> int:
 def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConfig) -> List[StageEstimate]:
     """Count × seconds per unit for every stage with work left; image shapes are read from the cases' files. Under
     torchrun the per-case passes are shared by the processes (training steps are timed with all of them)."""
-    shapes: Dict[str, Shape] = {}
+    volumes: Dict[str, Volume] = {}
     processes = ranks().world_size
 
-    def shape(case: Case) -> Shape:
-        if case.name not in shapes:
-            shapes[case.name] = read_volume(case.image).shape
-        return shapes[case.name]
+    def volume(case: Case) -> Volume:
+        if case.name not in volumes:
+            volumes[case.name] = read_volume(case.image)
+        return volumes[case.name]
+
+    def working(case: Case) -> Shape:
+        """The grid the V-Net slides over: the image's own, or the working spacing's."""
+        spacing = config.retrain.spacing
+        return volume(case).shape if spacing is None else working_shape(volume(case), spacing)
 
     stages = []
     for stage in filter(_has_work, work):
@@ -217,7 +222,7 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
         if stage.finetune_iterations:
             items.append(WorkItem("fine-tuning iterations", stage.finetune_iterations, times.finetune_iteration))
         if stage.pseudolabel_cases:
-            passes = sum(pseudolabel_passes(shape(case), config.pseudolabel) for case in stage.pseudolabel_cases)
+            passes = sum(pseudolabel_passes(volume(case).shape, config.pseudolabel) for case in stage.pseudolabel_cases)
             passes = _batches(passes, processes)
             items.append(WorkItem(f"SAM passes of {config.pseudolabel.windows_per_batch} windows "
                                   f"({len(stage.pseudolabel_cases)} cases)", passes, times.pseudolabel_pass))
@@ -225,7 +230,7 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
             method = stage.retrain.method
             items.append(WorkItem(f"{method} iterations", stage.retrain_iterations, times.retrain_iteration[method]))
         if stage.predict_cases:
-            passes = sum(prediction_passes(shape(case), config.inference) for case in stage.predict_cases)
+            passes = sum(prediction_passes(working(case), config.inference) for case in stage.predict_cases)
             passes = _batches(passes, processes)
             items.append(WorkItem(f"V-Net passes of {config.inference.sw_batch_size} windows "
                                   f"({len(stage.predict_cases)} cases)", passes, times.predict_pass))
@@ -346,7 +351,7 @@ def _time_prediction(config: RunConfig, cohort: Cohort, device: torch.device) ->
 
 def _vnet_info(settings: RetrainConfig, cohort: Cohort) -> VNetInfo:
     return VNetInfo(classes=dict(cohort.classes), patch_size=tuple(settings.patch_size),
-                    n_filters=settings.n_filters, normalization=settings.normalization)
+                    n_filters=settings.n_filters, normalization=settings.normalization, spacing=settings.spacing)
 
 
 def _one_batch_shape(window: Sequence[int], steps: Sequence[int], batch_size: int) -> Shape:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path, atomic_write_text
+from .augment import AUGMENTATIONS, augment_crop
 from .config_io import to_dict
 from .data import Case, Cohort, load_case, sample_patch, zscore
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
@@ -46,6 +47,7 @@ from .errors import InputError
 from .inference import MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, resolve_device, save_vnet
 from .io import read_volume
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from .resample import check_spacing, to_working_grid
 from .runfolder import RunFolder
 from .ssl import SSLConfig, Step, build_method, parse_method, segmentation_loss
 from .validation import check_same_geometry
@@ -80,8 +82,15 @@ class RetrainConfig:
     seed: int = 1337
     rot_flip: bool = True
     """The reference 3D rot90 + flip augmentation (LA, BraTS); off for the multi-organ recipes."""
+    augmentation: str = "reference"
+    """``reference``: rot_flip alone; ``strong``: also random affine and intensity changes per crop
+    (:mod:`SFRSegmentLib.augment`), for very few labeled volumes and short schedules."""
     n_filters: int = 16
     normalization: str = "batchnorm"
+    spacing: Optional[Tuple[float, float, float]] = None
+    """Working voxel size in mm: every volume (and its label or pseudo-label) is resampled to it before training,
+    and the model file records it so that prediction resamples the same way and returns labels on each image's own
+    grid (:mod:`SFRSegmentLib.resample`). None trains on each volume's own grid, as the references do."""
     checkpoint_every: int = 1000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -110,6 +119,10 @@ class RetrainConfig:
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lr_power"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be at least 0, got {getattr(self, name)}", field=name)
+        object.__setattr__(self, "spacing", check_spacing(self.spacing, "spacing"))
+        if self.augmentation not in AUGMENTATIONS:
+            raise InputError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}",
+                             field="augmentation")
 
     @classmethod
     def method_recipe(cls, method: str, **overrides: Any) -> "RetrainConfig":
@@ -231,22 +244,35 @@ def required_pseudo_labels(cohort: Cohort, run: RunFolder) -> Dict[str, Path]:
     return paths
 
 
-def load_training_cases(cohort: Cohort, cases: Sequence[Case],
-                        pseudo_labels: Mapping[str, Path]) -> List[TrainingCase]:
-    """The cases z-scored, with their label (labeled cases) or pseudo-label (when one is given) as class indices."""
+def load_training_cases(cohort: Cohort, cases: Sequence[Case], pseudo_labels: Mapping[str, Path],
+                        spacing: Optional[Tuple[float, float, float]] = None) -> List[TrainingCase]:
+    """The cases z-scored, with their label (labeled cases) or pseudo-label (when one is given) as class indices;
+    with ``spacing``, image and target resampled to that working voxel size first."""
     table = class_index_table(cohort.classes)
     loaded = []
     for case in cases:
         image, label = load_case(case, cohort.classes)
+        if label is None and case.name in pseudo_labels:
+            label = read_volume(pseudo_labels[case.name])
+            check_same_geometry(image, label)
         target = None
         if label is not None:
-            target = _class_indices(label.array, table, case.label)
-        elif case.name in pseudo_labels:
-            pseudo = read_volume(pseudo_labels[case.name])
-            check_same_geometry(image, pseudo)
-            target = _class_indices(pseudo.array, table, pseudo.path)
+            target = _class_indices(label.array, table, label.path)
+            if spacing is not None:
+                target = to_working_grid(label.with_array(target), spacing, labels=True).array
+        if spacing is not None:
+            image = to_working_grid(image, spacing)
         loaded.append(TrainingCase(case.name, zscore(image.array), target))
     return loaded
+
+
+def _training_crop(case: TrainingCase, rng: np.random.Generator,
+                   config: RetrainConfig) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """A random crop of ``case`` and its target, augmented as ``config`` says."""
+    image, target = sample_patch(case.image, case.target, config.patch_size, rng, config.rot_flip)
+    if config.augmentation == "strong":
+        image, target = augment_crop(image, target, rng)
+    return image, target
 
 
 def draw_batch(labeled: Sequence[TrainingCase], unlabeled: Sequence[TrainingCase], sampler: TwoStreamSampler,
@@ -256,10 +282,8 @@ def draw_batch(labeled: Sequence[TrainingCase], unlabeled: Sequence[TrainingCase
     draws the global batch, every rank cuts all of it (the same generator on every rank) and keeps its own slice of
     each stream."""
     labeled_ids, unlabeled_ids = sampler.next_batch(rng)
-    crops = [sample_patch(labeled[i].image, labeled[i].target, config.patch_size, rng, config.rot_flip)
-             for i in labeled_ids]
-    unlabeled_crops = [sample_patch(unlabeled[i].image, unlabeled[i].target, config.patch_size, rng,
-                                    config.rot_flip) for i in unlabeled_ids]
+    crops = [_training_crop(labeled[i], rng, config) for i in labeled_ids]
+    unlabeled_crops = [_training_crop(unlabeled[i], rng, config) for i in unlabeled_ids]
     crops = crops[rank_slice(len(crops))]
     labeled_ids = labeled_ids[rank_slice(len(labeled_ids))]
     crops += unlabeled_crops[rank_slice(len(unlabeled_crops))]
@@ -385,10 +409,11 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfi
         torch.backends.cudnn.benchmark = True
 
     info = VNetInfo(classes=dict(cohort.classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
-                    normalization=config.normalization, training=to_dict(config))
+                    normalization=config.normalization, spacing=config.spacing, training=to_dict(config))
     trainer = Trainer(config, info, len(cohort.labeled), len(cohort.unlabeled), device)
-    labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels)
-    unlabeled = load_training_cases(cohort, cohort.unlabeled, pseudo_labels) if trainer.method.uses_unlabeled else []
+    labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing)
+    unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing)
+                 if trainer.method.uses_unlabeled else [])
     if run.retrain_checkpoint.is_file():
         _restore(trainer, run.retrain_checkpoint, config, device)
 

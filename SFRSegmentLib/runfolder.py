@@ -4,7 +4,7 @@
 
     RUN/
       config.json                      resolved configuration of the run
-      manifest.json                    versions, device, seeds, SHA-256 of the inputs
+      manifest.json                    versions, device, seeds, SHA-256 of the inputs (split: train or test)
       finetune/                        stage F (SAM fine-tuning)
         checkpoint.pt                  resumable state (trainable weights, optimizer, schedule, RNG, iteration)
         sam_trainable.pt               final trainable SAM weights (LoRA + prompt encoder + mask decoder)
@@ -16,8 +16,10 @@
         confidence.csv                 case, confidence (mean max-softmax, SFR+ definition), least confident first
       retrain/                         stage R (V-Net re-training)
         checkpoint.pt, vnet.pt, log.csv
-      predictions/<case>.seg.nrrd, <case>.nii.gz
-      metrics.csv, report.html
+      predictions/<case>.seg.nrrd, <case>.nii.gz   the unlabeled and held-out test cases, on each image's grid
+      metrics.csv                      split (test / unlabeled), case, class, Dice, Jaccard, HD95, ASD
+      report.html
+      timings.json                     wall seconds per stage of the last invocation of run
       .lock                            held by the process that runs in this folder (see RunFolder.exclusive)
 
 Every file is written atomically (see :mod:`SFRSegmentLib.atomic`): a file that exists is complete.
@@ -147,6 +149,10 @@ class RunFolder:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
 
 
 def _lock_holder(lock_path: Path) -> str:

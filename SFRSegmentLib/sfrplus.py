@@ -173,7 +173,7 @@ def _score_volumes(run: RunFolder, round_index: int, cases: Sequence[Case], conf
     scored: Dict[str, Tuple[float, Volume]] = {}
 
     def score(case: Case) -> Tuple[float, Volume]:
-        labels, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes)
+        labels, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes, info.spacing)
         return volume_confidence(probabilities, config.confidence_voxels), labels
 
     def collect(case: Case, result: Tuple[float, Volume]) -> None:

@@ -86,6 +86,24 @@ def test_each_stage_is_its_counts_times_the_seconds_per_step(cohort):
         assert format_duration(stage.seconds) in stage.describe()
 
 
+def test_held_out_test_cases_count_in_prediction_only(cohort, tmp_path):
+    held_out = make_synthetic_cohort(tmp_path / "held_out", n_cases=2, n_labeled=2, seed=4,
+                                     size_range=((40, 60), (44, 60), (16, 24)))
+    test = [dataclasses.replace(case, name=f"test_{i}") for i, case in enumerate(held_out.cases)]
+    config = small_config(cohort, sfr_plus=True, sfrplus={"rounds": 1}, baseline_method="supervised")
+    work = {stage.stage: stage
+            for stage in remaining_work(dataclasses.replace(cohort, test=test), RunFolder(tmp_path / "run"), config)}
+    predicted = (*cohort.unlabeled, *test)
+    assert work["predict"].predict_cases == predicted == work["baseline"].predict_cases
+    unlabeled = tuple(cohort.unlabeled)  # no training stage, nor SFR+'s scoring, sees a test case
+    assert work["pseudolabel"].pseudolabel_cases == unlabeled == work["sfrplus"].pseudolabel_cases
+    assert work["sfrplus"].predict_cases == unlabeled
+    stages = {stage.stage: stage for stage in estimate_stages(list(work.values()), TIMES, config)}
+    vnet_passes = sum(monai_calls(case, config.inference.patch_size, monai_overlap(config.inference),
+                                  config.inference.sw_batch_size) for case in predicted)
+    assert [(item.count, item.seconds_each) for item in stages["predict"].items] == [(vnet_passes, 11.0)]
+
+
 def test_finished_stages_and_cached_cases_are_left_out(cohort, tmp_path):
     config = small_config(cohort, sfr_plus=True, sfrplus={"rounds": 2})
     run = RunFolder(tmp_path / "run")
@@ -158,7 +176,7 @@ def test_the_estimate_warns_in_the_json_lines_only_above_the_threshold(cohort, w
     if warns:
         assert warnings == [sent[-1]] and len(sent) == 4
         assert "more than 1e-09 h" in warnings[0]["message"] and "CUDA GPU" in warnings[0]["message"]
-        assert "--preset small" in warnings[0]["message"]
+        assert "--preset cpu" in warnings[0]["message"]
     else:
         assert warnings == [] and len(sent) == 3
 

@@ -190,6 +190,17 @@ def resolve_checkpoint(
     return download(entry, cache=cache, progress=progress, allow_unverified=allow_unverified)
 
 
+def available_offline(model_id_or_path: Optional[PathLike], cache: Optional[PathLike] = None) -> bool:
+    """Whether a pretrained checkpoint for ``model_id_or_path`` is on this machine already (an existing file, or a
+    catalog model verified in the cache); never uses the network. None (random initialisation) is not one."""
+    if model_id_or_path is None:
+        return False
+    if Path(model_id_or_path).expanduser().is_file():
+        return True
+    entry = load_catalog().get(str(model_id_or_path))
+    return entry is not None and find_cached(entry, cache) is not None
+
+
 def load_state_dict(path: PathLike) -> Dict[str, Any]:
     """Load a checkpoint's state dict onto the CPU, without running any code stored in the file."""
     import torch  # here, so that the catalog and downloads work in a Python without torch (e.g. Slicer's GUI)
