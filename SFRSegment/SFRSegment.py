@@ -41,7 +41,7 @@ if importlib.util.find_spec("SFRSegmentLib") is None:
 import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, jobs, nodes  # noqa: E402
 from SFRSegmentLogicLib.jobs import ApplyJob, CaseInput, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
     ChildProcessRunner,
@@ -129,11 +129,18 @@ class Device(enum.Enum):
 
 
 class Preset(enum.Enum):
+    """Where every "From preset" value comes from (SFRSegmentLib.config.preset)."""
+
     PAPER = "paper"
+    CPU = "cpu"
     SMALL = "small"
 
     def label(self) -> str:
-        return {Preset.PAPER: _("Paper (full size; needs a GPU)"), Preset.SMALL: _("Small (quick; CPU-sized)")}[self]
+        return {
+            Preset.PAPER: _("Paper (full size; needs a GPU)"),
+            Preset.CPU: _("CPU (real scans, no GPU; about 30 min)"),
+            Preset.SMALL: _("Small (quick tests and demos; not for real data)"),
+        }[self]
 
 
 @parameterNodeWrapper
@@ -142,7 +149,8 @@ class SFRSegmentParameterNode:
     excludedVolumes - Volumes not to use; every other scalar volume of the scene is used.
     excludedSegments - Segment names not to learn; every other segment name of the labels is learned.
     model - A model id of the catalog (Resources/Models.json), or the path of an imported custom checkpoint.
-    method, device, preset, sfrPlus - As the engine's configuration.
+    method, device, preset, sfrPlus - As the engine's configuration. A new node's preset is cpu without a CUDA GPU,
+        paper with one (SFRSegmentLogic.getParameterNode).
     fineTuneIterations, retrainIterations, patchSizeI/J/K, batchSize - 0 means "the preset's value".
     seed - -1 means "the preset's value".
     jobsFolder - Where job folders are created; empty means the engine's cache folder.
@@ -203,6 +211,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run: Optional["EngineRun"] = None
+        self._runWarning = ""
+        """The last warning of the current run: it stays under the status until the next run starts."""
         self._inputsUpdatePending = False
 
     def setup(self) -> None:
@@ -429,13 +439,13 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRunButton(self) -> None:
         if self._run is not None and not self._run.finished:
             self._run.cancel()
-            self.ui.statusLabel.text = _("Cancelling: the engine is saving its checkpoint…")
+            self._showStatus(_("Cancelling: the engine is saving its checkpoint…"))
             self.ui.runButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
             settings = runSettings(self._parameterNode)
             self.logic.setupPythonRequirements()
-            if settings.uses_checkpoint and not self._ensureWeights(settings.model):
+            if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
                 return
             inputs = self._inputs()
             self._startRun(lambda: self.logic.run(
@@ -451,6 +461,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startRun(self, start: Callable[[], "EngineRun"]) -> None:
         self.ui.logTextEdit.clear()
+        self._runWarning = ""
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
         self.ui.statusLabel.text = _("Exporting the inputs…")
         slicer.app.processEvents()
@@ -467,18 +478,24 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _jobsFolder(self) -> Optional[Path]:
         return Path(self._parameterNode.jobsFolder) if self._parameterNode.jobsFolder else None
 
-    def _ensureWeights(self, model: str) -> bool:
-        """Make sure the SAM checkpoint is in the cache, downloading it (with the user's consent) if not."""
+    def _ensureWeights(self, model: str, required: bool) -> bool:
+        """Offer to download the SAM checkpoint when it is not in the cache. False: do not start the run (a required
+        checkpoint declined, or a download cancelled); an optional one declined runs without SAM."""
         if Path(model).is_file():
             return True
         entry = catalog.get_model(model)
         if self.logic.cachedWeights(entry) is not None:
             return True
-        if not slicer.util.confirmOkCancelDisplay(_(
-                "The weights of {title} ({size:.0f} MB) are not downloaded yet. Download them now?\n\n"
-                "Without internet access, download {url} on another computer and use 'Import weights…'."
-        ).format(title=entry.title, size=entry.size_bytes / 1e6, url=weights.source_url(entry))):
-            return False
+        question = _(
+            "The weights of {title} ({size:.0f} MB) are not downloaded yet. Download them now?\n\n"
+            "Without internet access, download {url} on another computer and use 'Import weights…'."
+        ).format(title=entry.title, size=entry.size_bytes / 1e6, url=weights.source_url(entry))
+        if required:
+            if not slicer.util.confirmOkCancelDisplay(question):
+                return False
+        elif not slicer.util.confirmYesNoDisplay(
+                question + "\n\n" + _("If not, this run re-trains the V-Net without SAM (without the SFR term).")):
+            return True
         dialog = slicer.util.createProgressDialog(labelText=_("Downloading {title}…").format(title=entry.title),
                                                   windowTitle=_("SFRSegment"), maximum=1000)
 
@@ -511,13 +528,19 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parts.append(_("metric {value:.3f}").format(value=event.metric))
         if event.eta_s is not None:
             parts.append(_("{duration} left").format(duration=formatDuration(event.eta_s)))
-        self.ui.statusLabel.text = " · ".join(parts)
         if event.level == "warning":
-            # e.g. the time estimate of a run that would take days: it must be seen, so it takes the status line.
-            self.ui.statusLabel.text = _("Warning: {message}").format(message=event.message)
+            # e.g. a run estimated to take days, or SAM skipped for want of its weights: it must be seen, so it stays
+            # under the status until the next run, and the log opens.
+            self._runWarning = _("Warning: {message}").format(message=event.message)
+            self.ui.logCollapsibleButton.collapsed = False
             self.onLog(_("[{title}] WARNING: {message}").format(title=title, message=event.message))
         elif event.message:
             self.onLog(f"[{title}] {event.message}")
+        self._showStatus(" · ".join(parts))
+
+    def _showStatus(self, text: str) -> None:
+        """Show ``text`` in the status line, above the current run's warning if there is one."""
+        self.ui.statusLabel.text = "\n".join(line for line in (text, self._runWarning) if line)
 
     def onLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
@@ -526,18 +549,16 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.value = 1000 if run.error is None else 0
         if isinstance(run.error, EngineCancelled):
-            self.ui.statusLabel.text = _("Cancelled. What was finished is kept in {folder}.").format(
-                folder=run.job.folder)
+            self._showStatus(_("Cancelled. What was finished is kept in {folder}.").format(folder=run.job.folder))
         elif run.error is not None:
-            self.ui.statusLabel.text = _("Failed; see the log.")
+            self._showStatus(_("Failed; see the log."))
             slicer.util.errorDisplay(_("The run failed."), detailedText=str(run.error))
         elif isinstance(run.job, TrainingJob):
             if self._parameterNode:  # None when the scene was closed during the run
                 self._parameterNode.lastJob = str(run.job.folder)
-            self.ui.statusLabel.text = _("Done: {count} volume(s) segmented.").format(
-                count=len(run.results.segmentations))
+            self._showStatus(_("Done: {count} volume(s) segmented.").format(count=len(run.results.segmentations)))
         else:
-            self.ui.statusLabel.text = _("Done: '{name}' created.").format(name=run.results.GetName())
+            self._showStatus(_("Done: '{name}' created.").format(name=run.results.GetName()))
         self._updateButtons()
 
     def onOpenReportButton(self) -> None:
@@ -609,20 +630,30 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         logic = SFRSegmentLogic()
         logic.setupPythonRequirements()
         inputs = logic.inputs()
-        run = logic.run(inputs, logic.segmentNames(inputs), RunSettings(preset="small"), wait=True)
+        run = logic.run(inputs, logic.segmentNames(inputs), RunSettings(preset="cpu"), wait=True)
         print(run.results.segmentations)
 
-    The process is started through ``processRunner`` (``ChildProcessRunner`` by default), which can be replaced.
+    The process is started through ``processRunner`` (``ChildProcessRunner`` by default), which can be replaced, and
+    whether the computer has a CUDA GPU is asked of ``hasCudaGpu`` (``hardware.has_cuda_gpu`` by default).
     """
 
     POLL_INTERVAL_MS = 200
 
-    def __init__(self, processRunner: Optional[ChildProcessRunner] = None) -> None:
+    def __init__(self, processRunner: Optional[ChildProcessRunner] = None,
+                 hasCudaGpu: Optional[Callable[[], bool]] = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.processRunner = processRunner or ChildProcessRunner()
+        self.hasCudaGpu = hasCudaGpu or hardware.has_cuda_gpu
 
     def getParameterNode(self) -> SFRSegmentParameterNode:
-        return SFRSegmentParameterNode(super().getParameterNode())
+        """The module's parameter node. A new one starts on the preset for this computer (cpu without a CUDA GPU,
+        paper with one); a preset already there, chosen by the user or loaded with a scene, is kept."""
+        node = super().getParameterNode()
+        preset = jobs.new_node_preset(node, self.hasCudaGpu)
+        parameterNode = SFRSegmentParameterNode(node)  # writes the class defaults into a new node
+        if preset is not None:
+            parameterNode.preset = Preset(preset)
+        return parameterNode
 
     # Inputs
 
@@ -787,7 +818,8 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class SFRSegmentTest(ScriptedLoadableModuleTest):
-    """A tiny CPU run on a synthetic scene (the small preset: no SAM weights to download).
+    """The preset a new parameter node starts on, and a tiny CPU run on a synthetic scene (the small preset: no SAM
+    weights to download).
 
     Run from the module ("Reload and Test"), it first installs the engine's packages after asking. Under ``--testing``
     (ctest) nothing may be installed, so it is skipped where the packages are missing.
@@ -798,7 +830,19 @@ class SFRSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_SFRSegment_defaultPreset()
+        self.setUp()
         self.test_SFRSegment_tinyRun()
+
+    def test_SFRSegment_defaultPreset(self):
+        # The widget, when shown, takes the scene's new parameter node first: it asks the real driver too.
+        thisComputer = Preset.PAPER if hardware.has_cuda_gpu() else Preset.CPU
+        self.assertEqual(SFRSegmentLogic().getParameterNode().preset, thisComputer)
+        SFRSegmentLogic().getParameterNode().preset = Preset.SMALL  # the user's choice is kept
+        otherComputer = SFRSegmentLogic(hasCudaGpu=lambda: thisComputer == Preset.CPU)
+        self.assertEqual(otherComputer.getParameterNode().preset, Preset.SMALL)
+        slicer.mrmlScene.Clear()  # a new scene starts on the preset for this computer again
+        self.assertEqual(SFRSegmentLogic().getParameterNode().preset, thisComputer)
 
     def test_SFRSegment_tinyRun(self):
         requirements = RESOURCES / "requirements.txt"

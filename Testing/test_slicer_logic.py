@@ -6,7 +6,12 @@ segmentation and table nodes, and the documented scripting flow end to end with 
 """
 
 import csv
+import ctypes
+import ctypes.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -268,28 +273,192 @@ def test_run_configuration_holds_only_what_differs_from_the_preset():
         jobs.run_config(RunSettings(method="magic"))
 
 
+def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_own_patches():
+    cpu = RunSettings(model="medsam_vit_b", preset="cpu")
+    assert cpu.uses_checkpoint and not cpu.checkpoint_required
+    assert RunSettings(preset="paper").checkpoint_required
+    assert jobs.run_config(cpu) == {
+        "preset": "cpu", "device": "auto", "finetune": {"base_checkpoint": "medsam_vit_b"},
+        "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
+    }
+    patched = jobs.run_config(RunSettings(preset="cpu", patch_size=(96, 96, 64)))
+    assert patched["retrain"]["patch_size"] == patched["inference"]["patch_size"] == [96, 96, 64]
+    assert "patch_size" not in patched["finetune"] and "pseudolabel" not in patched
+    # A method without SAM's pseudo-labels needs no SAM weights, unless SFR+ (which fine-tunes SAM) is on.
+    assert not RunSettings(preset="cpu", method="mt").uses_checkpoint
+    assert not RunSettings(preset="paper", method="supervised").uses_checkpoint
+    assert RunSettings(preset="paper", method="mt", sfr_plus=True).uses_checkpoint
+    assert "base_checkpoint" not in jobs.run_config(RunSettings(preset="cpu", method="mt"))["finetune"]
+
+
+def test_the_presets_are_the_engines_one_list():
+    from SFRSegmentLib import choices
+
+    assert jobs.PRESETS is choices.PRESETS
+    assert jobs.PRESETS == ("paper", "cpu", "small")
+    with pytest.raises(InputError, match="unknown preset 'fast'"):
+        jobs.run_config(RunSettings(preset="fast"))
+
+
+def test_the_job_module_imports_without_the_packages_installed_at_the_first_run():
+    # Inside Slicer the module reads its choices before torch and the requirements are installed (Slicer itself
+    # ships numpy and SimpleITK).
+    blocked = ("torch", "monai", "tqdm", "segment_anything", "scipy", "nrrd", "slicerio", "PIL")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            "import SFRSegmentLogicLib.jobs as jobs; print(' '.join(jobs.PRESETS))")
+    path = os.pathsep.join([str(ROOT / "SFRSegment"), str(ROOT)])
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": path})
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["paper", "cpu", "small"]
+
+
 def test_the_engine_accepts_the_run_configuration():
     config_module = pytest.importorskip("SFRSegmentLib.config")
     from SFRSegmentLib.config_io import with_overrides
-    from SFRSegmentLib.ssl import method_names
+    from SFRSegmentLib.ssl import method_names, parse_method
 
     assert set(jobs.METHODS) <= set(method_names())
     for preset in jobs.PRESETS:
         settings = RunSettings(method="sfr_uamt", preset=preset, device="cpu", fine_tune_iterations=5,
                                retrain_iterations=6, sfr_plus=True, patch_size=(32, 32, 16), batch_size=1, seed=3)
-        resolved = with_overrides(config_module.preset(preset), jobs.run_config(settings))
+        start = config_module.preset(preset)
+        resolved = with_overrides(start, jobs.run_config(settings))
         assert (resolved.preset, resolved.device, resolved.sfr_plus) == (preset, "cpu", True)
         assert (resolved.finetune.iterations, resolved.retrain.iterations, resolved.retrain.method) == \
             (5, 6, "sfr_uamt")
-        patches = {resolved.finetune.patch_size, resolved.retrain.patch_size, resolved.pseudolabel.window,
-                   resolved.inference.patch_size}
-        assert patches == {(32, 32, 16)}
+        assert resolved.retrain.patch_size == resolved.inference.patch_size == (32, 32, 16)
+        # SAM's patches follow only where the preset's SAM and V-Net share theirs.
+        sam_patches = (resolved.finetune.patch_size, resolved.pseudolabel.window)
+        if start.finetune.patch_size == start.retrain.patch_size:
+            assert sam_patches == ((32, 32, 16),) * 2
+        else:
+            assert sam_patches == (start.finetune.patch_size, start.pseudolabel.window)
         assert (resolved.finetune.batch_size, resolved.retrain.batch_labeled, resolved.retrain.batch_unlabeled) == \
             (1, 1, 1)
         assert resolved.finetune.seed == resolved.retrain.seed == 3
-        assert resolved.finetune.base_checkpoint == ("sam_vit_b" if preset == "paper" else None)
+        # The module passes its model to the presets that start from a pretrained SAM, and asks for the download
+        # only where the engine would otherwise fetch it; the cpu preset runs without SAM instead.
+        assert settings.uses_checkpoint == (start.finetune.base_checkpoint is not None)
+        assert resolved.finetune.base_checkpoint == ("sam_vit_b" if settings.uses_checkpoint else None)
+        if settings.uses_checkpoint:
+            assert settings.checkpoint_required == (resolved.sam_missing == "download")
+    for method in jobs.METHODS:
+        assert RunSettings(method=method).uses_checkpoint == parse_method(method)[1]
     defaults = with_overrides(config_module.preset("paper"), jobs.run_config(RunSettings()))
     assert defaults == config_module.preset("paper")  # nothing the user left alone changes the preset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The preset a new parameter node starts on
+
+
+def module_parameter_node(scene):
+    """The module's parameter node in ``scene``, created as ScriptedLoadableModuleLogic.getParameterNode does."""
+    node = scene.GetSingletonNode("SFRSegment", "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)
+        node.SetSingletonTag("SFRSegment")
+        node.SetAttribute("ModuleName", "SFRSegment")
+        node = scene.AddNode(node)
+    return node
+
+
+class Detector:
+    """A GPU detector that answers ``gpu`` and counts how often it was asked."""
+
+    def __init__(self, gpu):
+        self.gpu, self.calls = gpu, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.gpu
+
+
+@pytest.mark.parametrize("gpu, preset", [(False, "cpu"), (True, "paper")])
+def test_a_new_parameter_node_starts_on_the_preset_for_this_computer(scene, gpu, preset):
+    detector = Detector(gpu)
+    assert jobs.new_node_preset(module_parameter_node(scene), detector) == preset
+    assert detector.calls == 1
+    assert preset in jobs.PRESETS
+
+
+def test_a_preset_already_in_the_parameter_node_is_kept(scene):
+    node = module_parameter_node(scene)
+    node.SetParameter(jobs.PRESET_PARAMETER, "small")  # the user's choice, written by the parameter node wrapper
+    detector = Detector(True)
+    assert jobs.new_node_preset(node, detector) is None
+    assert detector.calls == 0  # nor is the driver asked again each time the module is entered
+
+    # A saved scene brings its choice back.
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetLoadFromXMLString(1)
+    loaded.SetSceneXMLString(scene.GetSceneXMLString())
+    loaded.Import()
+    restored = module_parameter_node(loaded)
+    assert restored.GetParameter(jobs.PRESET_PARAMETER) == "small"
+    assert jobs.new_node_preset(restored, detector) is None
+
+    # Closing the scene resets the module's node: the next one starts on this computer's preset again.
+    scene.Clear(0)
+    assert jobs.new_node_preset(module_parameter_node(scene), Detector(False)) == "cpu"
+
+
+STAND_IN_DRIVER = """
+int cuInit(unsigned int flags) { return INIT_RESULT; }
+int cuDeviceGetCount(int *count) { *count = DEVICES; return 0; }
+"""
+
+
+@pytest.mark.parametrize("init_result, devices, expected", [(0, 2, True), (0, 0, False), (100, 1, False)])
+def test_the_gpu_is_asked_of_the_cuda_driver(tmp_path, init_result, devices, expected):
+    """A stand-in libcuda (cuInit's 100 is CUDA_ERROR_NO_DEVICE); a library that is missing or is no driver is
+    skipped."""
+    from SFRSegmentLogicLib import hardware
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a stand-in CUDA driver")
+    source = tmp_path / "driver.c"
+    source.write_text(STAND_IN_DRIVER, encoding="utf-8")
+    driver = tmp_path / "libcuda_stand_in.so"
+    subprocess.run([compiler, "-shared", "-fPIC", f"-DINIT_RESULT={init_result}", f"-DDEVICES={devices}",
+                    str(source), "-o", str(driver)], check=True)
+    not_a_driver = ctypes.util.find_library("m") or ctypes.util.find_library("c")
+    assert hardware.has_cuda_gpu([str(tmp_path / "missing.so"), not_a_driver, str(driver)]) is expected
+    assert hardware.has_cuda_gpu([]) is False
+
+
+def test_the_gpu_question_needs_no_torch():
+    # Asked in the widget's setup: it must neither import torch (seconds) nor need it installed.
+    code = ("import sys; sys.modules['torch'] = None; "
+            "from SFRSegmentLogicLib import hardware; print(hardware.has_cuda_gpu())")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT / "SFRSegment")})
+    assert completed.returncode == 0, completed.stderr
+    answer = completed.stdout.strip()
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.version.cuda is not None:  # a CUDA build of torch answers the same question
+        assert answer == str(torch.cuda.is_available())
+    else:
+        from SFRSegmentLogicLib import hardware
+
+        def loads(name):
+            try:
+                ctypes.CDLL(name)
+                return True
+            except OSError:
+                return False
+
+        assert answer in ("True", "False")
+        if not any(loads(name) for name in hardware.CUDA_DRIVER_LIBRARIES):
+            assert answer == "False"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -444,6 +613,7 @@ STAND_IN_ENGINE = textwrap.dedent('''
     import argparse, json, sys
     from pathlib import Path
     import numpy as np
+    from SFRSegmentLib.choices import PRESETS
     from SFRSegmentLib.data import discover_cohort
     from SFRSegmentLib.io import Segment, read_volume, write_volume
     from SFRSegmentLib.runfolder import RunFolder
@@ -452,7 +622,7 @@ STAND_IN_ENGINE = textwrap.dedent('''
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--cohort", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--preset", choices=["paper", "small"])
+    parser.add_argument("--preset", choices=PRESETS)
     parser.add_argument("--config", type=Path)
     parser.add_argument("--progress", choices=["jsonl"])
     args = parser.parse_args()

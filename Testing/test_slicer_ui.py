@@ -3,13 +3,17 @@
 Slicer's .ui uses CTK and qMRML widget classes that Qt's QUiLoader does not know. The .ui XML is therefore parsed for
 the widget names and classes (what the checks compare), and for loading, each custom class is replaced by the base
 class its <customwidget> entry declares (QWidget); the Qt widgets keep their real classes. The module file is read as
-text and parsed with ``ast``: it imports Slicer's application modules, so it cannot be imported here.
+text and parsed with ``ast``: it imports Slicer's application modules, so it cannot be imported here. Parts of it that
+need none of them (an enum, the widget's progress display) are executed on their own (:func:`module_code`).
 """
 
 import ast
+import enum
 import os
 import re
 import sys
+import textwrap
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -82,6 +86,41 @@ def parameter_fields():
     return fields
 
 
+def module_code(*, classes=(), functions=(), widget_methods=(), **names):
+    """A namespace running the named classes and functions of SFRSegment.py, and the named SFRSegmentWidget methods
+    as methods of its class ``Widget``; ``names`` are what they use besides, and ``_`` returns its text."""
+    source = MODULE.read_text(encoding="utf-8")
+    tree = module_tree()
+    wanted = set(classes) | set(functions)
+    parts = [ast.get_source_segment(source, node) for node in tree.body
+             if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name in wanted]
+    methods = [textwrap.indent(textwrap.dedent(ast.get_source_segment(source, node, padded=True)), "    ")
+               for node in module_class("SFRSegmentWidget").body
+               if isinstance(node, ast.FunctionDef) and node.name in widget_methods]
+    assert len(parts) == len(wanted) and len(methods) == len(widget_methods), "a name is missing in SFRSegment.py"
+    code = "\n\n".join([*parts, "class Widget:\n" + "\n".join(methods) if methods else ""])
+    namespace = types.SimpleNamespace(_=lambda text: text, **names)
+    exec(compile(code, str(MODULE), "exec"), namespace.__dict__)
+    return namespace
+
+
+class PythonQtWidget:
+    """A PySide6 widget as PythonQt, Slicer's Qt binding, shows it to Python: Qt properties (declared or dynamic) are
+    read and written as attributes (``label.text = ...``), the rest is the widget's own."""
+
+    def __init__(self, widget):
+        object.__setattr__(self, "widget", widget)
+
+    def __getattr__(self, name):
+        dynamic = [bytes(n).decode() for n in self.widget.dynamicPropertyNames()]
+        if self.widget.metaObject().indexOfProperty(name) >= 0 or name in dynamic:
+            return self.widget.property(name)
+        return getattr(self.widget, name)
+
+    def __setattr__(self, name, value):
+        self.widget.setProperty(name, value)
+
+
 def referenced_widgets():
     return sorted(set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text(encoding="utf-8"))))
 
@@ -145,7 +184,8 @@ def test_user_visible_strings_are_translatable():
     shown = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-                "errorDisplay", "infoDisplay", "confirmOkCancelDisplay", "setToolTip", "addItem"):
+                "errorDisplay", "infoDisplay", "confirmOkCancelDisplay", "confirmYesNoDisplay", "setToolTip",
+                "addItem", "_showStatus"):
             shown += node.args[:1]
         elif isinstance(node, ast.Assign) and any(isinstance(target, ast.Attribute)
                                                   and target.attr in ("text", "toolTip") for target in node.targets):
@@ -222,3 +262,56 @@ def test_every_engine_stage_has_a_title():
                     and node.name == "stageTitle")
     titled = {key.value for node in ast.walk(function) if isinstance(node, ast.Dict) for key in node.keys}
     assert titled >= set(stages)
+
+
+def test_the_preset_combo_box_offers_every_preset_with_a_label_saying_what_it_is_for(loaded_ui):
+    from SFRSegmentLogicLib import jobs
+
+    widget, QtWidgets = loaded_ui
+    assert parameter_names()["presetComboBox"] == jobs.PRESET_PARAMETER  # the name a new node's preset is set by
+    assert parameter_fields()[jobs.PRESET_PARAMETER] == "enum"
+    Preset = module_code(classes=["Preset"], enum=enum).Preset
+    combo = widget.findChild(QtWidgets.QComboBox, "presetComboBox")
+    # connectGui fills the combo box from the enum: one item per member, in order, named by its label()
+    # (slicer.parameterNodeWrapper.guiConnectors.QComboBoxToEnumConnector).
+    combo.clear()
+    combo.addItems([member.label() for member in Preset])
+    assert tuple(member.value for member in Preset) == jobs.PRESETS
+    labels = dict(zip(jobs.PRESETS, (combo.itemText(index) for index in range(combo.count()))))
+    assert labels == {"paper": "Paper (full size; needs a GPU)", "cpu": "CPU (real scans, no GPU; about 30 min)",
+                      "small": "Small (quick tests and demos; not for real data)"}
+    assert "not for real data" in combo.toolTip() and "without a GPU" in combo.toolTip()
+
+
+MISSING_SAM_WARNING = ("no pretrained SAM checkpoint (sam_vit_b) is on this machine, so SAM is not fine-tuned (never "
+                       "from random weights): re-training mt without the SFR term instead of sfr_mt.")
+
+
+def test_an_engine_warning_stays_in_the_status_line_and_opens_the_log(loaded_ui, tmp_path):
+    """JSON lines from a child process, read by the module's EngineJob, shown by the widget's own onProgress."""
+    from SFRSegmentLogicLib.process import ChildProcessRunner, EngineJob, ProgressEvent, Status, engine_environment
+
+    widget, QtWidgets = loaded_ui
+    parts = module_code(functions=["stageTitle", "formatDuration"],
+                        widget_methods=["onProgress", "_showStatus", "onLog"], ProgressEvent=ProgressEvent)
+    view = parts.Widget()
+    view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name)) for name in (
+        "statusLabel", "logTextEdit", "progressBar", "logCollapsibleButton")})
+    view._runWarning = ""  # as _startRun leaves it
+    view.ui.logTextEdit.clear()
+    events = [ProgressEvent("validate", 1, 1, message="2 cases"),
+              ProgressEvent("validate", 1, 1, level="warning", message=MISSING_SAM_WARNING),
+              ProgressEvent("retrain", 5, 10, loss=0.25, eta_s=75)]
+    script = tmp_path / "engine.py"
+    script.write_text("".join(f"print({event.to_json()!r}, flush=True)\n" for event in events), encoding="utf-8")
+    process = ChildProcessRunner().start([sys.executable, str(script)], engine_environment(os.environ, ROOT), tmp_path)
+    job = EngineJob(process, on_progress=view.onProgress, on_log=view.onLog)
+    assert job.wait(interval_s=0.05).status == Status.SUCCEEDED
+
+    status = view.ui.statusLabel.text
+    assert status.splitlines() == ["Re-training the V-Net 5/10 · loss 0.2500 · 1 min 15 s left",
+                                   f"Warning: {MISSING_SAM_WARNING}"]
+    log = view.ui.logTextEdit.plainText.splitlines()
+    assert log == ["[Checking the inputs] 2 cases", f"[Checking the inputs] WARNING: {MISSING_SAM_WARNING}"]
+    assert view.ui.logCollapsibleButton.collapsed is False
+    assert view.ui.progressBar.value == 500

@@ -4,6 +4,8 @@
 * :mod:`.nodes`: Slicer nodes ↔ files and scene queries (MRML classes, VTK, numpy: runs under ``slicer-core``);
 * :mod:`.jobs`: job folders, the run configuration, the engine's command lines, importing results (as ``nodes``);
 * :mod:`.dependencies`: installing the engine's packages (needs the Slicer application).
+* :mod:`.hardware`: whether the computer has a CUDA GPU, which the preset of a new parameter node follows (standard
+  library only).
 
 ``SFRSegment.SFRSegmentLogic`` ties them together and adds what needs the application: the scene, the interpreter
 ``PythonSlicer``, Qt timers and dialogs.

@@ -22,11 +22,18 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLScene, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer import (
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLScene,
+    vtkMRMLScriptedModuleNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
 
 from SFRSegmentLib.atomic import atomic_write_text
+from SFRSegmentLib.choices import PRESETS
 from SFRSegmentLib.data import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.runfolder import RunFolder
@@ -45,8 +52,12 @@ from .nodes import segment_names as segment_names_of
 METHODS = ("sfr_mt", "sfr_uamt", "sfr_acmt", "sfr", "mt", "uamt", "acmt", "supervised")
 """Re-training methods: a semi-supervised method with SAM's pseudo-labels (sfr_*; sfr alone: labels and
 pseudo-labels only), or without them."""
-PRESETS = ("paper", "small")
 DEVICES = ("auto", "cuda", "cpu")
+SAM_OWN_PATCH_PRESETS = ("cpu",)
+"""Presets whose SAM keeps its own patches at the images' resolution while the V-Net trains on patches at a coarser
+working spacing: a patch size set in the module is then the V-Net's only."""
+PRESET_PARAMETER = "preset"
+"""The name of the preset in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.preset``)."""
 JOB_FILE = "job.json"
 RESULT_SUFFIX = " segmentation"
 """A result is named after its volume: '<volume name> segmentation'."""
@@ -65,8 +76,8 @@ class RunSettings:
     """The choices of a run. None means "the preset's value"."""
 
     model: str = DEFAULT_MODEL_ID
-    """A model id of the catalog, or the path of an imported checkpoint (used by the paper preset; the small preset
-    runs a small, randomly initialised SAM)."""
+    """A model id of the catalog, or the path of an imported checkpoint (used by the paper and cpu presets; the small
+    preset runs a small, randomly initialised SAM)."""
     method: str = "sfr_mt"
     preset: str = "paper"
     device: str = "auto"
@@ -79,7 +90,14 @@ class RunSettings:
 
     @property
     def uses_checkpoint(self) -> bool:
-        """Whether the run loads the SAM checkpoint ``model`` (so its weights must be in the cache)."""
+        """Whether the run is given the SAM checkpoint ``model`` (``finetune.base_checkpoint``): a preset with a
+        pretrained SAM, and a method with SAM's pseudo-labels (sfr*) or SFR+."""
+        return self.preset in ("paper", "cpu") and (self.method.startswith("sfr") or self.sfr_plus)
+
+    @property
+    def checkpoint_required(self) -> bool:
+        """Whether the run needs that checkpoint on this machine. Without it, the cpu preset re-trains without SAM
+        (without the SFR term; a warning event says so) instead: the engine's ``sam_missing = "skip"``."""
         return self.preset == "paper"
 
 
@@ -87,8 +105,9 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
     """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.config.RunConfig's fields).
 
     Only what the user changed is written, so every other value is the preset's. One patch size serves every stage
-    (SAM's patches, pseudo-label and inference windows, re-training crops), one batch size both fine-tuning and each
-    stream of re-training, one seed both trainings, as in the presets.
+    (SAM's patches, pseudo-label and inference windows, re-training crops; only the V-Net's in
+    :data:`SAM_OWN_PATCH_PRESETS`), one batch size both fine-tuning and each stream of re-training, one seed both
+    trainings, as in the presets.
     """
     for value, allowed, what in ((settings.method, METHODS, "method"), (settings.preset, PRESETS, "preset"),
                                  (settings.device, DEVICES, "device")):
@@ -106,14 +125,27 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
         retrain["iterations"] = settings.retrain_iterations
     if settings.patch_size is not None:
         patch = list(settings.patch_size)
-        finetune["patch_size"] = retrain["patch_size"] = patch
-        config["pseudolabel"] = {"window": patch}
+        retrain["patch_size"] = patch
         config["inference"] = {"patch_size": patch}
+        if settings.preset not in SAM_OWN_PATCH_PRESETS:
+            finetune["patch_size"] = patch
+            config["pseudolabel"] = {"window": patch}
     if settings.batch_size is not None:
         finetune["batch_size"] = retrain["batch_labeled"] = retrain["batch_unlabeled"] = settings.batch_size
     if settings.seed is not None:
         finetune["seed"] = retrain["seed"] = settings.seed
     return config
+
+
+def new_node_preset(parameter_node: vtkMRMLScriptedModuleNode, has_cuda_gpu: Callable[[], bool]) -> Optional[str]:
+    """The preset a parameter node without one starts on: ``paper`` with a CUDA GPU, ``cpu`` without.
+
+    None when it has a preset (the user's choice, or a loaded scene's), which is kept; ``has_cuda_gpu`` is then not
+    asked. Ask before wrapping the node: the parameter node wrapper writes its class defaults into it.
+    """
+    if parameter_node.HasParameter(PRESET_PARAMETER):
+        return None
+    return "paper" if has_cuda_gpu() else "cpu"
 
 
 def new_job_folder(jobs_root: Path) -> Path:
