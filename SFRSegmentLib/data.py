@@ -16,8 +16,22 @@ Cohort layouts that :func:`discover_cohort` recognises
   unlabeled, the ``"test"`` entries. Without ``"training"`` (nnU-Net v2) ``imagesTr/<case>_0000.<ext>`` is paired
   with ``labelsTr/<case>.<ext>``; images without a label and ``imagesTs/`` images are unlabeled cases.
 * **Manifest** (``source = "manifest"``): a JSON file ``{"classes": {"1": "left atrium"}, "cases": [{"name": "a",
-  "image": "a/img.nrrd", "label": "a/lab.nrrd"}, {"image": "b.nii.gz"}]}``; paths are relative to the manifest's
-  folder, ``name`` defaults to the image file name without its ending, ``classes`` to what the labels contain.
+  "image": "a/img.nrrd", "label": "a/lab.nrrd"}, {"image": "b.nii.gz"}], "test": [{"name": "t", "image":
+  "t/img.nrrd", "label": "t/lab.nrrd"}]}``; paths are relative to the manifest's folder, ``name`` defaults to the
+  image file name without its ending, ``classes`` to what the labels of ``"cases"`` contain. ``"test"`` (optional)
+  lists held-out test cases in the same entry format.
+
+Loose files beside the cases (a ``README.md``, a ``train.list``) are not read. Hidden entries (``.name``) are skipped.
+
+Held-out test cases
+-------------------
+:attr:`Cohort.test` holds labeled cases that no stage trains on: ``Cohort.cases`` (and so ``labeled`` and
+``unlabeled``) are the training cases only, and the test cases are predicted and scored after training. They come
+from a manifest's ``"test"`` list, or from ``discover_cohort(path, test=TEST)`` where ``TEST`` is a second folder or
+manifest in any layout above, every case of which is a test case. Every test case needs a label, a name that no other
+case has, and (with :func:`validate_cohort`) label values among the cohort's classes; a ``classes.json`` or
+``"classes"`` of ``TEST`` may only name classes the cohort has. (Decathlon's ``"test"`` entries are unlabeled images
+and stay unlabeled cases.)
 
 Every problem is an :class:`~SFRSegmentLib.errors.InputError` naming the file and the field.
 
@@ -75,7 +89,10 @@ class Case:
 
 @dataclass
 class Cohort:
-    """The cases of a data set, its foreground classes (value → name; background 0 is implicit) and its layout."""
+    """The cases of a data set, its foreground classes (value → name; background 0 is implicit) and its layout.
+
+    ``cases`` (and so :attr:`labeled` and :attr:`unlabeled`) are what training may read; the held-out :attr:`test`
+    cases are kept apart so that no stage can train on them."""
 
     root: Path
     cases: List[Case]
@@ -83,6 +100,8 @@ class Cohort:
     source: str
     ignored: List[str] = field(default_factory=list)
     """Subfolders of a case-folder root that are not cases (no volume file inside), reported by :meth:`summary`."""
+    test: List[Case] = field(default_factory=list)
+    """Held-out labeled cases, never trained on: predicted and scored after training (not in :attr:`cases`)."""
 
     @property
     def labeled(self) -> List[Case]:
@@ -97,34 +116,64 @@ class Cohort:
         classes = ", ".join(f"{v} = {n}" for v, n in sorted(self.classes.items()))
         lines = [
             f"Cohort {self.root} ({self.source}): {len(self.cases)} cases, {len(self.labeled)} labeled, "
-            f"{len(self.unlabeled)} unlabeled",
+            f"{len(self.unlabeled)} unlabeled" + (f", and {len(self.test)} held-out test cases" if self.test else ""),
             f"Classes: 0 = background, {classes}",
             f"Labeled ({len(self.labeled)}): {', '.join(c.name for c in self.labeled)}",
             f"Unlabeled ({len(self.unlabeled)}): {', '.join(c.name for c in self.unlabeled) or '-'}",
         ]
+        if self.test:
+            lines.append(f"Test, held out ({len(self.test)}): {', '.join(c.name for c in self.test)}")
         if self.ignored:
             lines.append(f"Ignored folders (no volume file inside): {', '.join(self.ignored)}")
         return "\n".join(lines)
 
 
-def discover_cohort(path: PathLike) -> Cohort:
+@dataclass
+class _Listing:
+    """What a cohort's folder or JSON says before any volume is read; ``classes`` is None when not declared, else
+    declared in the file ``classes_from``."""
+
+    root: Path
+    cases: List[Case]
+    classes: Optional[Dict[int, str]]
+    classes_from: Optional[Path]
+    source: str
+    described_by: Path
+    ignored: List[str] = field(default_factory=list)
+    test: List[Case] = field(default_factory=list)
+
+
+def discover_cohort(path: PathLike, test: Optional[PathLike] = None) -> Cohort:
     """The cohort at ``path``: a case-folder root, a Decathlon folder (or its dataset.json) or a manifest file.
 
-    Only file names and JSON are read, except when classes must be derived from the labels themselves.
+    ``test`` is a folder or manifest (any of those layouts) whose cases are all held-out test cases, added to the
+    manifest's own ``"test"`` list in :attr:`Cohort.test` (see the module docstring). Only file names and JSON are
+    read, except when classes must be derived from the labels of the training cases.
     """
-    path = Path(path)
+    listing = _list_cases(Path(path))
+    cohort = _make_cohort(listing)
+    held_out = list(listing.test)
+    if test is not None:
+        test_listing = _list_cases(Path(test))
+        if test_listing.classes is not None:
+            _check_test_classes(test_listing.classes, cohort.classes, test_listing.classes_from)
+        held_out += test_listing.cases + test_listing.test
+    return _with_test_cases(cohort, held_out)
+
+
+def _list_cases(path: Path) -> _Listing:
     if path.is_file():
         if path.name == DECATHLON_FILE:
-            return _discover_decathlon(path.parent)
-        return _discover_manifest(path)
+            return _list_decathlon(path.parent)
+        return _list_manifest(path)
     if not path.is_dir():
         raise InputError("no such folder or file (expected a cohort folder or a manifest .json file)", path)
     if (path / DECATHLON_FILE).is_file():
-        return _discover_decathlon(path)
-    return _discover_case_folders(path)
+        return _list_decathlon(path)
+    return _list_case_folders(path)
 
 
-def _discover_case_folders(root: Path) -> Cohort:
+def _list_case_folders(root: Path) -> _Listing:
     cases, ignored = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         volumes = sorted(p.name for p in folder.iterdir() if p.is_file() and _is_volume_file(p.name))
@@ -149,7 +198,7 @@ def _discover_case_folders(root: Path) -> Cohort:
         )
     classes_file = root / CLASSES_FILE
     classes = _parse_classes(_read_json(classes_file), classes_file, "classes") if classes_file.is_file() else None
-    return _make_cohort(root, cases, classes, "case-folders", root, ignored)
+    return _Listing(root, cases, classes, classes_file, "case-folders", root, ignored)
 
 
 def _is_volume_file(name: str) -> bool:
@@ -164,7 +213,7 @@ def _single_volume(folder: Path, volumes: Sequence[str], stem: str) -> Optional[
     return folder / found[0] if found else None
 
 
-def _discover_decathlon(root: Path) -> Cohort:
+def _list_decathlon(root: Path) -> _Listing:
     spec_path = root / DECATHLON_FILE
     spec = _read_json(spec_path)
     if "labels" not in spec:
@@ -178,7 +227,7 @@ def _discover_decathlon(root: Path) -> Cohort:
         ]
     else:
         cases = _pair_nnunet_folders(root, spec_path)
-    return _make_cohort(root, cases, classes, "decathlon", spec_path)
+    return _Listing(root, cases, classes, spec_path, "decathlon", spec_path)
 
 
 def _decathlon_classes(raw: object, spec_path: Path) -> Dict[int, str]:
@@ -229,16 +278,16 @@ def _nnunet_case_name(path: Path) -> str:
     return name[: channel.start()]
 
 
-def _discover_manifest(path: Path) -> Cohort:
+def _list_manifest(path: Path) -> _Listing:
     if path.suffix.lower() != ".json":
         raise InputError("expected a cohort folder, a dataset.json or a manifest .json file", path)
     spec = _read_json(path)
     if "cases" not in spec:
         raise InputError('missing key "cases" (a list of {"name", "image", "label"} entries)', path, "cases")
-    entries = _json_list(spec, "cases", path)
-    cases = [_case_from_entry(entry, path.parent, path, f"cases[{i}]") for i, entry in enumerate(entries)]
+    cases, test = ([_case_from_entry(entry, path.parent, path, f"{key}[{i}]")
+                    for i, entry in enumerate(_json_list(spec, key, path))] for key in ("cases", "test"))
     classes = _parse_classes(spec["classes"], path, "classes") if "classes" in spec else None
-    return _make_cohort(path.parent, cases, classes, "manifest", path)
+    return _Listing(path.parent, cases, classes, path, "manifest", path, test=test)
 
 
 def _case_from_entry(entry: object, root: Path, spec_path: Path, where: str) -> Case:
@@ -267,15 +316,10 @@ def _referenced_file(value: object, root: Path, spec_path: Path, where: str) -> 
     return path
 
 
-def _make_cohort(
-    root: Path,
-    cases: List[Case],
-    classes: Optional[Dict[int, str]],
-    source: str,
-    described_by: Path,
-    ignored: Sequence[str] = (),
-) -> Cohort:
-    """Check the cases (some, uniquely named, some labeled) and derive the classes from the labels if not given."""
+def _make_cohort(listing: _Listing) -> Cohort:
+    """The training cases of a listing, checked (some, uniquely named, some labeled), with the classes derived from
+    the labels if not declared; held-out test cases are added by :func:`_with_test_cases`."""
+    cases, classes, described_by = listing.cases, listing.classes, listing.described_by
     if not cases:
         raise InputError("no cases listed", described_by, "cases")
     duplicates = sorted(name for name, n in Counter(c.name for c in cases).items() if n > 1)
@@ -287,7 +331,36 @@ def _make_cohort(
                          "label")
     if classes is None:
         classes = _classes_from_labels([c for c in cases if c.labeled], described_by)
-    return Cohort(root=root, cases=cases, classes=classes, source=source, ignored=list(ignored))
+    return Cohort(root=listing.root, cases=cases, classes=classes, source=listing.source,
+                  ignored=list(listing.ignored))
+
+
+def _with_test_cases(cohort: Cohort, test: Sequence[Case]) -> Cohort:
+    """``cohort`` with ``test`` as its held-out cases: each labeled, and none named as (or reading the image of)
+    another case, so that no test case can be trained on or overwrite another's prediction."""
+    by_name = {case.name: case for case in cohort.cases}
+    by_image = {case.image.resolve(): case for case in cohort.cases}
+    for case in test:
+        if not case.labeled:
+            raise InputError(f"test case {case.name!r} has no label; a held-out test case is scored against its "
+                             f"label (expected {LABEL_STEM}.<ext> beside the image, or \"label\" in its manifest "
+                             "entry)", case.image, "label")
+        for what, field_name, other in (("name", "name", by_name.setdefault(case.name, case)),
+                                        ("image file", "image", by_image.setdefault(case.image.resolve(), case))):
+            if other is not case:
+                raise InputError(f"test case {case.name!r} ({case.image}) has the same {what} as the case "
+                                 f"{other.name!r} ({other.image}); a test case must be a case of its own, never "
+                                 "trained on", case.image, field_name)
+    return dataclasses.replace(cohort, test=list(test))
+
+
+def _check_test_classes(declared: Mapping[int, str], classes: Mapping[int, str], declared_in: Path) -> None:
+    """The classes declared for the test cases must be the cohort's: the model predicts no other."""
+    unknown = sorted(set(declared) - set(classes))
+    if unknown:
+        raise InputError(f"test classes {unknown} are not among the cohort's classes "
+                         f"{', '.join(f'{v} = {n}' for v, n in sorted(classes.items()))}; the trained model cannot "
+                         "predict them", declared_in, "classes")
 
 
 def _classes_from_labels(labeled: Sequence[Case], described_by: Path) -> Dict[int, str]:
@@ -383,16 +456,18 @@ def load_case(case: Case, classes: Union[Mapping[int, str], Iterable[int]]) -> T
 
 
 def validate_cohort(cohort: Cohort) -> None:
-    """Load every case; raise one InputError that lists each bad case and its problem."""
+    """Load every case, the held-out test cases too; raise one InputError that lists each bad case and its
+    problem."""
     problems = []
-    for case in cohort.cases:
+    checked = [(case, "") for case in cohort.cases] + [(case, " (test)") for case in cohort.test]
+    for case, role in checked:
         try:
             load_case(case, cohort.classes)
         except InputError as exc:
-            problems.append(f"  {case.name}: {exc}")
+            problems.append(f"  {case.name}{role}: {exc}")
     if problems:
         raise InputError(
-            f"{len(problems)} of {len(cohort.cases)} cases have problems:\n" + "\n".join(problems), cohort.root, "cases"
+            f"{len(problems)} of {len(checked)} cases have problems:\n" + "\n".join(problems), cohort.root, "cases"
         )
 
 

@@ -23,6 +23,10 @@ and ASD). Here, per class:
 
 Distances are computed on the joint bounding box of the two masks, which gives exactly the full-array result at a
 fraction of the cost (see ``_joint_box``).
+
+A run scores two **splits** (:data:`SPLITS`): the held-out ``test`` cases, never trained on, and the ``unlabeled``
+cases whose images trained the model (transductive, when their true labels are given). Its table has a ``split``
+column before :data:`CSV_COLUMNS`; :func:`summarise_splits` summarises each split apart.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -46,6 +50,13 @@ from .validation import check_same_geometry
 logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("case", "class", "dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
+SPLIT_COLUMN = "split"
+TEST_SPLIT = "test"
+UNLABELED_SPLIT = "unlabeled"
+SPLITS = (TEST_SPLIT, UNLABELED_SPLIT)
+"""The splits of a run's metrics, in the order they are reported: held-out test cases first."""
+SPLIT_DESCRIPTIONS = {TEST_SPLIT: "held-out test cases", UNLABELED_SPLIT: "unlabeled cases (transductive)"}
+"""What each split's cases are, as reports and messages name them."""
 METRIC_NAMES = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
 HD_PERCENTILE = 95.0
 CASE_FOLDER_LABEL_STEM = "label"
@@ -69,10 +80,11 @@ class ClassMetrics:
 
 @dataclass(frozen=True)
 class MetricRow:
-    """One line of the metrics table: a case name and the metrics of one class in it."""
+    """One line of the metrics table: a case name, the metrics of one class in it, and (in a run) its split."""
 
     case: str
     metrics: ClassMetrics
+    split: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -216,10 +228,19 @@ def evaluate_folders(
     if unscored:
         logger.info("%d truth case(s) have no prediction and are not scored: %s", len(unscored), ", ".join(unscored))
 
+    return evaluate_cases({case: (predictions[case], truths[case]) for case in predictions}, classes)
+
+
+def evaluate_cases(
+    cases: Mapping[str, Tuple[Path, Path]], classes: Optional[Iterable[int]] = None, split: Optional[str] = None
+) -> List[MetricRow]:
+    """Metrics of each case's prediction against its truth (``cases``: name → (prediction file, truth file)), rows
+    marked with ``split``; ``classes`` and the order of the rows as in :func:`evaluate_folders`."""
     fixed_classes = None if classes is None else [int(c) for c in classes]
     per_case: Dict[str, List[ClassMetrics]] = {}
-    for case in sorted(predictions):
-        truth, pred = read_volume(truths[case]), read_volume(predictions[case])
+    for case in sorted(cases):
+        prediction_file, truth_file = cases[case]
+        truth, pred = read_volume(truth_file), read_volume(prediction_file)
         check_same_geometry(truth, pred)
         truth_labels, pred_labels = _label_array(truth), _label_array(pred)
         case_classes = fixed_classes if fixed_classes is not None else _foreground_values(truth_labels, pred_labels)
@@ -230,7 +251,7 @@ def evaluate_folders(
         for case, metrics in per_case.items():
             scored = {m.class_value: m for m in metrics}
             per_case[case] = [scored[c] if c in scored else _absent_in_both(c) for c in all_classes]
-    return [MetricRow(case, m) for case, metrics in per_case.items() for m in metrics]
+    return [MetricRow(case, m, split) for case, metrics in per_case.items() for m in metrics]
 
 
 def _foreground_values(*label_arrays: np.ndarray) -> List[int]:
@@ -303,13 +324,17 @@ def _image_files(folder: Path, stem: str) -> List[Path]:
 
 
 def write_metrics_csv(rows: Iterable[MetricRow], path: PathLike) -> Path:
-    """Write the rows atomically as CSV with the columns of :data:`CSV_COLUMNS`; NaN is written as ``nan``."""
+    """Write the rows atomically as CSV with the columns of :data:`CSV_COLUMNS`, preceded by :data:`SPLIT_COLUMN`
+    when the rows have splits (a run's table); NaN is written as ``nan``."""
+    rows = list(rows)
+    with_split = any(row.split is not None for row in rows)
     buffer = text_io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(((SPLIT_COLUMN,) if with_split else ()) + CSV_COLUMNS)
     for row in rows:
         m = row.metrics
-        writer.writerow([row.case, m.class_value] + [repr(float(getattr(m, name))) for name in METRIC_NAMES])
+        writer.writerow(([row.split or ""] if with_split else []) + [row.case, m.class_value]
+                        + [repr(float(getattr(m, name))) for name in METRIC_NAMES])
     atomic_write_text(path, buffer.getvalue())
     return Path(path)
 
@@ -330,6 +355,19 @@ def summarise(rows: Iterable[MetricRow]) -> List[ClassSummary]:
         )
         for value, metrics in sorted(by_class.items())
     ]
+
+
+def summarise_splits(rows: Iterable[MetricRow]) -> Dict[Optional[str], List[ClassSummary]]:
+    """:func:`summarise` of each split's rows apart, the splits in the order of :data:`SPLITS` (others after)."""
+    by_split: Dict[Optional[str], List[MetricRow]] = {}
+    for row in rows:
+        by_split.setdefault(row.split, []).append(row)
+    return {split: summarise(by_split[split]) for split in sorted(by_split, key=split_rank)}
+
+
+def split_rank(split: Optional[str]) -> int:
+    """Sort key that puts splits in the order of :data:`SPLITS`, any other after them."""
+    return SPLITS.index(split) if split in SPLITS else len(SPLITS)
 
 
 def _stat(values: Sequence[float]) -> MetricStat:

@@ -1,5 +1,11 @@
 """The whole SFR run: validate → fine-tune SAM → pseudo-label → re-train (→ SFR+) → predict → evaluate → report.
 
+Training sees the cohort's cases only (``Cohort.cases``). Its held-out test cases (``Cohort.test``) are validated
+with them, predicted with the unlabeled cases after training and scored against their own labels; the unlabeled
+cases are scored too when ``config.truth_dir`` gives their true labels. ``metrics.csv`` marks each row's split
+(:data:`SFRSegmentLib.metrics.SPLITS`), and the headline numbers (:func:`mean_dice`, the baseline comparison) are the
+test cases' when there are any.
+
 Every stage reads what the previous one wrote into the run folder (:mod:`SFRSegmentLib.runfolder`) and skips or
 resumes what is already there, so rerunning the same command continues at the first unfinished stage, and inside a
 stage from its last checkpoint. ``redo`` deletes a stage's outputs (and those of the stages after it) first.
@@ -15,10 +21,11 @@ import json
 import platform
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,13 +37,15 @@ from .errors import InputError, PathLike
 from .distributed import barrier, on_main_rank, ranks
 from .estimate import StageWork, estimate_run
 from .inference import load_vnet, predict_cases, resolve_device
-from .metrics import evaluate_folders, find_label_files, summarise, write_metrics_csv
+from .metrics import (SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT, evaluate_cases, find_label_files,
+                      summarise_splits, write_metrics_csv)
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
 from .retrain import RetrainConfig, retrain
 from .runfolder import RunFolder
 from .sam.finetune import finetune, read_weights_info
 from .sam.pseudolabel import pseudolabel
-from .sam.weights import file_sha256
+from .sam.weights import available_offline, file_sha256
+from .ssl import parse_method
 from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 
 STAGES = ("finetune", "pseudolabel", "retrain", "sfrplus", "baseline", "predict", "evaluate", "report")
@@ -67,24 +76,37 @@ class PipelineResult:
     report: Path
 
 
+Truths = Mapping[str, Mapping[str, Path]]
+"""Split → case name → true label file: what a run scores its predictions against."""
+
+
 def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
-                 cancellation: Optional[Cancellation] = None, redo: Sequence[str] = ()) -> PipelineResult:
-    """Run (or resume) every stage of SFR on the cohort at ``cohort_path`` into the run folder ``out``."""
+                 cancellation: Optional[Cancellation] = None, redo: Sequence[str] = (),
+                 test: Optional[PathLike] = None) -> PipelineResult:
+    """Run (or resume) every stage of SFR on the cohort at ``cohort_path`` into the run folder ``out``.
+
+    ``test`` is a folder (or manifest) of held-out labeled cases, added to those a manifest ``cohort_path`` lists
+    under ``"test"`` (:func:`SFRSegmentLib.data.discover_cohort`): never trained on, predicted and scored at the end.
+    """
     run = RunFolder(out)
-    cohort = discover_cohort(cohort_path)
-    _say(progress, "validate", f"validating {len(cohort.cases)} cases")
+    clock = StageClock()
+    cohort = discover_cohort(cohort_path, test=test)
+    _say(progress, "validate", f"validating {len(cohort.cases)} cases"
+         + (f" and {len(cohort.test)} held-out test cases" if cohort.test else ""))
     validate_cohort(cohort)
     if not cohort.unlabeled:
         raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
                          cohort.root)
-    config = config.for_cohort(cohort)
+    truths = _truths(cohort, config)  # a missing true label stops the run now, not after training
+    config = _without_missing_sam(config.for_cohort(cohort), progress)
+    clock.lap("validate")
     # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
     with on_main_rank(run.exclusive()):
-        return _run_stages(cohort, run, config, progress, cancellation, redo)
+        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock)
 
 
-def _run_stages(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
-                cancellation: Optional[Cancellation], redo: Sequence[str]) -> PipelineResult:
+def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
+                cancellation: Optional[Cancellation], redo: Sequence[str], clock: StageClock) -> PipelineResult:
     """Every stage in order, in a run folder this process holds (see :func:`run_pipeline`)."""
     if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
         _remove_outputs(run, redo)
@@ -93,37 +115,54 @@ def _run_stages(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Pro
     barrier()
     if config.estimate:
         estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+        clock.lap("estimate")
 
     stage_args = dict(progress=progress, cancellation=cancellation)
     if config.retrain.uses_pseudo_labels:
-        with _stage("finetune"):
+        with _stage("finetune", clock):
             finetune(cohort, run, config.finetune, **stage_args)
-        with _stage("pseudolabel"):
+        with _stage("pseudolabel", clock):
             pseudolabel(cohort, run, config.pseudolabel, **stage_args)
-    with _stage("retrain"):
+    with _stage("retrain", clock):
         vnet = retrain(cohort, run, config.retrain, **stage_args)
     if config.sfr_plus:
-        with _stage("sfrplus"):
+        with _stage("sfrplus", clock):
             vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
     baseline_metrics = None
     if config.baseline_method:
-        with _stage("baseline"):
-            baseline_metrics = _run_baseline(cohort, run, config, progress, cancellation)
-    with _stage("predict"):
-        _predict(vnet, cohort.unlabeled, run.prediction_dir, config, progress)
-    metrics = None
-    if config.truth_dir:
-        metrics = _evaluate(run.prediction_dir, Path(config.truth_dir), run.metrics, cohort, progress)
+        with _stage("baseline", clock):
+            baseline_metrics = _run_baseline(cohort, truths, run, config, progress, cancellation)
+    with _stage("predict", clock):
+        _predict(vnet, predicted_cases(cohort), run.prediction_dir, config, progress)
+    metrics = _evaluate(run, truths, cohort, config.retrain.method, progress)
+    clock.lap("evaluate")
     from .report import write_report
 
     report = run.report
     if ranks().is_main:
-        truths = find_label_files(Path(config.truth_dir), "truth") if config.truth_dir else None
         report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
-                              truths=truths)
+                              truths={name: path for cases in truths.values() for name, path in cases.items()})
         _say(progress, "report", f"report written to {report}")
+        clock.lap("report")
+        atomic_write_text(run.timings, json.dumps(clock.seconds, indent=2) + "\n")
     barrier()
     return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
+
+
+def _without_missing_sam(config: RunConfig, progress: Progress) -> RunConfig:
+    """``config``, or with ``sam_missing = "skip"`` and no pretrained SAM on this machine, its method without the
+    SFR term (announced by a warning event): SAM fine-tuned from random weights would teach the V-Net noise."""
+    base, uses_sam = parse_method(config.retrain.method)
+    checkpoint = config.finetune.base_checkpoint
+    if not uses_sam or config.sam_missing != "skip" or available_offline(checkpoint):
+        return config
+    progress(ProgressEvent(
+        "validate", 1, 1, level="warning",
+        message=f"no pretrained SAM checkpoint ({checkpoint or 'none given'}) is on this machine, so SAM is not "
+                f"fine-tuned (never from random weights): re-training {base} without the SFR term instead of "
+                f"{config.retrain.method}{' and without SFR+' if config.sfr_plus else ''}. To use SAM, download or "
+                f"import the checkpoint (README, SAM weights) and start a new run."))
+    return dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method=base), sfr_plus=False)
 
 
 def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:
@@ -145,8 +184,9 @@ def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:
         "seeds": {"finetune": config.finetune.seed, "retrain": config.retrain.seed},
         "cohort": str(cohort.root),
         "inputs": {
-            case.name: {"image": _file_record(case.image), "label": _file_record(case.label) if case.label else None}
-            for case in cohort.cases
+            case.name: {"split": split, "image": _file_record(case.image),
+                        "label": _file_record(case.label) if case.label else None}
+            for split, cases in (("train", cohort.cases), (TEST_SPLIT, cohort.test)) for case in cases
         },
     }
 
@@ -178,13 +218,29 @@ def _remove_outputs(run: RunFolder, redo: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _stage(name: str) -> Iterator[None]:
-    """Turn a CUDA out-of-memory error into one that says which setting to lower."""
+def _stage(name: str, clock: StageClock) -> Iterator[None]:
+    """Time a training or prediction stage, and turn a CUDA out-of-memory error into one that says which setting to
+    lower."""
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
         raise OutOfMemory(f"GPU out of memory during {name}; lower {_MEMORY_SETTINGS[name]} "
                           f"(with --config), or run on a larger GPU") from exc
+    clock.lap(name)
+
+
+class StageClock:
+    """Wall seconds per stage of one invocation (``RUN/timings.json``): each :meth:`lap` charges the time since the
+    previous one to its stage. A resumed run's stages count only what this invocation did."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 def _run_sfrplus(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
@@ -205,15 +261,18 @@ def _run_sfrplus(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Pr
     return rounds[-1].vnet_weights
 
 
-def _run_baseline(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
+def _run_baseline(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
                   cancellation: Optional[Cancellation]) -> Optional[Path]:
-    """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled cases and evaluate them."""
+    """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled and test cases and evaluate them."""
     baseline = RunFolder(run.root / BASELINE_FOLDER)
     vnet = retrain(cohort, baseline, _baseline_settings(config), progress=progress, cancellation=cancellation)
-    _predict(vnet, cohort.unlabeled, baseline.prediction_dir, config, progress)
-    if not config.truth_dir:
-        return None
-    return _evaluate(baseline.prediction_dir, Path(config.truth_dir), baseline.metrics, cohort, progress)
+    _predict(vnet, predicted_cases(cohort), baseline.prediction_dir, config, progress)
+    return _evaluate(baseline, truths, cohort, config.baseline_method, progress)
+
+
+def predicted_cases(cohort: Cohort) -> List[Case]:
+    """The cases a trained V-Net predicts at the end of a run: the unlabeled ones, then the held-out test cases."""
+    return cohort.unlabeled + cohort.test
 
 
 def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig, progress: Progress) -> None:
@@ -243,11 +302,12 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
 
     Finished work is left out: fine-tuning with its ``sam_trainable.json``, re-training with its ``vnet.pt``,
     pseudo-labelling per cached case, prediction per up-to-date case, SFR+ per finished round; a fine-tuning or
-    re-training stopped midway counts the iterations its checkpoint has still to do. In an unfinished SFR+ round
+    re-training stopped midway counts the iterations its checkpoint has still to do. Prediction counts the unlabeled
+    and the held-out test cases (:func:`predicted_cases`). In an unfinished SFR+ round
     every unlabeled case counts as scored and pseudo-labelled, and fine-tuning as run: which cases are confident is
     known only once the round runs, so this is an upper bound.
     """
-    unlabeled = tuple(cohort.unlabeled)
+    unlabeled, predicted = tuple(cohort.unlabeled), predicted_cases(cohort)
     work: List[StageWork] = []
     if config.retrain.uses_pseudo_labels:
         work += [StageWork("finetune", finetune_iterations=_finetune_left(run, config)),
@@ -267,9 +327,9 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
         baseline = RunFolder(run.root / BASELINE_FOLDER)
         settings = _baseline_settings(config)
         work.append(StageWork("baseline", retrain=settings, retrain_iterations=_retrain_left(baseline, settings),
-                              predict_cases=tuple(_stale_predictions(unlabeled, baseline.prediction_dir,
+                              predict_cases=tuple(_stale_predictions(predicted, baseline.prediction_dir,
                                                                      baseline.vnet_weights))))
-    work.append(StageWork("predict", predict_cases=tuple(_stale_predictions(unlabeled, run.prediction_dir, vnet))))
+    work.append(StageWork("predict", predict_cases=tuple(_stale_predictions(predicted, run.prediction_dir, vnet))))
     return work
 
 
@@ -301,32 +361,69 @@ def _checkpoint_iteration(path: Path) -> int:
         return 0
 
 
-def _evaluate(pred_dir: Path, truth_dir: Path, out: Path, cohort: Cohort, progress: Progress) -> Path:
-    """Write the metrics table ``out`` (rank 0; the others wait for it)."""
+def _truths(cohort: Cohort, config: RunConfig) -> Dict[str, Dict[str, Path]]:
+    """What the run scores, test split first: each test case against its own label, and with ``config.truth_dir``
+    each unlabeled case against its true label there (InputError naming the cases that have none)."""
+    truths = {TEST_SPLIT: {case.name: case.label for case in cohort.test}} if cohort.test else {}
+    if config.truth_dir:
+        found = find_label_files(Path(config.truth_dir), "truth")
+        missing = [case.name for case in cohort.unlabeled if case.name not in found]
+        if missing:
+            raise InputError(f"no true label of the unlabeled case(s) {', '.join(missing)} (expected <case>.<ext> "
+                             "or <case>/label.<ext>)", config.truth_dir, "truth_dir")
+        truths[UNLABELED_SPLIT] = {case.name: found[case.name] for case in cohort.unlabeled}
+    return truths
+
+
+def _evaluate(run: RunFolder, truths: Truths, cohort: Cohort, method: str, progress: Progress) -> Optional[Path]:
+    """Score the predictions of ``run`` (trained with ``method``, which the progress messages name) against
+    ``truths`` into its metrics table, one split after the other (rank 0; the others wait for it); None when there
+    is nothing to score."""
+    if not truths:
+        return None
     if ranks().is_main:
-        rows = evaluate_folders(pred_dir, truth_dir, classes=sorted(cohort.classes))
-        write_metrics_csv(rows, out)
-        for summary in summarise(rows):
-            _say(progress, "evaluate", f"class {summary.class_value}: Dice {summary.dice.mean:.4f} over "
-                                       f"{summary.n_cases} cases", metric=summary.dice.mean)
+        rows = [row for split, cases in truths.items()
+                for row in evaluate_cases({name: (run.prediction(name), truth) for name, truth in cases.items()},
+                                          sorted(cohort.classes), split)]
+        write_metrics_csv(rows, run.metrics)
+        for split, summaries in summarise_splits(rows).items():
+            for summary in summaries:
+                dice = summary.dice
+                spread = f" ± {dice.std:.4f}" if dice.n > 1 else ""
+                _say(progress, "evaluate", f"{method}: {split} cases, class {summary.class_value}: Dice "
+                                           f"{dice.mean:.4f}{spread} over {summary.n_cases} cases", metric=dice.mean)
     barrier()
-    return out
+    return run.metrics
 
 
-def mean_dice(metrics_csv: Path) -> float:
-    """Mean Dice over the cases and classes of a metrics table."""
+def scored_split(metrics_csv: Path) -> str:
+    """The split a run is judged on: ``test`` when its metrics table has held-out test rows, else ``unlabeled``
+    (also for tables from before splits, which scored only the unlabeled cases)."""
+    return TEST_SPLIT if TEST_SPLIT in _dice_by_split(metrics_csv) else UNLABELED_SPLIT
+
+
+def mean_dice(metrics_csv: Path, split: Optional[str] = None) -> float:
+    """Mean Dice over the cases and classes of one split of a metrics table (default: :func:`scored_split`)."""
+    values = _dice_by_split(metrics_csv)[split or scored_split(metrics_csv)]
+    return sum(values) / len(values)
+
+
+def _dice_by_split(metrics_csv: Path) -> Dict[str, List[float]]:
     import csv
 
+    by_split: Dict[str, List[float]] = {}
     with open(metrics_csv, newline="") as f:
-        values = [float(row["dice"]) for row in csv.DictReader(f)]
-    return sum(values) / len(values)
+        for row in csv.DictReader(f):
+            by_split.setdefault(row.get("split") or UNLABELED_SPLIT, []).append(float(row["dice"]))
+    return by_split
 
 
 def _comparison_section(metrics: Optional[Path], baseline: Optional[Path], config: RunConfig) -> List[tuple]:
     if metrics is None or baseline is None:
         return []
-    html = (f"<p>Mean Dice on the held-out unlabeled cases: <b>{config.baseline_method}</b> "
-            f"{mean_dice(baseline):.4f}; <b>{config.retrain.method}</b> {mean_dice(metrics):.4f}.</p>")
+    split = scored_split(metrics)
+    html = (f"<p>Mean Dice on the {SPLIT_DESCRIPTIONS[split]}: <b>{config.baseline_method}</b> "
+            f"{mean_dice(baseline, split):.4f}; <b>{config.retrain.method}</b> {mean_dice(metrics, split):.4f}.</p>")
     return [("Baseline versus SFR", html)]
 
 

@@ -8,7 +8,9 @@ Sections, each built from what the run folder holds (see :mod:`SFRSegmentLib.run
 one-line note when its input is missing or unreadable, so that a partial run still gets a report:
 
 1. Summary: the cohort, the resolved ``config.json`` and ``manifest.json`` (collapsed).
-2. Metrics: ``metrics.csv`` per case and per class (mean ± sample std over the cases where a value is defined).
+2. Metrics: ``metrics.csv`` per split, the held-out test cases first, then the unlabeled cases (transductive: their
+   images trained the model); each per class (mean ± sample std over the cases where a value is defined) and per
+   case. A table without a ``split`` column (older runs) holds unlabeled cases.
 3. Review queue: ``pseudolabels/confidence.csv``, least confident pseudo-label first.
 4. Training curves: every numeric column of each ``log.csv`` (fine-tuning, re-training, SFR+ rounds) against its
    step column, so that the stages may log whatever columns they like.
@@ -38,7 +40,8 @@ from scipy import ndimage
 from .atomic import atomic_write_text
 from .data import Cohort, center_crop_start, crop, load_case, pad_to_shape, zscore
 from .io import SEGMENTATION_SUFFIX, read_volume
-from .metrics import CSV_COLUMNS, METRIC_NAMES
+from .metrics import (CSV_COLUMNS, METRIC_NAMES, SPLIT_COLUMN, SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT,
+                      split_rank)
 from .runfolder import RunFolder
 from .sfrplus import ROUNDS_FOLDER
 from .stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, stitch_image, stitch_label
@@ -59,6 +62,13 @@ _PERCENT_METRICS = ("dice", "jaccard")
 _METRIC_TITLES = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "hd95_vox": "HD95 (vox)", "asd_vox": "ASD (vox)",
                   "hd95_mm": "HD95 (mm)", "asd_mm": "ASD (mm)"}
 _MISSING = "—"
+_SPLIT_NOTES = {
+    TEST_SPLIT: "Labeled cases that no stage trained on (not fine-tuning, pseudo-labelling, re-training or SFR+ "
+                "selection), scored against their own labels: the estimate of how the model does on new scans.",
+    UNLABELED_SPLIT: "The cohort's unlabeled cases, scored against their true labels. Their images were used in "
+                     "training (pseudo-labels, consistency), so these scores are transductive and can be higher than "
+                     "on new scans.",
+}
 _READ_ERRORS = (OSError, ValueError, KeyError, csv.Error)
 """What a missing, corrupt or unexpected input raises; the section then shows a note instead."""
 
@@ -113,6 +123,8 @@ def _summary_section(run: RunFolder, cohort: Cohort) -> str:
             ("Classes", f"0 = background, {classes}"),
             (f"Labeled ({len(cohort.labeled)})", ", ".join(c.name for c in cohort.labeled) or _MISSING),
             (f"Unlabeled ({len(cohort.unlabeled)})", ", ".join(c.name for c in cohort.unlabeled) or _MISSING)]
+    if cohort.test:
+        rows.append((f"Test, held out ({len(cohort.test)})", ", ".join(c.name for c in cohort.test)))
     parts = [_table((), rows)]
     for name, path in (("Resolved configuration", run.config), ("Manifest", run.manifest)):
         parts.append(_guarded(lambda path=path, name=name: _json_details(name, path), path.name))
@@ -129,8 +141,28 @@ def _json_details(name: str, path: Path) -> str:
 
 def _metrics_section(path: Path, classes: Mapping[int, str]) -> str:
     if not path.is_file():
-        return _note("No metrics.csv: the predictions were not evaluated (no truth labels were given).")
+        return _note("No metrics.csv: the predictions were not evaluated (no held-out test cases and no truth "
+                     "labels were given).")
     rows = _read_csv(path, CSV_COLUMNS)
+    by_split: Dict[str, List[Dict[str, str]]] = {}
+    for row in rows:
+        by_split.setdefault(row.get(SPLIT_COLUMN) or UNLABELED_SPLIT, []).append(row)
+    parts = []
+    for split in sorted(by_split, key=split_rank):
+        mine = by_split[split]
+        title = SPLIT_DESCRIPTIONS.get(split, f"split {split}")
+        n_cases = len({row["case"] for row in mine})
+        parts += [f"<h3>{_e(title[0].upper() + title[1:])}: {n_cases} case{'s' if n_cases != 1 else ''}</h3>",
+                  _note(_SPLIT_NOTES[split]) if split in _SPLIT_NOTES else "", _split_tables(mine, classes)]
+    if any(math.isnan(float(row[name])) for row in rows for name in METRIC_NAMES):
+        parts.append(_note(f"{_MISSING} marks an undefined distance: the class is empty in the prediction (or in "
+                           "the truth) of that case, so Dice and Jaccard are 0 there; the class means leave such "
+                           "values out, and 'Undefined' counts those cases."))
+    return "".join(parts)
+
+
+def _split_tables(rows: Sequence[Mapping[str, str]], classes: Mapping[int, str]) -> str:
+    """The per-class (mean ± std) and per-case tables of one split's rows of ``metrics.csv``."""
     values = [{name: float(row[name]) for name in METRIC_NAMES} for row in rows]
     class_of = [int(row["class"]) for row in rows]
     headers = ("Case", "Class") + tuple(_METRIC_TITLES[m] for m in METRIC_NAMES)
@@ -142,14 +174,9 @@ def _metrics_section(path: Path, classes: Mapping[int, str]) -> str:
         undefined = sum(math.isnan(v["hd95_vox"]) for v in mine)
         per_class.append((classes.get(value, str(value)), str(len(mine)), str(undefined),
                           *(_mean_std(m, [v[m] for v in mine]) for m in METRIC_NAMES)))
-    parts = ["<h3>Per class (mean ± std over the cases where defined)</h3>",
-             _table(("Class", "Cases", "Undefined") + headers[2:], per_class),
-             "<h3>Per case</h3>", _table(headers, per_case)]
-    if any(math.isnan(x) for v in values for x in v.values()):
-        parts.append(_note(f"{_MISSING} marks an undefined distance: the class is empty in the prediction (or in "
-                           "the truth) of that case, so Dice and Jaccard are 0 there; the class means leave such "
-                           "values out, and 'Undefined' counts those cases."))
-    return "".join(parts)
+    return "".join(["<h4>Per class (mean ± std over the cases where defined)</h4>",
+                    _table(("Class", "Cases", "Undefined") + headers[2:], per_class),
+                    "<h4>Per case</h4>", _table(headers, per_case)])
 
 
 def _review_section(path: Path) -> str:
@@ -242,7 +269,7 @@ def _mosaic_figure(run: RunFolder, cohort: Cohort) -> str:
 def _prediction_figure(path: Path, name: str, cohort: Cohort, truths: Mapping[str, Path],
                        confidence: Optional[float]) -> str:
     """Axial, coronal and sagittal slices (IJK axes) through the centroid of the predicted foreground."""
-    cases = {c.name: c for c in cohort.cases}
+    cases = {c.name: c for c in cohort.cases + cohort.test}
     if name not in cases:
         return _note(f"{name}: prediction of a case that is not in the cohort.")
     prediction = read_volume(path)
@@ -266,7 +293,10 @@ def _prediction_figure(path: Path, name: str, cohort: Cohort, truths: Mapping[st
             picture[_outline(_oriented(truth.array, axis, index))] = TRUTH_OUTLINE_RGB
         width, height = (round(prediction.shape[a] * prediction.spacing[a] * scale) for a in rest)
         figures.append(_figure(picture, f"{name} {view}", width, height, f"{view}, {'ijk'[axis]} = {index}"))
-    notes = [f"confidence {confidence:.4f}" if confidence is not None else "no pseudo-label confidence"]
+    if any(c.name == name for c in cohort.test):
+        notes = ["held-out test case"]
+    else:
+        notes = [f"confidence {confidence:.4f}" if confidence is not None else "no pseudo-label confidence"]
     if not foreground.size:
         notes.append("empty prediction: slices through the volume centre")
     if truth is not None:

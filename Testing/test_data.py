@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import pytest
@@ -26,7 +26,8 @@ from SFRSegmentLib.data import (
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.io import Segment, Volume, write_volume
 
-LA_ROOT = Path("/work/shared/data/LA")
+LA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LA"
+"""The shared LA cases beside the repository: case folders plus ``train.list`` and ``README.md``."""
 SHAPE = (12, 10, 6)
 SPACING = (0.8, 0.8, 1.6)
 ORIGIN = (-5.0, 3.0, 12.5)
@@ -132,9 +133,10 @@ def test_conflicting_segment_names_are_refused(tmp_path):
 @pytest.mark.skipif(not LA_ROOT.is_dir(), reason="the shared LA data is not available")
 def test_la_folder():
     cohort = discover_cohort(LA_ROOT)
-    assert cohort.source == "case-folders"
-    assert len(cohort.cases) == 8 and len(cohort.labeled) == 8 and not cohort.unlabeled
-    assert [c.name for c in cohort.cases] == sorted((LA_ROOT / "train.list").read_text().split())
+    listed = (LA_ROOT / "train.list").read_text().split()
+    assert cohort.source == "case-folders" and not cohort.ignored and not cohort.test
+    assert [c.name for c in cohort.cases] == sorted(listed)  # the loose train.list and README.md are not cases
+    assert len(cohort.labeled) == len(listed) and not cohort.unlabeled
     assert cohort.classes == {1: "class_1"}
     image, label = load_case(cohort.cases[0], cohort.classes)
     assert image.shape == label.shape and image.shape[2] == 88
@@ -212,6 +214,111 @@ def test_manifest_without_classes_takes_them_from_the_labels(tmp_path):
     cohort = discover_cohort(manifest)
     assert [c.name for c in cohort.cases] == ["image"]
     assert cohort.classes == {2: "class_2"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out test cases
+
+
+def _cohort_and_test_folders(tmp_path: Path) -> Tuple[Path, Path]:
+    """A cohort (a labeled, b unlabeled) and a test folder (t1, t2 labeled), each with loose non-volume files."""
+    cohort, test = tmp_path / "cohort", tmp_path / "test"
+    _write_case(cohort, "a")
+    _write_case(cohort, "b", labeled=False)
+    _write_json(cohort / "classes.json", {"1": "left atrium"})
+    for name in ("t1", "t2"):
+        _write_case(test, name)
+    for root in (cohort, test):
+        (root / "README.md").write_text("notes")
+        (root / "train.list").write_text("a\nb\n")
+    return cohort, test
+
+
+def test_test_folder_of_case_folders(tmp_path):
+    cohort_dir, test_dir = _cohort_and_test_folders(tmp_path)
+    cohort = discover_cohort(cohort_dir, test=test_dir)
+    assert [c.name for c in cohort.cases] == ["a", "b"], "test cases are not training cases"
+    assert [c.name for c in cohort.labeled] == ["a"] and [c.name for c in cohort.unlabeled] == ["b"]
+    assert cohort.test == [Case(n, test_dir / n / "image.nrrd", test_dir / n / "label.nrrd") for n in ("t1", "t2")]
+    assert cohort.classes == {1: "left atrium"} and not cohort.ignored
+    summary = cohort.summary().splitlines()
+    assert summary[0].endswith("2 cases, 1 labeled, 1 unlabeled, and 2 held-out test cases")
+    assert summary[-1] == "Test, held out (2): t1, t2"
+    validate_cohort(cohort)
+    assert discover_cohort(cohort_dir).test == []
+
+
+def test_test_folder_in_nnunet_layout(tmp_path):
+    cohort_dir, _ = _cohort_and_test_folders(tmp_path)
+    test_dir = tmp_path / "nnunet"
+    _write_json(test_dir / "dataset.json", {"labels": {"background": 0, "left atrium": 1}})
+    _write_image(test_dir / "imagesTr" / "t9_0000.nii.gz")
+    _write_label(test_dir / "labelsTr" / "t9.nii.gz")
+    cohort = discover_cohort(cohort_dir, test=test_dir)
+    assert cohort.test == [Case("t9", test_dir / "imagesTr" / "t9_0000.nii.gz", test_dir / "labelsTr" / "t9.nii.gz")]
+
+
+def test_manifest_test_list(tmp_path):
+    for name in ("a", "t"):
+        _write_case(tmp_path, name)
+    _write_case(tmp_path, "b", labeled=False)
+    manifest = _write_json(tmp_path / "m.json", {
+        "cases": [{"name": "a", "image": "a/image.nrrd", "label": "a/label.nrrd"},
+                  {"name": "b", "image": "b/image.nrrd"}],
+        "test": [{"name": "t", "image": "t/image.nrrd", "label": "t/label.nrrd"}],
+    })
+    cohort = discover_cohort(manifest)
+    assert [c.name for c in cohort.cases] == ["a", "b"]
+    assert cohort.test == [Case("t", tmp_path / "t" / "image.nrrd", tmp_path / "t" / "label.nrrd")]
+    _write_json(manifest, {"cases": [{"name": "a", "image": "a/image.nrrd", "label": "a/label.nrrd"}],
+                           "test": [{"name": "t", "image": "t/image.nrrd", "label": "t/missing.nrrd"}]})
+    error = _raises(manifest, r"test\[0\].label: file not found", "test[0].label")
+    assert error.path == manifest
+
+
+def test_unlabeled_test_case_is_refused_naming_its_image(tmp_path):
+    cohort_dir, test_dir = _cohort_and_test_folders(tmp_path)
+    _write_case(test_dir, "t3", labeled=False)
+    with pytest.raises(InputError, match="test case 't3' has no label") as info:
+        discover_cohort(cohort_dir, test=test_dir)
+    assert info.value.path == test_dir / "t3" / "image.nrrd" and info.value.field == "label"
+    manifest = _write_json(tmp_path / "m.json", {"cases": [{"image": "cohort/a/image.nrrd",
+                                                            "label": "cohort/a/label.nrrd"}],
+                                                  "test": ["test/t3/image.nrrd"]})
+    error = _raises(manifest, "test case 'image' has no label", "label")
+    assert error.path == test_dir / "t3" / "image.nrrd"
+
+
+def test_test_case_named_like_a_cohort_case_is_refused_naming_both(tmp_path):
+    cohort_dir, test_dir = _cohort_and_test_folders(tmp_path)
+    _write_case(test_dir, "b")
+    with pytest.raises(InputError, match="test case 'b'.*has the same name as the case 'b'") as info:
+        discover_cohort(cohort_dir, test=test_dir)
+    assert str(test_dir / "b" / "image.nrrd") in str(info.value) and str(cohort_dir / "b" / "image.nrrd") in str(
+        info.value)
+    assert info.value.field == "name"
+    with pytest.raises(InputError, match="has the same image file as the case 'a'") as info:
+        discover_cohort(cohort_dir, test=_write_json(tmp_path / "m.json", {
+            "test": [], "cases": [{"name": "copy", "image": "cohort/a/image.nrrd", "label": "cohort/a/label.nrrd"}]}))
+    assert info.value.path == cohort_dir / "a" / "image.nrrd"
+
+
+def test_test_classes_must_be_the_cohorts(tmp_path):
+    cohort_dir, test_dir = _cohort_and_test_folders(tmp_path)
+    classes = _write_json(test_dir / "classes.json", {"1": "left atrium", "2": "scar"})
+    with pytest.raises(InputError, match=r"test classes \[2\] are not among the cohort's classes 1 = left atrium") \
+            as info:
+        discover_cohort(cohort_dir, test=test_dir)
+    assert info.value.path == classes and info.value.field == "classes"
+    classes.unlink()
+    _write_label(test_dir / "t2" / "label.nrrd", values=(1, 2))  # undeclared: found when the labels are read
+    cohort = discover_cohort(cohort_dir, test=test_dir)
+    with pytest.raises(InputError) as info:
+        validate_cohort(cohort)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{cohort_dir}: 1 of 4 cases have problems:"
+    assert lines[1].startswith("  t2 (test): ") and str(test_dir / "t2" / "label.nrrd") in lines[1]
+    assert "label values [2] are outside the declared classes [0, 1]" in lines[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

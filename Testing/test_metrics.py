@@ -18,11 +18,16 @@ from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.io import Volume, read_volume, write_volume
 from SFRSegmentLib.metrics import (
     CSV_COLUMNS,
+    SPLIT_COLUMN,
+    TEST_SPLIT,
+    UNLABELED_SPLIT,
     ClassMetrics,
     MetricRow,
     case_metrics,
+    evaluate_cases,
     evaluate_folders,
     summarise,
+    summarise_splits,
     write_metrics_csv,
 )
 
@@ -352,6 +357,32 @@ def test_csv_has_the_columns_and_reads_back(folders, tmp_path: Path) -> None:
         np.testing.assert_array_equal(read_back, _ours(row.metrics))  # NaN read back as NaN, floats exactly
         assert 0.0 <= read_back[0] <= 1.0 and 0.0 <= read_back[1] <= 1.0
     assert table[3][4:] == ["nan"] * 4  # caseA, class 3: missed, distances undefined
+
+
+def test_a_runs_table_has_a_split_column_and_summaries_per_split(folders, tmp_path: Path) -> None:
+    pred_dir, truth_dir, arrays = folders
+    unlabeled = evaluate_cases({"caseB": (pred_dir / "caseB.nii.gz", truth_dir / "caseB" / "label.nii.gz")}, [1],
+                               UNLABELED_SPLIT)
+    test = evaluate_cases({"caseA": (pred_dir / "caseA.seg.nrrd", truth_dir / "caseA" / "label.nrrd"),
+                           "caseB": (pred_dir / "caseB.nii.gz", truth_dir / "caseB" / "label.nii.gz")}, [1],
+                          TEST_SPLIT)
+    assert [(r.case, r.split) for r in test] == [("caseA", TEST_SPLIT), ("caseB", TEST_SPLIT)]
+    (expected,) = case_metrics(*arrays["caseA"], SPACING, [1])
+    assert _ours(test[0].metrics) == pytest.approx(_ours(expected), rel=FILE_RTOL)
+
+    path = write_metrics_csv(unlabeled + test, tmp_path / "metrics.csv")
+    with open(path, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == [SPLIT_COLUMN, *CSV_COLUMNS]
+    assert [(r["split"], r["case"]) for r in table] == [("unlabeled", "caseB"), ("test", "caseA"), ("test", "caseB")]
+
+    summaries = summarise_splits(unlabeled + test)
+    assert list(summaries) == [TEST_SPLIT, UNLABELED_SPLIT], "held-out test cases first"
+    (test_summary,) = summaries[TEST_SPLIT]
+    dices = [test[0].metrics.dice, test[1].metrics.dice]
+    assert test_summary.n_cases == 2 and test_summary.dice.mean == pytest.approx(np.mean(dices))
+    assert test_summary.dice.std == pytest.approx(np.std(dices, ddof=1)) and test_summary.dice.std > 0
+    assert summaries[UNLABELED_SPLIT][0].dice.mean == unlabeled[0].metrics.dice
 
 
 def test_float_predictions_must_hold_whole_class_values(folders) -> None:

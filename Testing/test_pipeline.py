@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from SFRSegmentLib.config import preset
 from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.io import read_volume, write_volume
-from SFRSegmentLib.metrics import CSV_COLUMNS
+from SFRSegmentLib.metrics import CSV_COLUMNS, SPLIT_COLUMN, case_metrics
 from SFRSegmentLib.sam.weights import file_sha256
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 from test_runfolder import start_holder  # a real process holding a run folder's lock
@@ -80,7 +83,8 @@ def test_run_streams_json_lines_and_writes_every_output(cohort, tmp_path):
         assert read_volume(out / "predictions" / f"{case}.nii.gz").shape == image.shape
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(CSV_COLUMNS) and sorted(r["case"] for r in rows) == unlabeled
+    assert list(rows[0]) == [SPLIT_COLUMN, *CSV_COLUMNS] and sorted(r["case"] for r in rows) == unlabeled
+    assert {r["split"] for r in rows} == {"unlabeled"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["case_000"]["label"]["sha256"] == file_sha256(cohort / "case_000" / "label.nrrd")
@@ -161,3 +165,91 @@ def test_config_validation_names_the_field(tmp_path):
     printed = json.loads(result.stdout)
     assert printed["preset"] == "small" and printed["retrain"]["method"] == "sfr_mt"
     assert json.loads(json.dumps(printed)) == printed
+
+
+TEST_CASES = ("case_003", "case_004")
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Tuple[Path, Path, Path]:
+    """A cohort (case_000 labeled, case_001-002 unlabeled with truth/) and two test folders of case_003 and
+    case_004 with different labels: the true ones (``test_a``), and the same with every voxel below the median i of
+    the foreground erased (``test_b``). The test cases are not in the cohort folder."""
+    root = tmp_path_factory.mktemp("held_out")
+    cohort = root / "synthetic"
+    make_synthetic_cohort(cohort, n_cases=5, n_labeled=1, n_classes=1, seed=5,
+                          size_range=((48, 56), (48, 56), (16, 20)))
+    for name in TEST_CASES:
+        label = read_volume(cohort / "truth" / name / "label.nrrd")
+        halved = label.array.copy()
+        halved[: int(np.median(np.argwhere(halved > 0)[:, 0]))] = 0
+        for variant, array in (("test_a", label.array), ("test_b", halved)):
+            (root / variant / name).mkdir(parents=True)
+            shutil.copy(cohort / name / "image.nrrd", root / variant / name / "image.nrrd")
+            write_volume(dataclasses.replace(label, array=array), root / variant / name / "label.nrrd")
+        shutil.rmtree(cohort / name)
+        shutil.rmtree(cohort / "truth" / name)
+    return cohort, root / "test_a", root / "test_b"
+
+
+def _read_rows(path: Path) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_test_cases_are_scored_but_never_change_training(held_out, tmp_path):
+    """Two runs that differ only in the test labels (and in --truth, which only evaluation reads) train bit-identical
+    SAM and V-Net weights, and score the test cases differently, each against its own labels."""
+    cohort, test_a, test_b = held_out
+    config = _write_config(tmp_path / "config.json", retrain_iterations=3, checkpoint_every=3)
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), estimate=False, baseline_method="supervised")))
+    runs = {"a": tmp_path / "run_a", "b": tmp_path / "run_b"}
+    events = {}
+    extras = {"a": ("--test", str(test_a), "--truth", str(cohort / "truth")), "b": ("--test", str(test_b))}
+    for key, extra in extras.items():
+        result = subprocess.run(_command(cohort, runs[key], config, *extra), cwd=REPO, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        events[key] = [json.loads(line) for line in result.stdout.splitlines()]
+        assert "mean Dice on the held-out test cases (sfr_mt): " in result.stderr
+
+    for weights in ("finetune/sam_trainable.pt", "retrain/vnet.pt", "baseline/retrain/vnet.pt"):
+        a, b = (torch.load(runs[key] / weights, map_location="cpu", weights_only=True) for key in "ab")
+        a, b = (state.get("state_dict", state) for state in (a, b))
+        assert list(a) == list(b) and all(torch.equal(a[name], b[name]) for name in a), weights
+    for case in ("case_001", "case_002"):
+        assert (runs["a"] / "pseudolabels" / f"{case}.prob.npy").read_bytes() == (
+            runs["b"] / "pseudolabels" / f"{case}.prob.npy").read_bytes()
+
+    rows = {key: _read_rows(run / "metrics.csv") for key, run in runs.items()}
+    assert [(r["split"], r["case"]) for r in rows["a"]] == [
+        ("test", "case_003"), ("test", "case_004"), ("unlabeled", "case_001"), ("unlabeled", "case_002")]
+    assert [(r["split"], r["case"]) for r in rows["b"]] == [("test", "case_003"), ("test", "case_004")]
+    for key, test_dir in (("a", test_a), ("b", test_b)):
+        for row in rows[key][:2]:
+            prediction = read_volume(runs[key] / "predictions" / f"{row['case']}.seg.nrrd")
+            image = read_volume(test_dir / row["case"] / "image.nrrd")
+            assert prediction.shape == image.shape and np.allclose(prediction.origin, image.origin)
+            assert np.allclose(prediction.spacing, image.spacing)
+            truth = read_volume(test_dir / row["case"] / "label.nrrd")
+            (expected,) = case_metrics(prediction.array, truth.array, truth.spacing, [1])
+            assert float(row["dice"]) == pytest.approx(expected.dice, abs=1e-12)
+    for case, row_a, row_b in zip(TEST_CASES, rows["a"], rows["b"]):
+        assert row_a["dice"] != row_b["dice"], f"{case}: different test labels, same Dice"
+    dice_a = [float(r["dice"]) for r in rows["a"][:2]]
+    (said,) = [e for e in events["a"] if e["stage"] == "evaluate" and e["message"].startswith("sfr_mt: test")]
+    assert said["metric"] == pytest.approx(np.mean(dice_a))
+    assert said["message"] == (f"sfr_mt: test cases, class 1: Dice {np.mean(dice_a):.4f} ± "
+                               f"{np.std(dice_a, ddof=1):.4f} over 2 cases")
+
+    baseline = _read_rows(runs["a"] / "baseline" / "metrics.csv")
+    assert [(r["split"], r["case"]) for r in baseline][:2] == [("test", "case_003"), ("test", "case_004")]
+    manifest = json.loads((runs["a"] / "manifest.json").read_text())
+    assert {name: record["split"] for name, record in manifest["inputs"].items()} == {
+        "case_000": "train", "case_001": "train", "case_002": "train", "case_003": "test", "case_004": "test"}
+    assert manifest["inputs"]["case_004"]["label"]["sha256"] == file_sha256(test_a / "case_004" / "label.nrrd")
+    report = (runs["a"] / "report.html").read_text()
+    test_at = report.index("<h3>Held-out test cases: 2 cases</h3>")
+    assert test_at < report.index("<h3>Unlabeled cases (transductive): 2 cases</h3>")
+    assert f"{100 * np.mean(dice_a):.2f} ± {100 * np.std(dice_a, ddof=1):.2f}" in report[test_at:]
+    assert "Mean Dice on the held-out test cases: <b>supervised</b>" in report

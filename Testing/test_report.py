@@ -4,6 +4,7 @@ missing, and escaped text."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from SFRSegmentLib.data import Case
 from SFRSegmentLib.io import read_volume, write_volume
 from SFRSegmentLib.report import TRUTH_OUTLINE_RGB, write_report
 from SFRSegmentLib.runfolder import RunFolder
@@ -177,3 +179,30 @@ def test_text_is_escaped_and_extra_sections_are_added(tmp_path, built):
                         extra_sections=[("Supervised <vs> SFR", "<p>Dice <b>0.9</b></p>")]).read_text()
     assert "<title>A &lt;b&gt; &amp; run</title>" in page
     assert "<h2>Supervised &lt;vs&gt; SFR</h2>\n<p>Dice <b>0.9</b></p>" in page
+
+
+def test_held_out_test_metrics_come_first_with_mean_and_std(tmp_path, built):
+    _, cohort, _, _ = built
+    held_out = make_synthetic_cohort(tmp_path / "held_out", n_cases=2, n_labeled=2, seed=9,
+                                     size_range=((40, 44), (40, 44), (16, 20)))
+    test = [Case(name, case.image, case.label) for name, case in zip(("t1", "t2"), held_out.cases)]
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.metrics.write_text("split,case,class,dice,jaccard,hd95_vox,asd_vox,hd95_mm,asd_mm\n"
+                           "unlabeled,case_001,1,0.95,0.9,1.0,0.5,1.0,0.5\n"
+                           "test,t1,1,0.8,0.66667,4.0,1.0,3.0,0.8\n"
+                           "test,t2,1,0.6,0.42857,6.0,2.0,5.0,1.6\n")
+    write_volume(read_volume(test[0].label), run.prediction("t1"))
+    page = write_report(run, dataclasses.replace(cohort, test=test),
+                        truths={"t1": test[0].label}).read_text(encoding="utf-8")
+    metrics = _section(page, "Metrics")
+    test_at = metrics.index("<h3>Held-out test cases: 2 cases</h3>")
+    unlabeled_at = metrics.index("<h3>Unlabeled cases (transductive): 1 case</h3>")
+    assert test_at < unlabeled_at, "the held-out test metrics come first"
+    test_part, unlabeled_part = metrics[test_at:unlabeled_at], metrics[unlabeled_at:]
+    assert "no stage trained on" in test_part and "transductive" in unlabeled_part
+    assert "70.00 ± 14.14" in test_part and "5.00 ± 1.41" in test_part, "Dice and HD95 mean ± std of the test cases"
+    assert "t1" in test_part and "case_001" not in test_part and "95.00" in unlabeled_part
+    assert "t1, t2" in _section(page, "Summary") and "Test, held out (2)" in _section(page, "Summary")
+    images = _section(page, "Images")
+    assert "<h4>t1 <small>(held-out test case; truth outlined in yellow)</small></h4>" in images
