@@ -10,11 +10,12 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .atomic import WriteError
+from .choices import PRESETS
 from .errors import InputError
 from .progress import REPORTER_KINDS, Cancelled
 
@@ -63,11 +64,11 @@ def _cmd_stitch_preview(args: argparse.Namespace) -> int:
 def _cmd_cohort(args: argparse.Namespace) -> int:
     from .data import discover_cohort, validate_cohort
 
-    cohort = discover_cohort(args.path)
+    cohort = discover_cohort(args.path, test=args.test)
     print(cohort.summary())
     if args.validate:
         validate_cohort(cohort)
-        print(f"all {len(cohort.cases)} cases are valid")
+        print(f"all {len(cohort.cases) + len(cohort.test)} cases are valid")
     return 0
 
 
@@ -140,7 +141,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import preset
     from .config_io import load_overrides, to_dict, with_overrides
-    from .pipeline import mean_dice, run_pipeline
+    from .metrics import SPLIT_DESCRIPTIONS
+    from .pipeline import mean_dice, run_pipeline, scored_split
     from .progress import Cancellation, make_reporter
 
     config = preset(args.preset)
@@ -158,13 +160,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cancellation = Cancellation()
     with cancellation.on_signals():
         result = run_pipeline(args.cohort, args.out, config, progress=make_reporter(args.progress),
-                              cancellation=cancellation, redo=args.redo)
+                              cancellation=cancellation, redo=args.redo, test=args.test)
     lines = [f"report: {result.report}"]
-    if result.metrics:
-        lines.append(f"mean Dice ({config.retrain.method}): {mean_dice(result.metrics):.4f}")
-    if result.baseline_metrics:
-        lines.append(f"mean Dice ({config.baseline_method}): {mean_dice(result.baseline_metrics):.4f}")
+    for method, metrics in ((config.retrain.method, result.metrics), (config.baseline_method, result.baseline_metrics)):
+        if metrics:
+            split = scored_split(metrics)
+            lines.append(f"mean Dice on the {SPLIT_DESCRIPTIONS[split]} ({method}): {mean_dice(metrics, split):.4f}")
     print("\n".join(lines), file=sys.stderr if args.progress == "jsonl" else sys.stdout)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .config_io import load_overrides
+    from .reproduce import RESULTS_CSV, RESULTS_MD, CellFailed, Protocol, grid, la_split, run_grid, write_table
+
+    if not args.table_only:
+        if args.data is None:
+            raise InputError("--data (the LA folder) is required unless --table-only is given", field="data")
+        protocol = Protocol(la_split(args.data, args.test_list, args.dev_test), args.preset,
+                            load_overrides(args.config) if args.config else {}, args.unlabeled, args.config)
+        try:
+            run_grid(protocol, grid(args.labeled, args.methods, args.seeds), args.out, args.device, args.progress)
+        except CellFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_status
+    print(write_table(args.out), end="", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
+    print(f"wrote {args.out / RESULTS_CSV} and {args.out / RESULTS_MD}", file=sys.stderr)
     return 0
 
 
@@ -248,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cohort", help="discover a cohort and report its labeled and unlabeled cases")
     p.add_argument("path", type=Path, help="folder of case folders, Decathlon folder, or manifest .json")
     p.add_argument("--validate", action="store_true", help="also read and check every image and label")
+    _add_test_option(p)
     p.set_defaults(func=_cmd_cohort)
 
     p = sub.add_parser("synth", help="write a deterministic synthetic cohort (for tests and trials)")
@@ -262,12 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "predict, evaluate, report (resumes an interrupted run)")
     _add_cohort_option(p)
     p.add_argument("--out", type=Path, required=True, help="run folder (created; rerun to resume)")
-    p.add_argument("--preset", choices=("paper", "small"), default="paper",
-                   help="paper: the paper's settings (GPU); small: the CPU-sized configuration")
+    p.add_argument("--preset", choices=PRESETS, default="paper",
+                   help="paper: the paper's settings (a GPU); cpu: real scans on a computer without a GPU (about 30 "
+                   "min for 20 volumes); small: toy size for tests and demos, not for real data")
     p.add_argument("--config", type=Path, help="JSON file of option overrides, e.g. {\"retrain\": {\"method\": "
                    "\"sfr_acmt\"}}")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--truth", type=Path, help="folder of true labels of the unlabeled cases, to evaluate against")
+    p.add_argument("--truth", type=Path, help="folder of true labels of the unlabeled cases, to evaluate against "
+                   "(transductive: their images are trained on)")
+    _add_test_option(p)
     p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="jsonl: one JSON object per line on stdout (the Slicer module's protocol)")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE",
@@ -276,6 +301,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run time before training (the estimate warns when it exceeds estimate_warn_hours, default 3)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("reproduce", help="the paper's LA protocol: a grid of runs (labeled N x method x seed) scored "
+                       "on the test cases, and one table beside the paper's numbers (resumes unfinished cells)")
+    p.add_argument("--data", type=Path, help="LA folder: <ID>/image.nrrd, <ID>/label.nrrd, train.list, test.list")
+    p.add_argument("--out", type=Path, required=True, help="folder of the cell run folders and results.csv / .md")
+    test = p.add_mutually_exclusive_group()
+    test.add_argument("--test-list", type=Path, help="the test cases' list (default: DATA/test.list)")
+    test.add_argument("--dev-test", type=int, metavar="N", help="hold the last N cases of train.list out as the test "
+                      "set instead (a development split; they leave the unlabeled pool)")
+    p.add_argument("--labeled", type=int, nargs="+", default=[16], metavar="N",
+                   help="labeled cases: the first N of train.list (several: 1 4 8 16; default 16)")
+    p.add_argument("--methods", nargs="+", default=["sfr_mt"], choices=_EngineChoices(_method_names),
+                   metavar="METHOD", help="re-training methods (several; default sfr_mt): %(choices)s")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337], metavar="SEED",
+                   help="seeds of fine-tuning and re-training (several; default 1337)")
+    p.add_argument("--unlabeled", type=int, metavar="N", help="cap the unlabeled pool at its first N cases")
+    p.add_argument("--preset", choices=PRESETS, default="paper",
+                   help="paper: exactly the paper's protocol (a GPU job); another preset runs the same protocol at "
+                   "its size, labelled as such in the table")
+    p.add_argument("--config", type=Path, help="JSON file of option overrides for every cell, as in run")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
+                   help="the cells' progress, as in run (jsonl: JSON lines on stdout, the table on stderr)")
+    p.add_argument("--table-only", action="store_true", help="run nothing: rebuild the table from the finished "
+                   "cells in --out")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("demo", help="run the built-in demo on synthetic data (and the LA cases when present)")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -367,8 +418,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _EngineChoices(Sequence[str]):
+    """Option choices from one of the engine's lists, read when an option is checked or help is shown: importing
+    where a list lives (the methods' registry, :mod:`SFRSegmentLib.ssl`) takes MONAI, about 2 s, which the other
+    commands need not pay."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
+        self._load = load
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._load()[index]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+def _method_names() -> Sequence[str]:
+    from .ssl import method_names
+
+    return method_names()
+
+
 def _add_cohort_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", type=Path, required=True, help="cohort folder, Decathlon folder or manifest .json")
+
+
+def _add_test_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--test", type=Path, metavar="DIR", help="held-out test cases, never trained on: a folder of "
+                        "<case>/image.* + <case>/label.* (or a Decathlon folder or manifest .json), each labeled; "
+                        "predicted and scored after training")
 
 
 def _add_run_folder_option(parser: argparse.ArgumentParser, what: str) -> None:
