@@ -99,6 +99,9 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
                          cohort.root)
     truths = _truths(cohort, config)  # a missing true label stops the run now, not after training
     config = _without_missing_sam(config.for_cohort(cohort), progress)
+    if config.preset == "small":
+        _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
+                                   "--preset cpu without a GPU, --preset paper with one")
     clock.lap("validate")
     # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
     with on_main_rank(run.exclusive()):

@@ -64,6 +64,7 @@ def test_run_streams_json_lines_and_writes_every_output(cohort, tmp_path):
     assert events and all(set(e) == EVENT_KEYS for e in events)
     stages = list(dict.fromkeys(e["stage"] for e in events))
     assert stages[:6] == ["validate", "estimate", "finetune", "pseudolabel", "retrain", "predict"]
+    assert any("not for real data" in e["message"] for e in events if e["stage"] == "validate")
     assert stages[-1] == "report"
     estimate = [e["message"].split(":")[0] for e in events if e["stage"] == "estimate"]
     assert estimate[1:-2] == ["finetune", "pseudolabel", "retrain", "predict"]  # between "timing" and the total

@@ -30,14 +30,20 @@ from SFRSegmentLogicLib.process import (  # noqa: E402
     parse_progress_line,
 )
 
+def run_with_packages_blocked(blocked: tuple, code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python with the module's folders on the path and the ``blocked`` packages made
+    unimportable, as inside Slicer before the engine's requirements are installed."""
+    setup = f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+    path = os.pathsep.join([str(ROOT / "SFRSegment"), str(ROOT)])
+    return subprocess.run([sys.executable, "-c", setup + code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path})
+
+
 def test_the_process_module_imports_without_the_engine_dependencies():
     # Inside Slicer it must work before torch, tqdm, numpy and the rest are installed.
-    blocked = ("torch", "tqdm", "numpy", "monai", "SimpleITK", "segment_anything")
-    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
-            "import SFRSegmentLogicLib.process as p; print(p.parse_progress_line('{\"stage\": \"x\"}').stage)")
-    path = os.pathsep.join([str(ROOT / "SFRSegment"), str(ROOT)])
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": path})
+    completed = run_with_packages_blocked(
+        ("torch", "tqdm", "numpy", "monai", "SimpleITK", "segment_anything"),
+        "import SFRSegmentLogicLib.process as p; print(p.parse_progress_line('{\"stage\": \"x\"}').stage)")
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "x"
 

@@ -36,6 +36,7 @@ from SFRSegmentLib.runfolder import RunFolder  # noqa: E402
 from SFRSegmentLogicLib import jobs, nodes  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, RunSettings  # noqa: E402
 from SFRSegmentLogicLib.process import ChildProcessRunner, EngineJob, Status, engine_environment  # noqa: E402
+from test_slicer_launcher import run_with_packages_blocked  # noqa: E402
 
 RED, GREEN, BLUE = (0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.2, 0.3, 0.9)
 
@@ -303,12 +304,9 @@ def test_the_presets_are_the_engines_one_list():
 def test_the_job_module_imports_without_the_packages_installed_at_the_first_run():
     # Inside Slicer the module reads its choices before torch and the requirements are installed (Slicer itself
     # ships numpy and SimpleITK).
-    blocked = ("torch", "monai", "tqdm", "segment_anything", "scipy", "nrrd", "slicerio", "PIL")
-    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
-            "import SFRSegmentLogicLib.jobs as jobs; print(' '.join(jobs.PRESETS))")
-    path = os.pathsep.join([str(ROOT / "SFRSegment"), str(ROOT)])
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": path})
+    completed = run_with_packages_blocked(
+        ("torch", "monai", "tqdm", "segment_anything", "scipy", "nrrd", "slicerio", "PIL"),
+        "import SFRSegmentLogicLib.jobs as jobs; print(' '.join(jobs.PRESETS))")
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.split() == ["paper", "cpu", "small"]
 
