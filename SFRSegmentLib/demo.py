@@ -1,7 +1,7 @@
 """The built-in demo (``python -m SFRSegmentLib demo``): the whole SFR pipeline on a synthetic cohort, on a CPU.
 
-It writes a synthetic cohort (2 labeled, 4 unlabeled cases with held-out truth), runs the ``small`` preset
-(fine-tune SAM → pseudo-label → re-train SFR_MT, plus a supervised-only baseline), predicts and evaluates the
+It writes a synthetic cohort (2 labeled, 4 unlabeled cases whose true labels are kept aside), runs the ``small``
+preset (fine-tune SAM → pseudo-label → re-train SFR_MT, plus a supervised-only baseline), predicts and evaluates the
 unlabeled cases and writes the HTML report. When the LA sample cases are present it also writes the stitch preview
 of a real left-atrium MRI at the paper's 112×112×80 patch. Rerunning resumes where it stopped.
 """
@@ -51,7 +51,7 @@ def run_demo(out: Path, progress: Optional[Progress] = None) -> None:
                               cancellation=cancellation)
     print(result.cohort.summary())
     print(f"report: {result.report}")
-    print(f"mean Dice on the {len(result.cohort.unlabeled)} held-out synthetic cases: "
+    print(f"mean Dice on the {len(result.cohort.unlabeled)} unlabeled synthetic cases (their kept-aside truth): "
           f"supervised only {mean_dice(result.baseline_metrics):.4f}, "
           f"SFR ({config.retrain.method}) {mean_dice(result.metrics):.4f}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
