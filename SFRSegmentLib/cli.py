@@ -162,7 +162,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_pipeline(args.cohort, args.out, config, progress=make_reporter(args.progress),
                               cancellation=cancellation, redo=args.redo, test=args.test)
     lines = [f"report: {result.report}"]
-    for method, metrics in ((config.retrain.method, result.metrics), (config.baseline_method, result.baseline_metrics)):
+    used = result.config
+    for method, metrics in ((used.retrain.method, result.metrics), (used.baseline_method, result.baseline_metrics)):
         if metrics:
             split = scored_split(metrics)
             lines.append(f"mean Dice on the {SPLIT_DESCRIPTIONS[split]} ({method}): {mean_dice(metrics, split):.4f}")

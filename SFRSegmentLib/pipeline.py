@@ -74,6 +74,8 @@ class PipelineResult:
     metrics: Optional[Path]
     baseline_metrics: Optional[Path]
     report: Path
+    config: RunConfig
+    """The configuration the run used (after :meth:`RunConfig.for_cohort` and a missing SAM's fallback)."""
 
 
 Truths = Mapping[str, Mapping[str, Path]]
@@ -149,7 +151,7 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
         clock.lap("report")
         atomic_write_text(run.timings, json.dumps(clock.seconds, indent=2) + "\n")
     barrier()
-    return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report)
+    return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report, config)
 
 
 def _without_missing_sam(config: RunConfig, progress: Progress) -> RunConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,18 @@ def test_missing_sam_switches_to_the_method_without_the_sfr_term(tmp_path, monke
 def test_cpu_run_without_sam_weights_warns_and_predicts_on_each_image_grid(tmp_path):
     cohort = tmp_path / "cohort"
     make_synthetic_cohort(cohort, n_cases=3, n_labeled=1, seed=3, size_range=((40, 48), (40, 48), (16, 20)))
+    labeled = tmp_path / "labeled"
+    make_synthetic_cohort(labeled, n_cases=4, n_labeled=4, seed=3, size_range=((40, 48), (40, 48), (16, 20)))
+    test = tmp_path / "test"
+    test.mkdir()
+    shutil.copytree(labeled / "case_003", test / "held_out")
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY))
     out = tmp_path / "run"
     env = {**os.environ, "SFRSEGMENT_CACHE_DIR": str(tmp_path / "empty-cache")}
     result = subprocess.run([sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort), "--out",
-                             str(out), "--preset", "cpu", "--config", str(config), "--progress", "jsonl"],
+                             str(out), "--preset", "cpu", "--config", str(config), "--progress", "jsonl",
+                             "--test", str(test)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stdout.splitlines()]
@@ -86,9 +93,10 @@ def test_cpu_run_without_sam_weights_warns_and_predicts_on_each_image_grid(tmp_p
     assert json.loads((out / "retrain" / "vnet.json").read_text())["spacing"] == list(CPU_SPACING)
     timings = json.loads((out / "timings.json").read_text())
     assert list(timings) == ["validate", "estimate", "retrain", "predict", "evaluate", "report"]
+    assert "mean Dice on the held-out test cases (mt): " in result.stderr  # the method the run used
     assert all(seconds >= 0 for seconds in timings.values()) and timings["retrain"] > 0
-    for case in ("case_001", "case_002"):
-        image = read_volume(cohort / case / "image.nrrd")
+    for case, folder in (("case_001", cohort), ("case_002", cohort), ("held_out", test)):
+        image = read_volume(folder / case / "image.nrrd")
         for suffix in (".seg.nrrd", ".nii.gz"):
             prediction = read_volume(out / "predictions" / f"{case}{suffix}")
             assert prediction.shape == image.shape
