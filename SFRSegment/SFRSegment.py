@@ -138,7 +138,7 @@ class Preset(enum.Enum):
     def label(self) -> str:
         return {
             Preset.PAPER: _("Paper (full size; needs a GPU)"),
-            Preset.CPU: _("CPU (real scans, no GPU; about 30 min)"),
+            Preset.CPU: _("CPU (real scans, no GPU; about 20 min)"),
             Preset.SMALL: _("Small (quick tests and demos; not for real data)"),
         }[self]
 

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cohort_option(p)
     p.add_argument("--out", type=Path, required=True, help="run folder (created; rerun to resume)")
     p.add_argument("--preset", choices=PRESETS, default="paper",
-                   help="paper: the paper's settings (a GPU); cpu: real scans on a computer without a GPU (about 30 "
+                   help="paper: the paper's settings (a GPU); cpu: real scans on a computer without a GPU (about 20 "
                    "min for 20 volumes); small: toy size for tests and demos, not for real data")
     p.add_argument("--config", type=Path, help="JSON file of option overrides, e.g. {\"retrain\": {\"method\": "
                    "\"sfr_acmt\"}}")

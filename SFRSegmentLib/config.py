@@ -13,7 +13,7 @@ Presets:
   Needs a GPU for sensible times and the SAM ViT-B checkpoint (downloaded or imported).
 * ``cpu``: for real scans on a computer without a GPU (README "Results on real scans" gives its measured Dice and
   time). The V-Net is trained at a working voxel size of 1.25 mm (predictions are resampled back to each image's
-  own grid), with half the reference width (8 filters), 80×80×48 patches, a poly schedule over a short run, bf16
+  own grid), with the reference V-Net on 64×64×32 patches, strong crop augmentation, a poly schedule over a short run, bf16
   where the CPU has native bf16 instructions, and the largest connected component kept per class. SAM (ViT-B,
   pretrained) is fine-tuned on 256² mosaics of 64×64×16 patches at the images' own resolution, only when its
   checkpoint is already on this machine (``sam_missing = "skip"``): SAM is never fine-tuned from random weights

@@ -33,11 +33,11 @@ import torch
 from .config import RunConfig
 from .data import Case, Cohort
 from .distributed import any_rank, ranks
-from .inference import InferenceConfig, VNetInfo, resolve_device, sliding_window_probabilities, window_starts
+from .inference import InferenceConfig, resolve_device, sliding_window_probabilities, window_starts
 from .io import Volume, read_volume
 from .progress import Progress, ProgressEvent, ignore_progress
 from .resample import working_shape
-from .retrain import RetrainConfig, Trainer, TrainingCase, draw_batch
+from .retrain import RetrainConfig, Trainer, TrainingCase, draw_batch, trained_vnet_info
 from .sam.finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
 from .sam.lora import merge_lora
 from .sam.model import SFRSam
@@ -328,7 +328,7 @@ def _time_pseudolabel(sam: SFRSam, config: RunConfig, device: torch.device) -> f
 
 def _time_retrain(settings: RetrainConfig, cohort: Cohort, device: torch.device) -> float:
     """One iteration of stage R's ``Trainer`` with ``settings``, on batches drawn from synthetic patches."""
-    trainer = Trainer(settings, _vnet_info(settings, cohort), 1, 1, device)
+    trainer = Trainer(settings, trained_vnet_info(settings, cohort.classes), 1, 1, device)
     image, target = _synthetic_case(settings.patch_size)
     labeled = [TrainingCase("labeled", image, target)]
     unlabeled = [TrainingCase("unlabeled", image, target if settings.uses_pseudo_labels else None)]
@@ -343,15 +343,10 @@ def _time_retrain(settings: RetrainConfig, cohort: Cohort, device: torch.device)
 def _time_prediction(config: RunConfig, cohort: Cohort, device: torch.device) -> float:
     """One V-Net pass of the reference sliding window, over a volume that holds exactly one batch of windows."""
     settings = config.inference
-    model = _vnet_info(config.retrain, cohort).build_model()
+    model = trained_vnet_info(config.retrain, cohort.classes).build_model()
     shape = _one_batch_shape(settings.patch_size, settings.strides, settings.sw_batch_size)
     volume, _ = _synthetic_case(shape)
     return seconds_per_step(lambda: sliding_window_probabilities(model, volume, settings, device), device)
-
-
-def _vnet_info(settings: RetrainConfig, cohort: Cohort) -> VNetInfo:
-    return VNetInfo(classes=dict(cohort.classes), patch_size=tuple(settings.patch_size),
-                    n_filters=settings.n_filters, normalization=settings.normalization, spacing=settings.spacing)
 
 
 def _one_batch_shape(window: Sequence[int], steps: Sequence[int], batch_size: int) -> Shape:

@@ -138,6 +138,12 @@ class RetrainConfig:
         return parse_method(self.method)[1]
 
 
+def trained_vnet_info(config: RetrainConfig, classes: Mapping[int, str]) -> VNetInfo:
+    """What the model file of a V-Net trained with ``config`` records (architecture, patch, spacing, options)."""
+    return VNetInfo(classes=dict(classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
+                    normalization=config.normalization, spacing=config.spacing, training=to_dict(config))
+
+
 def learning_rate(iteration: int, config: RetrainConfig) -> float:
     """The learning rate of the 0-based ``iteration`` (the references update it after each iteration)."""
     if config.lr_schedule == "poly":
@@ -408,8 +414,7 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfi
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    info = VNetInfo(classes=dict(cohort.classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
-                    normalization=config.normalization, spacing=config.spacing, training=to_dict(config))
+    info = trained_vnet_info(config, cohort.classes)
     trainer = Trainer(config, info, len(cohort.labeled), len(cohort.unlabeled), device)
     labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing)
     unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing)
