@@ -36,6 +36,7 @@ from .distributed import any_rank, ranks
 from .inference import InferenceConfig, resolve_device, sliding_window_probabilities, window_starts
 from .io import Volume, read_volume
 from .progress import Progress, ProgressEvent, ignore_progress
+from .provenance import Inputs
 from .resample import working_shape
 from .retrain import RetrainConfig, Trainer, TrainingCase, draw_batch, trained_vnet_info
 from .sam.finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
@@ -310,7 +311,7 @@ def _time_finetune(sam: SFRSam, config: RunConfig, device: torch.device) -> floa
     settings = config.finetune
     layout = training_layout(settings.patch_size, settings.sam, settings.depth_padding)
     batches = MosaicBatches([_synthetic_case(settings.patch_size)], layout, settings, device)
-    training = _Training(sam, settings, identity={})
+    training = _Training(sam, settings, Inputs({}))
     return seconds_per_step(lambda: training.step(batches), device)
 
 

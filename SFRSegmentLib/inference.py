@@ -34,7 +34,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -162,6 +162,11 @@ def resolve_device(name: str) -> torch.device:
 # Model files
 
 
+def vnet_info_path(weights: PathLike) -> Path:
+    """The JSON that describes a V-Net file: ``vnet.pt`` → ``vnet.json``."""
+    return Path(weights).with_suffix(".json")
+
+
 def save_vnet(path: PathLike, model: torch.nn.Module, info: VNetInfo) -> Path:
     """Write the weights and ``info`` to ``path`` (.pt) and ``info`` to the ``.json`` beside it, atomically."""
     path = Path(path)
@@ -169,7 +174,7 @@ def save_vnet(path: PathLike, model: torch.nn.Module, info: VNetInfo) -> Path:
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"format": MODEL_FORMAT, "info": record, "state_dict": state}, tmp)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(vnet_info_path(path), json.dumps(record, indent=2) + "\n")
     return path
 
 
@@ -315,17 +320,21 @@ def predict_to_folder(model: torch.nn.Module, info: VNetInfo, images: Sequence[P
 
 
 def predict_cases(model: torch.nn.Module, info: VNetInfo, cases: Sequence[Case], out_dir: PathLike,
-                  config: InferenceConfig, progress: Progress = ignore_progress) -> List[Path]:
+                  config: InferenceConfig, progress: Progress = ignore_progress,
+                  on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     """Predict the images of cohort cases and write ``<case.name>.seg.nrrd`` (segments named and coloured by the
-    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``. Returns the files written.
+    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``, calling ``on_written(case.name)`` after each
+    case's files. Returns the files written.
 
     Under torchrun the processes share the cases and rank 0 writes every file (the list is empty elsewhere).
     """
-    return _predict_named(model, info, {case.name: case.image for case in cases}, Path(out_dir), config, progress)
+    return _predict_named(model, info, {case.name: case.image for case in cases}, Path(out_dir), config, progress,
+                          on_written)
 
 
 def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, Path], out_dir: Path,
-                   config: InferenceConfig, progress: Progress) -> List[Path]:
+                   config: InferenceConfig, progress: Progress,
+                   on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     written: List[Path] = []
 
     def predict(name: str) -> Volume:
@@ -335,6 +344,7 @@ def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, 
 
     def write(name: str, labels: Volume) -> None:
         written.extend(write_volume(labels, out_dir / f"{name}{suffix}") for suffix in PREDICTION_SUFFIXES)
+        on_written(name)
         progress(ProgressEvent("predict", len(written) // len(PREDICTION_SUFFIXES), len(images),
                                message=f"predicted {name}"))
 

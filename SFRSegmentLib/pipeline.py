@@ -6,9 +6,12 @@ cases are scored too when ``config.truth_dir`` gives their true labels. ``metric
 (:data:`SFRSegmentLib.metrics.SPLITS`), and the headline numbers (:func:`mean_dice`, the baseline comparison) are the
 test cases' when there are any.
 
-Every stage reads what the previous one wrote into the run folder (:mod:`SFRSegmentLib.runfolder`) and skips or
-resumes what is already there, so rerunning the same command continues at the first unfinished stage, and inside a
-stage from its last checkpoint. ``redo`` deletes a stage's outputs (and those of the stages after it) first.
+Every stage reads what the previous one wrote into the run folder (:mod:`SFRSegmentLib.runfolder`) and reuses an
+output only while the inputs recorded beside it are the current ones (:mod:`SFRSegmentLib.provenance`): rerunning
+the same command continues at the first unfinished stage, and inside a stage from its last checkpoint; after an
+edited label, image or option, or a deleted output, exactly what depends on it is recomputed, and the progress stream
+says why. ``redo`` deletes a stage's outputs (and those of the stages after it) first. At the end
+``RUN/provenance.json`` lists the identity of every output the results came from.
 All inputs are validated before any training starts; then (unless ``config.estimate`` is off) the time of what is
 left is estimated and reported, with a warning when it exceeds ``config.estimate_warn_hours``.
 """
@@ -36,15 +39,18 @@ from .data import Case, Cohort, discover_cohort, validate_cohort
 from .errors import InputError, PathLike
 from .distributed import barrier, on_main_rank, ranks
 from .estimate import StageWork, estimate_run
-from .inference import load_vnet, predict_cases, resolve_device
+from .inference import (PREDICTION_SUFFIXES, InferenceConfig, load_vnet, predict_cases, resolve_device,
+                        vnet_info_path)
 from .metrics import (SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT, evaluate_cases, find_label_files,
                       summarise_splits, write_metrics_csv)
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
-from .retrain import RetrainConfig, retrain
+from .provenance import (MISSING, Inputs, case_files, file_digest, forget, identity_of, read_record,
+                         stale_reason, write_record)
+from .retrain import RetrainConfig, retrain, retrain_inputs
 from .runfolder import RunFolder
-from .sam.finetune import finetune, read_weights_info
-from .sam.pseudolabel import pseudolabel
-from .sam.weights import available_offline, file_sha256
+from .sam.finetune import finetune, finetune_inputs, resolve_base_checkpoint
+from .sam.pseudolabel import case_inputs, pseudolabel
+from .sam.weights import available_offline
 from .ssl import parse_method
 from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 
@@ -145,7 +151,10 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
 
     report = run.report
     if ranks().is_main:
-        report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config),
+        lineage = provenance_summary(run, cohort, vnet, truths)
+        atomic_write_text(run.provenance, json.dumps(lineage, indent=2) + "\n")
+        report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config)
+                              + [("Provenance", _provenance_html(lineage))],
                               truths={name: path for cases in truths.values() for name, path in cases.items()})
         _say(progress, "report", f"report written to {report}")
         clock.lap("report")
@@ -197,7 +206,35 @@ def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:
 
 
 def _file_record(path: Path) -> Dict[str, str]:
-    return {"path": str(path), "sha256": file_sha256(path)}
+    return {"path": str(path), "sha256": file_digest(path)}
+
+
+def provenance_summary(run: RunFolder, cohort: Cohort, vnet: Path, truths: Truths) -> Dict[str, object]:
+    """The identity of every output the run's results came from (``RUN/provenance.json``): the fine-tuned SAM, each
+    pseudo-label, the V-Net, each prediction, and for the metrics the SHA-256 of each true label. None marks an
+    output the run did not make (no SAM stage, for example)."""
+    def identity(path: Path) -> Optional[str]:
+        record = read_record(path)
+        return None if record is None else record["id"]
+
+    return {
+        "fine-tuned SAM": identity(run.sam_weights),
+        "pseudo-labels": {case.name: identity(run.pseudo_label(case.name)) for case in cohort.unlabeled},
+        "V-Net": identity(vnet),
+        "V-Net file": str(vnet.relative_to(run.root)),
+        "predictions": {case.name: identity(_prediction_files(run.prediction_dir, case.name)[0])
+                        for case in predicted_cases(cohort)},
+        "true labels": {name: file_digest(path) for cases in truths.values() for name, path in cases.items()},
+    }
+
+
+def _provenance_html(lineage: Mapping[str, object]) -> str:
+    import html
+
+    return ("<p>Identities of the outputs these results came from (each recorded beside its output with the "
+            "SHA-256 of its input files and its options; <code>provenance.json</code> lists them all): fine-tuned "
+            f"SAM <code>{html.escape(str(lineage['fine-tuned SAM']))}</code>, V-Net "
+            f"<code>{html.escape(str(lineage['V-Net']))}</code>.</p>")
 
 
 def _remove_outputs(run: RunFolder, redo: Sequence[str]) -> None:
@@ -281,21 +318,43 @@ def predicted_cases(cohort: Cohort) -> List[Case]:
 
 
 def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig, progress: Progress) -> None:
-    """Predict the cases whose predictions are missing or older than the V-Net."""
+    """Predict the cases whose predictions in ``out_dir`` are missing or stale (:func:`prediction_inputs`)."""
+    inputs = prediction_inputs(cases, vnet, config.inference)
+    stale = _stale_predictions(cases, out_dir, inputs)
+    if ranks().is_main:
+        for name, reason in stale.items():
+            if reason != MISSING:
+                _say(progress, "predict", f"the prediction of case {name} is stale ({reason}): predicting it again")
+            forget(_prediction_files(out_dir, name))
+    pending = [case for case in cases if case.name in stale]
+    if not pending:
+        return
     model, info = load_vnet(vnet, resolve_device(config.device))
-    predict_cases(model, info, _stale_predictions(cases, out_dir, vnet), out_dir, config.inference, progress)
+    predict_cases(model, info, pending, out_dir, config.inference, progress,
+                  on_written=lambda name: write_record(_prediction_files(out_dir, name)[0], inputs[name]))
 
 
-def _stale_predictions(cases: Sequence[Case], out_dir: Path, vnet: Path) -> List[Case]:
-    """The cases whose prediction in ``out_dir`` is missing or older than the V-Net (all of them while the V-Net
-    does not exist yet)."""
-    if not vnet.is_file():
-        return list(cases)
-    return [case for case in cases if not _is_newer(out_dir / f"{case.name}.seg.nrrd", vnet)]
+_PREDICTION_EXECUTION_ONLY = ("device", "sw_batch_size")
+"""Inference options that do not change a prediction."""
 
 
-def _is_newer(path: Path, than: Path) -> bool:
-    return path.is_file() and path.stat().st_mtime >= than.stat().st_mtime
+def prediction_inputs(cases: Sequence[Case], vnet: Path, config: InferenceConfig) -> Dict[str, Inputs]:
+    """Case name → what its prediction is computed from: the inference options that change it, the image's SHA-256
+    and the V-Net's identity (``missing`` while it does not exist)."""
+    options = {name: value for name, value in to_dict(config).items() if name not in _PREDICTION_EXECUTION_ONLY}
+    upstream = {"V-Net": identity_of(vnet) if vnet.is_file() else "missing"}
+    return {case.name: Inputs(options, case_files([case], labels=False), upstream) for case in cases}
+
+
+def _prediction_files(out_dir: Path, name: str) -> List[Path]:
+    """A case's prediction files; the first one carries the record."""
+    return [out_dir / f"{name}{suffix}" for suffix in PREDICTION_SUFFIXES]
+
+
+def _stale_predictions(cases: Sequence[Case], out_dir: Path, inputs: Mapping[str, Inputs]) -> Dict[str, str]:
+    """Case name → why its prediction in ``out_dir`` must be made (again), for the cases where it must."""
+    reasons = {case.name: stale_reason(_prediction_files(out_dir, case.name), inputs[case.name]) for case in cases}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
 def _baseline_settings(config: RunConfig) -> RetrainConfig:
@@ -305,65 +364,95 @@ def _baseline_settings(config: RunConfig) -> RetrainConfig:
 def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[StageWork]:
     """What each training and prediction stage of ``run_pipeline`` still has to do in ``run``, for the estimate.
 
-    Finished work is left out: fine-tuning with its ``sam_trainable.json``, re-training with its ``vnet.pt``,
-    pseudo-labelling per cached case, prediction per up-to-date case, SFR+ per finished round; a fine-tuning or
-    re-training stopped midway counts the iterations its checkpoint has still to do. Prediction counts the unlabeled
-    and the held-out test cases (:func:`predicted_cases`). In an unfinished SFR+ round
-    every unlabeled case counts as scored and pseudo-labelled, and fine-tuning as run: which cases are confident is
-    known only once the round runs, so this is an upper bound.
+    Current outputs (:mod:`SFRSegmentLib.provenance`) are left out; a stage whose upstream output is made again is
+    counted whole (its inputs change), one stopped midway counts the iterations its checkpoint has still to do.
+    Prediction counts the unlabeled and the held-out test cases (:func:`predicted_cases`). An unfinished SFR+ round
+    counts whole: which cases are confident is known only once it runs, so this is an upper bound.
     """
     unlabeled, predicted = tuple(cohort.unlabeled), predicted_cases(cohort)
     work: List[StageWork] = []
+    pseudo_labels_change = False
     if config.retrain.uses_pseudo_labels:
-        work += [StageWork("finetune", finetune_iterations=_finetune_left(run, config)),
-                 StageWork("pseudolabel", pseudolabel_cases=_pseudolabels_left(run, unlabeled, config))]
-    work.append(StageWork("retrain", retrain=config.retrain, retrain_iterations=_retrain_left(run, config.retrain)))
-    vnet = run.vnet_weights
+        finetune_left = _finetune_left(run, cohort, config)
+        pseudolabels_left = unlabeled if finetune_left else _pseudolabels_left(run, cohort, config)
+        work += [StageWork("finetune", finetune_iterations=finetune_left),
+                 StageWork("pseudolabel", pseudolabel_cases=pseudolabels_left)]
+        pseudo_labels_change = bool(finetune_left or pseudolabels_left)
+    retrain_left = (config.retrain.iterations if pseudo_labels_change
+                    else _retrain_left(run, cohort, config.retrain))
+    work.append(StageWork("retrain", retrain=config.retrain, retrain_iterations=retrain_left))
+    vnet, vnet_changes = run.vnet_weights, retrain_left > 0
     if config.sfr_plus:
         rounds = [round_folder(run, r) for r in range(1, config.sfrplus.rounds + 1)]
-        left = [here for here in rounds if not (here.root / ROUND_RECORD).is_file()]
+        left = [here for here in rounds if vnet_changes or not (here.root / ROUND_RECORD).is_file()]
         work.append(StageWork(
-            "sfrplus", finetune_iterations=sum(_finetune_left(here, config) for here in left),
-            pseudolabel_cases=sum((_pseudolabels_left(here, unlabeled, config) for here in left), ()),
-            retrain=config.retrain, retrain_iterations=sum(_retrain_left(here, config.retrain) for here in left),
-            predict_cases=unlabeled * len(left)))
-        vnet = rounds[-1].vnet_weights
+            "sfrplus", finetune_iterations=config.finetune.iterations * len(left),
+            pseudolabel_cases=unlabeled * len(left), retrain=config.retrain,
+            retrain_iterations=config.retrain.iterations * len(left), predict_cases=unlabeled * len(left)))
+        vnet, vnet_changes = rounds[-1].vnet_weights, vnet_changes or bool(left)
     if config.baseline_method:
         baseline = RunFolder(run.root / BASELINE_FOLDER)
         settings = _baseline_settings(config)
-        work.append(StageWork("baseline", retrain=settings, retrain_iterations=_retrain_left(baseline, settings),
-                              predict_cases=tuple(_stale_predictions(predicted, baseline.prediction_dir,
-                                                                     baseline.vnet_weights))))
-    work.append(StageWork("predict", predict_cases=tuple(_stale_predictions(predicted, run.prediction_dir, vnet))))
+        baseline_left = _retrain_left(baseline, cohort, settings)
+        work.append(StageWork("baseline", retrain=settings, retrain_iterations=baseline_left,
+                              predict_cases=_predictions_left(predicted, baseline.prediction_dir,
+                                                              baseline.vnet_weights, config, baseline_left > 0)))
+    work.append(StageWork("predict", predict_cases=_predictions_left(predicted, run.prediction_dir, vnet, config,
+                                                                     vnet_changes)))
     return work
 
 
-def _finetune_left(run: RunFolder, config: RunConfig) -> int:
-    if read_weights_info(run.sam_weights) is not None:
+def _finetune_left(run: RunFolder, cohort: Cohort, config: RunConfig) -> int:
+    """Fine-tuning iterations still to do (all of them while the base checkpoint is not on this machine)."""
+    source = config.finetune.base_checkpoint
+    if source is not None and not available_offline(source):
+        return config.finetune.iterations
+    inputs = finetune_inputs(config.finetune, cohort, resolve_base_checkpoint(source))
+    return _iterations_left(config.finetune.iterations, [run.sam_weights, run.sam_weights_info],
+                            run.finetune_checkpoint, inputs)
+
+
+def _pseudolabels_left(run: RunFolder, cohort: Cohort, config: RunConfig) -> Tuple[Case, ...]:
+    inputs = case_inputs(cohort, cohort.unlabeled, config.pseudolabel, run.sam_weights)
+    return tuple(case for case in cohort.unlabeled if config.pseudolabel.redo
+                 or stale_reason(run.pseudo_label_files(case.name), inputs[case.name]) is not None)
+
+
+def _retrain_left(run: RunFolder, cohort: Cohort, settings: RetrainConfig) -> int:
+    pseudo_labels = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled} \
+        if settings.uses_pseudo_labels else {}
+    if not all(path.is_file() for path in pseudo_labels.values()):
+        return settings.iterations
+    inputs = retrain_inputs(settings, cohort, pseudo_labels)
+    return _iterations_left(settings.iterations, [run.vnet_weights, vnet_info_path(run.vnet_weights)],
+                            run.retrain_checkpoint, inputs)
+
+
+def _iterations_left(total: int, outputs: Sequence[Path], checkpoint: Path, inputs: Inputs) -> int:
+    """0 when ``outputs`` are current; else what a checkpoint saved from the same inputs has still to do."""
+    if stale_reason(outputs, inputs) is None:
         return 0
-    return max(0, config.finetune.iterations - _checkpoint_iteration(run.finetune_checkpoint))
+    return max(0, total - _checkpoint_iteration(checkpoint, inputs))
 
 
-def _pseudolabels_left(run: RunFolder, cases: Sequence[Case], config: RunConfig) -> Tuple[Case, ...]:
-    return tuple(case for case in cases if config.pseudolabel.redo or not (
-        run.pseudo_label(case.name).is_file() and run.pseudo_probabilities(case.name).is_file()))
-
-
-def _retrain_left(run: RunFolder, settings: RetrainConfig) -> int:
-    if run.vnet_weights.is_file():
-        return 0
-    return max(0, settings.iterations - _checkpoint_iteration(run.retrain_checkpoint))
-
-
-def _checkpoint_iteration(path: Path) -> int:
-    """The iterations a stage's checkpoint has done (0 without one). Memory-mapped, so the weights are not read; a
-    damaged checkpoint counts as 0 here and is reported by its stage."""
+def _checkpoint_iteration(path: Path, inputs: Inputs) -> int:
+    """The iterations a stage's checkpoint saved from ``inputs`` has done (0 without one). Memory-mapped, so the
+    weights are not read; a damaged or stale checkpoint counts as 0 here and is reported by its stage."""
     if not path.is_file():
         return 0
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return 0 if inputs.changes_from(state["inputs"]) else int(state["iteration"])
     except Exception:  # torch.load raises many types for damaged files
         return 0
+
+
+def _predictions_left(cases: Sequence[Case], out_dir: Path, vnet: Path, config: RunConfig,
+                      vnet_changes: bool) -> Tuple[Case, ...]:
+    if vnet_changes:
+        return tuple(cases)
+    stale = _stale_predictions(cases, out_dir, prediction_inputs(cases, vnet, config.inference))
+    return tuple(case for case in cases if case.name in stale)
 
 
 def _truths(cohort: Cohort, config: RunConfig) -> Dict[str, Dict[str, Path]]:

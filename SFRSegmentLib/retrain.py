@@ -19,16 +19,17 @@ The loop follows the reference recipe (SFR's ``train_retraining.py``, UA-MT's LA
 
 Run-folder outputs (:class:`SFRSegmentLib.runfolder.RunFolder`): ``retrain/checkpoint.pt`` every
 ``checkpoint_every`` iterations, at a cancellation and at the end (student, method state such as the teacher,
-optimiser, iteration, sampler and every random generator, log), written atomically; a rerun with the same
-configuration resumes from it and gives the same weights as an uninterrupted run. At the end ``retrain/vnet.pt``
-(the student at the final iteration, as the references evaluate it) with ``retrain/vnet.json`` (classes, patch,
-this configuration), and ``retrain/log.csv`` (iteration, lr, total loss, each term and its weight).
+optimiser, iteration, sampler and every random generator, log), written atomically (:mod:`SFRSegmentLib.checkpoint`);
+a rerun with the same inputs (:func:`retrain_inputs`) resumes from it and gives the same weights as an uninterrupted
+run. At the end ``retrain/vnet.pt`` (the student at the final iteration, as the references evaluate it) with
+``retrain/vnet.json`` (classes, patch, this configuration), ``retrain/log.csv`` (iteration, lr, total loss, each
+term and its weight) and, last, the provenance record ``retrain/vnet.pt.provenance.json``. A rerun whose inputs
+match the record returns the V-Net at once; otherwise the V-Net is re-trained, the progress stream saying what
+changed (:mod:`SFRSegmentLib.provenance`).
 """
 
 from __future__ import annotations
 
-import csv
-import io as text_io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
@@ -37,26 +38,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path, atomic_write_text
 from .augment import AUGMENTATIONS, augment_crop
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config_io import to_dict
 from .data import Case, Cohort, load_case, sample_patch, zscore
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
                           rank_slice, ranks)
 from .errors import InputError
-from .inference import MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, resolve_device, save_vnet
+from .inference import (MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, resolve_device, save_vnet,
+                        vnet_info_path)
 from .io import read_volume
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from .provenance import MISSING, Inputs, case_files, forget, identity_of, stale_reason, write_record
 from .resample import check_spacing, to_working_grid
 from .runfolder import RunFolder
-from .ssl import SSLConfig, Step, build_method, parse_method, segmentation_loss
+from .ssl import SSLConfig, Step, build_method, learns_from_unlabeled, parse_method, segmentation_loss
 from .validation import check_same_geometry
 from .vnet import INPUT_MULTIPLE, NORMALIZATIONS
 
 STAGE = "retrain"
-CHECKPOINT_FORMAT = "sfrsegment-retrain-checkpoint/2"
-RESUME_INDEPENDENT_FIELDS = ("checkpoint_every", "device")
-"""Options that may change between an interrupted run and its resumption."""
+EXECUTION_ONLY = ("checkpoint_every", "device")
+"""Options that do not change the trained V-Net (they may change between an interrupted run and its resumption)."""
 
 
 @dataclass(frozen=True)
@@ -416,11 +418,24 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfi
 
     info = trained_vnet_info(config, cohort.classes)
     trainer = Trainer(config, info, len(cohort.labeled), len(cohort.unlabeled), device)
+    inputs = retrain_inputs(config, cohort, pseudo_labels)
+    stale = stale_reason([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs)
+    if stale is None:
+        progress(ProgressEvent(STAGE, config.iterations, config.iterations, message="already re-trained"))
+        return run.vnet_weights
+    if stale != MISSING:
+        progress(ProgressEvent(STAGE, 0, config.iterations,
+                               message=f"the V-Net is stale ({stale}): re-training it again"))
+    if ranks().is_main:
+        forget([run.vnet_weights, vnet_info_path(run.vnet_weights)])
     labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing)
     unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing)
                  if trainer.method.uses_unlabeled else [])
-    if run.retrain_checkpoint.is_file():
-        _restore(trainer, run.retrain_checkpoint, config, device)
+    state = load_checkpoint(run.retrain_checkpoint, inputs, STAGE, config.iterations, progress, device)
+    if state is not None:
+        trainer.load_state_dict(state)
+        progress(ProgressEvent(STAGE, trainer.iteration, config.iterations,
+                               message=f"resumed at iteration {trainer.iteration}"))
 
     clock = EtaClock(config.iterations, trainer.iteration)
     while trainer.iteration < config.iterations:
@@ -430,60 +445,34 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfi
                                eta_s=clock.eta_s(trainer.iteration)))
         cancelled = any_rank(cancellation is not None and cancellation.requested)
         if cancelled or trainer.iteration % config.checkpoint_every == 0:
-            _save_checkpoint(trainer, run, config)
+            _save_checkpoint(trainer, run, inputs)
         if cancelled:
             raise Cancelled(f"re-training stopped at iteration {trainer.iteration}; rerun to resume")
 
-    _save_checkpoint(trainer, run, config)
+    _save_checkpoint(trainer, run, inputs)
     if ranks().is_main:
         save_vnet(run.vnet_weights, trainer.student, info)
+        write_record(run.vnet_weights, inputs)
     barrier()
     return run.vnet_weights
 
 
-def _save_checkpoint(trainer: Trainer, run: RunFolder, config: RetrainConfig) -> None:
-    """Rank 0 writes the checkpoint (every rank takes part: it holds each rank's random generator states)."""
-    state = {"format": CHECKPOINT_FORMAT, "config": to_dict(config), **trainer.state_dict()}
-    if not ranks().is_main:
-        return
-    with atomic_path(run.retrain_checkpoint) as tmp:
-        torch.save(state, tmp)
-    _write_log(run.retrain_log, trainer.log)
+def retrain_inputs(config: RetrainConfig, cohort: Cohort, pseudo_labels: Mapping[str, Path]) -> Inputs:
+    """What determines the trained V-Net (:class:`~SFRSegmentLib.provenance.Inputs`): the options except
+    :data:`EXECUTION_ONLY`, the class values and the number of processes (the global batch is the per-process batch
+    × processes); the labeled images and labels, the unlabeled images when the method learns from them; the identity
+    of each pseudo-label used."""
+    options = {name: value for name, value in to_dict(config).items() if name not in EXECUTION_ONLY}
+    options["class_values"] = sorted(int(v) for v in cohort.classes)
+    options["processes"] = ranks().world_size
+    files = case_files(cohort.labeled)
+    if learns_from_unlabeled(config.method):
+        files.update(case_files(cohort.unlabeled, labels=False))
+    upstream = {f"pseudo-label of case {name}": identity_of(path) for name, path in sorted(pseudo_labels.items())}
+    return Inputs(options, files, upstream)
 
 
-def _restore(trainer: Trainer, path: Path, config: RetrainConfig, device: torch.device) -> None:
-    state = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"not a re-training checkpoint of this engine (format {CHECKPOINT_FORMAT!r})", path)
-    changed = _changed_options(state["config"], to_dict(config))
-    if state["processes"] != ranks().world_size:
-        changed.append(f"processes: {state['processes']} → {ranks().world_size} (the global batch is the per-process "
-                       "batch × processes)")
-    if changed:
-        raise InputError(f"the checkpoint was made with other options ({'; '.join(changed)}); rerun with the same "
-                         "options to resume, or delete the checkpoint to start over", path, "config")
-    trainer.load_state_dict(state)
-
-
-def _changed_options(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> List[str]:
-    """``name: saved → current`` for every option that differs, except :data:`RESUME_INDEPENDENT_FIELDS`."""
-    changed = []
-    for name in sorted(set(saved) | set(current)):
-        if not prefix and name in RESUME_INDEPENDENT_FIELDS:
-            continue
-        old, new = saved.get(name), current.get(name)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changed += _changed_options(old, new, f"{prefix}{name}.")
-        elif old != new:
-            changed.append(f"{prefix}{name}: {old!r} → {new!r}")
-    return changed
-
-
-def _write_log(path: Path, rows: Sequence[Mapping[str, float]]) -> None:
-    """The training log as CSV, columns in the order the first row gives them."""
-    buffer = text_io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+def _save_checkpoint(trainer: Trainer, run: RunFolder, inputs: Inputs) -> None:
+    """Every rank takes part (the state gathers each rank's random generator states); rank 0 writes."""
+    state = trainer.state_dict()
+    save_checkpoint(run.retrain_checkpoint, state, inputs, run.retrain_log, state["log"])

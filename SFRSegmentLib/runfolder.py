@@ -15,13 +15,16 @@
         <case>.prob.npy                class probabilities, uint8 (K+1, I, J, K), p = value / 255
         confidence.csv                 case, confidence (mean max-softmax, SFR+ definition), least confident first
       retrain/                         stage R (V-Net re-training)
-        checkpoint.pt, vnet.pt, log.csv
+        checkpoint.pt, vnet.pt, vnet.json, log.csv
       predictions/<case>.seg.nrrd, <case>.nii.gz   the unlabeled and held-out test cases, on each image's grid
       metrics.csv                      split (test / unlabeled), case, class, Dice, Jaccard, HD95, ASD
       report.html
+      provenance.json                  the identity of every output the metrics and report came from
       timings.json                     wall seconds per stage of the last invocation of run
       .lock                            held by the process that runs in this folder (see RunFolder.exclusive)
 
+Beside each stage output (``sam_trainable.pt``, ``<case>.label.nrrd``, ``vnet.pt``, ``<case>.seg.nrrd``) its
+provenance record ``<output>.provenance.json`` says what it was computed from (:mod:`SFRSegmentLib.provenance`).
 Every file is written atomically (see :mod:`SFRSegmentLib.atomic`): a file that exists is complete.
 """
 
@@ -32,7 +35,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 from .errors import InputError, PathLike
 
@@ -113,6 +116,10 @@ class RunFolder:
     def pseudo_probabilities(self, case: str) -> Path:
         return self.pseudolabel_dir / f"{case}.prob.npy"
 
+    def pseudo_label_files(self, case: str) -> List[Path]:
+        """Both files of a case's pseudo-label; the first one carries the provenance record."""
+        return [self.pseudo_label(case), self.pseudo_probabilities(case)]
+
     @property
     def confidence_table(self) -> Path:
         return self.pseudolabel_dir / "confidence.csv"
@@ -153,6 +160,10 @@ class RunFolder:
     @property
     def timings(self) -> Path:
         return self.root / "timings.json"
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
 
 
 def _lock_holder(lock_path: Path) -> str:

@@ -272,6 +272,11 @@ def parse_method(name: str) -> Tuple[str, bool]:
     return base, with_pseudo_labels
 
 
+def learns_from_unlabeled(name: str) -> bool:
+    """Whether the method called ``name`` draws the unlabeled stream (only the supervised ones do not)."""
+    return _METHODS[parse_method(name)[0]].uses_unlabeled
+
+
 def build_method(name: str, student: nn.Module, config: SSLConfig, total_iterations: int) -> SSLMethod:
     """The method called ``name`` for this student (``sfr_*`` names get the pseudo-label add-on)."""
     base, with_pseudo_labels = parse_method(name)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from SFRSegmentLib.data import discover_cohort
-from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.retrain import RetrainConfig, retrain
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.synthetic import make_synthetic_cohort
@@ -83,8 +83,9 @@ def test_two_processes_train_like_one_with_the_global_batch(two_processes, one_p
     one = load(one_process / "rank0" / "sam_trainable.pt")
     gap = max((two[k] - one[k]).abs().max().item() for k in two)
     assert gap <= FINETUNE_TOLERANCE
-    info = json.loads(RunFolder(two_processes / "run").sam_weights_info.read_text())
-    assert info["training"]["processes"] == 2 and info["iterations"] == 3
+    run = RunFolder(two_processes / "run")
+    assert json.loads(run.sam_weights_info.read_text())["iterations"] == 3
+    assert read_record(run.sam_weights)["inputs"]["options"]["processes"] == 2
     log = list(csv.DictReader(open(RunFolder(two_processes / "run").finetune_log)))
     reference = list(csv.DictReader(open(RunFolder(one_process / "run").finetune_log)))
     assert [float(r["loss"]) for r in log] == pytest.approx([float(r["loss"]) for r in reference], rel=1e-4)
@@ -116,13 +117,15 @@ def test_rank_zero_writes_one_checkpoint_with_every_ranks_generator(two_processe
     assert leftovers == []
 
 
-def test_resuming_with_another_number_of_processes_is_refused(two_processes, cohort, tmp_path):
+def test_a_checkpoint_of_another_number_of_processes_is_not_resumed(two_processes, cohort, tmp_path):
     run = RunFolder(tmp_path / "run")
     (run.root / "retrain").mkdir(parents=True)
     source = RunFolder(two_processes / "run")
     run.retrain_checkpoint.write_bytes(source.retrain_checkpoint.read_bytes())
-    with pytest.raises(InputError, match="processes: 2 → 1"):
-        retrain(discover_cohort(cohort), run, RetrainConfig(**RETRAIN), pseudo_labels={})
+    events = []
+    retrain(discover_cohort(cohort), run, RetrainConfig(**RETRAIN), pseudo_labels={}, progress=events.append)
+    assert events[0].message.startswith(f"not resuming {run.retrain_checkpoint}: options changed: processes")
+    assert [e.step for e in events if e.loss is not None][0] == 1
 
 
 def test_torchrun_runs_the_whole_pipeline_with_one_voice(cohort, tmp_path):
@@ -155,8 +158,8 @@ def test_torchrun_runs_the_whole_pipeline_with_one_voice(cohort, tmp_path):
     assert all((run.prediction_dir / f"{name}.seg.nrrd").is_file() for name in unlabeled)
     rows = list(csv.DictReader(open(run.metrics)))
     assert sorted(row["case"] for row in rows) == unlabeled
-    info = json.loads(run.sam_weights_info.read_text())
-    assert info["training"]["processes"] == 2
+    assert read_record(run.sam_weights)["inputs"]["options"]["processes"] == 2
+    assert read_record(run.vnet_weights)["inputs"]["options"]["processes"] == 2
 
 
 def test_a_signal_to_torchrun_stops_every_rank_at_a_checkpoint_and_a_rerun_resumes(cohort, tmp_path):

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+from pathlib import Path
 from typing import List, Sequence
 
 import pytest
@@ -18,12 +19,15 @@ from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import Case, Cohort
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.estimate import StageWork, StepTimes, estimate_run, estimate_stages, format_duration
-from SFRSegmentLib.inference import monai_overlap
+from SFRSegmentLib.inference import PREDICTION_SUFFIXES, monai_overlap
 from SFRSegmentLib.io import read_volume
-from SFRSegmentLib.pipeline import remaining_work
+from SFRSegmentLib.pipeline import prediction_inputs, remaining_work
+from SFRSegmentLib.provenance import Inputs, write_record
+from SFRSegmentLib.retrain import retrain_inputs
+from SFRSegmentLib.sam.finetune import finetune_inputs
+from SFRSegmentLib.sam.pseudolabel import case_inputs
 from SFRSegmentLib.progress import JsonLinesReporter
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sfrplus import ROUND_RECORD, round_folder
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
 TIMES = StepTimes(finetune_iteration=2.0, pseudolabel_pass=3.0, retrain_iteration={"sfr_mt": 5.0, "supervised": 7.0},
@@ -104,45 +108,51 @@ def test_held_out_test_cases_count_in_prediction_only(cohort, tmp_path):
     assert [(item.count, item.seconds_each) for item in stages["predict"].items] == [(vnet_passes, 11.0)]
 
 
-def test_finished_stages_and_cached_cases_are_left_out(cohort, tmp_path):
+def _make_outputs(outputs: Sequence[Path], inputs: Inputs) -> None:
+    """Stand-ins for a stage's output files, with the record of ``inputs`` (the estimate reads only the records)."""
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    write_record(outputs[0], inputs)
+
+
+def test_current_outputs_are_left_out_and_stale_ones_count_with_everything_after_them(cohort, tmp_path):
     config = small_config(cohort, sfr_plus=True, sfrplus={"rounds": 2})
     run = RunFolder(tmp_path / "run")
-    cached, fresh, *others = cohort.unlabeled
-    run.finetune_dir.mkdir(parents=True)
-    run.sam_weights_info.write_text("{}")  # the JSON that fine-tuning writes last
-    run.pseudolabel_dir.mkdir()
-    run.pseudo_label(cached.name).touch()
-    run.pseudo_probabilities(cached.name).touch()
-    run.pseudo_label(fresh.name).touch()  # without its probabilities: not cached
-    run.retrain_dir.mkdir()
-    run.vnet_weights.touch()
-    first_round = round_folder(run, 1).root
-    first_round.mkdir(parents=True)
-    (first_round / ROUND_RECORD).write_text("{}")
-    final_vnet = round_folder(run, 2).vnet_weights
-    final_vnet.parent.mkdir(parents=True)
-    final_vnet.touch()
-    run.prediction(cached.name).parent.mkdir()
-    run.prediction(cached.name).touch()  # newer than the final V-Net
-
+    current, stale, *others = cohort.unlabeled
+    _make_outputs([run.sam_weights, run.sam_weights_info], finetune_inputs(config.finetune, cohort, None))
+    labels = case_inputs(cohort, cohort.unlabeled, config.pseudolabel, run.sam_weights)
+    _make_outputs(run.pseudo_label_files(current.name), labels[current.name])
+    _make_outputs(run.pseudo_label_files(stale.name),
+                  dataclasses.replace(labels[stale.name], upstream={"SAM weights": "an earlier fine-tuning"}))
     work = {stage.stage: stage for stage in remaining_work(cohort, run, config)}
     assert work["finetune"] == StageWork("finetune")
-    assert work["pseudolabel"].pseudolabel_cases == (fresh, *others)
-    assert work["retrain"].retrain_iterations == 0
-    sfrplus = work["sfrplus"]  # round 1 is finished, round 2 has its V-Net but nothing else
-    assert (sfrplus.finetune_iterations, sfrplus.retrain_iterations) == (7, 0)
-    assert sfrplus.pseudolabel_cases == tuple(cohort.unlabeled) == sfrplus.predict_cases
-    assert work["predict"].predict_cases == (fresh, *others)
+    assert work["pseudolabel"].pseudolabel_cases == (stale, *others)
+    assert work["retrain"].retrain_iterations == 13  # its pseudo-labels change, so does the V-Net
+    sfrplus = work["sfrplus"]
+    assert (sfrplus.finetune_iterations, sfrplus.retrain_iterations) == (2 * 7, 2 * 13)
+    assert sfrplus.pseudolabel_cases == tuple(cohort.unlabeled) * 2 == sfrplus.predict_cases
+    assert work["predict"].predict_cases == tuple(cohort.unlabeled)
 
     no_sfrplus = dataclasses.replace(config, sfr_plus=False)
     stream = io.StringIO()
     estimate = estimate_run(cohort, no_sfrplus, remaining_work(cohort, run, no_sfrplus), JsonLinesReporter(stream))
-    assert [stage.stage for stage in estimate.stages] == ["pseudolabel", "predict"]
-    messages = [event["message"] for event in events(stream)]
-    assert any(message.startswith("pseudolabel: ") for message in messages)
-    assert not any(message.startswith(("finetune", "retrain")) for message in messages)
+    assert [stage.stage for stage in estimate.stages] == ["pseudolabel", "retrain", "predict"]
+    assert not any(event["message"].startswith("finetune") for event in events(stream))
     for stage in estimate.stages:
         assert all(math.isfinite(item.seconds_each) and item.seconds_each > 0 for item in stage.items)
+
+    for case in (stale, *others):  # now every pseudo-label is current, and so are the V-Net and one prediction
+        _make_outputs(run.pseudo_label_files(case.name), labels[case.name])
+    pseudo_labels = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled}
+    _make_outputs([run.vnet_weights, run.vnet_weights.with_suffix(".json")],
+                  retrain_inputs(config.retrain, cohort, pseudo_labels))
+    predictions = prediction_inputs(cohort.unlabeled, run.vnet_weights, config.inference)
+    _make_outputs([run.prediction(current.name, suffix) for suffix in PREDICTION_SUFFIXES],
+                  predictions[current.name])
+    work = {stage.stage: stage for stage in remaining_work(cohort, run, no_sfrplus)}
+    assert (work["pseudolabel"].pseudolabel_cases, work["retrain"].retrain_iterations) == ((), 0)
+    assert work["predict"].predict_cases == (stale, *others)
 
 
 def test_a_stage_stopped_midway_counts_what_its_checkpoint_has_left(cohort, tmp_path):
@@ -150,13 +160,20 @@ def test_a_stage_stopped_midway_counts_what_its_checkpoint_has_left(cohort, tmp_
     run = RunFolder(tmp_path / "run")
     run.finetune_dir.mkdir(parents=True)
     run.retrain_dir.mkdir()
-    torch.save({"iteration": 4, "weights": torch.zeros(3)}, run.finetune_checkpoint)
-    torch.save({"iteration": 5, "weights": torch.zeros(3)}, run.retrain_checkpoint)
-    work = {stage.stage: stage for stage in remaining_work(cohort, run, config)}
-    assert (work["finetune"].finetune_iterations, work["retrain"].retrain_iterations) == (7 - 4, 13 - 5)
+    finetune_from = finetune_inputs(config.finetune, cohort, None).as_dict()
+    torch.save({"iteration": 4, "inputs": finetune_from}, run.finetune_checkpoint)
+    assert {s.stage: s for s in remaining_work(cohort, run, config)}["finetune"].finetune_iterations == 7 - 4
+    torch.save({"iteration": 4, "inputs": {**finetune_from, "options": {}}}, run.finetune_checkpoint)
+    assert {s.stage: s for s in remaining_work(cohort, run, config)}["finetune"].finetune_iterations == 7  # stale
+
+    mean_teacher = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method="mt"))
+    torch.save({"iteration": 5, "inputs": retrain_inputs(mean_teacher.retrain, cohort, {}).as_dict()},
+               run.retrain_checkpoint)
+    work = {stage.stage: stage for stage in remaining_work(cohort, run, mean_teacher)}
+    assert work["retrain"].retrain_iterations == 13 - 5
 
     run.retrain_checkpoint.write_bytes(b"damaged")  # counted in full here; the stage itself reports it
-    assert {s.stage: s for s in remaining_work(cohort, run, config)}["retrain"].retrain_iterations == 13
+    assert {s.stage: s for s in remaining_work(cohort, run, mean_teacher)}["retrain"].retrain_iterations == 13
 
 
 @pytest.mark.parametrize("warn_hours, warns", [(1e-9, True), (1e9, False)])

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import SFRSegmentLib.sam.finetune as finetune_module
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
+from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sam.finetune import (
     RANDOM_INIT_MESSAGE,
@@ -157,7 +159,7 @@ def trained(cohort, tmp_path_factory):
     return run, weights, built[0], events
 
 
-def test_a_run_writes_its_files_and_reports_progress(trained):
+def test_a_run_writes_its_files_and_reports_progress(trained, cohort):
     run, weights, model, events = trained
     assert weights == run.sam_weights
     for path in (run.finetune_checkpoint, run.sam_weights, run.sam_weights_info, run.finetune_log):
@@ -169,7 +171,11 @@ def test_a_run_writes_its_files_and_reports_progress(trained):
     assert info["weights_sha256"] == file_sha256(run.sam_weights)
     assert info["base_checkpoint"] is None and info["init_seed"] == 1337 and info["iterations"] == 4
     assert info["sam_config"]["image_size"] == 256 and info["class_values"] == [1]
-    assert info["patch_size"] == list(PATCH) and info["training"]["labeled_cases"] == ["case_000", "case_001"]
+    assert info["patch_size"] == list(PATCH)
+    files = read_record(run.sam_weights)["inputs"]["files"]
+    assert sorted(files) == ["image of case case_000", "image of case case_001", "label of case case_000",
+                             "label of case case_001"]
+    assert files["label of case case_001"] == file_sha256(cohort.labeled[1].label)
 
 
 def test_learning_rate_follows_the_poly_schedule(trained):
@@ -214,14 +220,24 @@ def test_saved_weights_reload_into_a_fresh_model_with_identical_outputs(trained)
         assert torch.equal(reloaded(images), model.eval()(images))
 
 
-def test_a_finished_run_returns_at_once_and_refuses_another_configuration(trained, cohort):
+def test_a_finished_run_returns_at_once_and_another_configuration_fine_tunes_again(trained, cohort, tmp_path):
     run, _, _, _ = trained
     stamp = run.sam_weights.stat().st_mtime_ns
     events: List[ProgressEvent] = []
     assert finetune(cohort, run, small_config(device="cpu", checkpoint_every=3), events.append) == run.sam_weights
     assert [e.message for e in events] == ["already fine-tuned"] and run.sam_weights.stat().st_mtime_ns == stamp
-    with pytest.raises(InputError, match="differs in: lr"):
-        finetune(cohort, run, small_config(lr=2e-3))
+
+    copy = RunFolder(tmp_path / "copy")
+    shutil.copytree(run.root, copy.root)
+    first = read_record(copy.sam_weights)
+    events = []
+    finetune(cohort, copy, small_config(lr=2e-3), events.append)
+    messages = [e.message for e in events if e.message]
+    assert messages[0] == "the fine-tuned SAM is stale (options changed: lr): fine-tuning again"
+    assert messages[1].startswith(f"not resuming {copy.finetune_checkpoint}: options changed: lr;")
+    second = read_record(copy.sam_weights)
+    assert second["id"] != first["id"] and second["inputs"]["options"]["lr"] == 2e-3
+    assert [e.step for e in events if e.loss is not None] == [1, 2, 3, 4]
 
 
 def test_resuming_after_a_stop_ends_with_the_weights_of_an_uninterrupted_run(cohort, tmp_path):
@@ -264,7 +280,8 @@ def test_init_weights_start_from_an_earlier_fine_tuning(trained, cohort, tmp_pat
     before, after = load_weights(run.sam_weights), load_weights(warm.sam_weights)
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-6) for k in before)
     info = json.loads(warm.sam_weights_info.read_text())
-    assert info["training"]["init_weights_sha256"] == file_sha256(run.sam_weights)
+    upstream = read_record(warm.sam_weights)["inputs"]["upstream"]
+    assert upstream == {"SAM weights fine-tuning continues from": read_record(run.sam_weights)["id"]}
     with pytest.raises(InputError, match="another base checkpoint"):
         finetune(cohort, RunFolder(tmp_path / "other"),
                  small_config(iterations=1, seed=7, init_weights=str(run.sam_weights)))

@@ -122,8 +122,9 @@ def test_killed_run_resumes_from_the_last_checkpoint(cohort, tmp_path):
     events = [json.loads(line) for line in result.stdout.splitlines()]
     estimate = [e["message"].split(":")[0] for e in events if e["stage"] == "estimate"]
     assert estimate[1:-1] == ["retrain", "predict"]  # fine-tuning and pseudo-labels are finished
-    retrain_steps = [e["step"] for e in events if e["stage"] == "retrain"]
+    retrain_steps = [e["step"] for e in events if e["stage"] == "retrain" and e["loss"] is not None]
     assert retrain_steps[0] == saved_iteration + 1 and retrain_steps[-1] == 24
+    assert f"resumed at iteration {saved_iteration}" in [e["message"] for e in events if e["stage"] == "retrain"]
     assert not [e for e in events if e["stage"] == "finetune" and e["loss"] is not None]  # F was not redone
     assert (out / "retrain" / "vnet.pt").is_file()
 

@@ -19,6 +19,7 @@ from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.inference import load_vnet
 from SFRSegmentLib.io import read_volume, write_volume
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
+from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.retrain import (
     RetrainConfig,
     TrainingCase,
@@ -161,7 +162,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cohort: Cohort, t
     assert torch.load(parts.retrain_checkpoint, weights_only=True)["iteration"] == 1  # saved off-schedule
     events = []
     retrain(cohort, parts, dataclasses.replace(config, checkpoint_every=5), progress=events.append)
-    assert [e.step for e in events] == [2, 3]
+    assert events[0].message == "resumed at iteration 1" and [e.step for e in events[1:]] == [2, 3]
 
     expected, resumed = state_dict(whole.vnet_weights), state_dict(parts.vnet_weights)
     assert expected.keys() == resumed.keys()
@@ -173,11 +174,22 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cohort: Cohort, t
     assert all(torch.allclose(teacher_whole[k].double(), teacher_parts[k].double(), atol=1e-6) for k in teacher_whole)
 
 
-def test_resuming_with_other_options_is_refused(cohort: Cohort, tmp_path: Path) -> None:
+def test_other_options_retrain_instead_of_reusing_or_resuming(cohort: Cohort, tmp_path: Path) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
     retrain(cohort, run, RetrainConfig(method="sfr", **TINY))
-    with pytest.raises(InputError, match="lr: 0.01 → 0.02"):
-        retrain(cohort, run, RetrainConfig(method="sfr", lr=0.02, **TINY))
+    first = read_record(run.vnet_weights)
+    events = []
+    retrain(cohort, run, RetrainConfig(method="sfr", **TINY), progress=events.append)
+    assert [e.message for e in events] == ["already re-trained"] and read_record(run.vnet_weights) == first
+
+    events = []
+    retrain(cohort, run, RetrainConfig(method="sfr", lr=0.02, **TINY), progress=events.append)
+    messages = [e.message for e in events if e.message]
+    assert messages[0] == "the V-Net is stale (options changed: lr): re-training it again"
+    assert messages[1].startswith(f"not resuming {run.retrain_checkpoint}: options changed: lr;")
+    assert [e.step for e in events if e.loss is not None] == [1, 2]  # from iteration 0, not from the old checkpoint
+    second = read_record(run.vnet_weights)
+    assert second["id"] != first["id"] and second["inputs"]["options"]["lr"] == 0.02
 
 
 def test_missing_pseudo_label_is_named(cohort: Cohort, tmp_path: Path) -> None:

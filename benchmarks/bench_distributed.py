@@ -55,7 +55,7 @@ def time_steps(step, warmup: int, iterations: int) -> float:
 def finetune_step(cohort, device: torch.device, paper: bool):
     """One fine-tuning iteration (sample → forward → loss → backward → AdamW) and the per-rank batch."""
     from SFRSegmentLib.sam.finetune import (FinetuneConfig, MosaicBatches, _Training, build_base_sam,
-                                            load_training_volume, training_identity, training_layout)
+                                            load_training_volume, finetune_inputs, training_layout)
 
     config = (FinetuneConfig.paper(base_checkpoint=None, allow_random_init=True) if paper
               else FinetuneConfig.small())
@@ -64,7 +64,7 @@ def finetune_step(cohort, device: torch.device, paper: bool):
     batches = MosaicBatches([load_training_volume(c, cohort.classes) for c in cohort.labeled], layout, config,
                             device)
     training = _Training(build_base_sam(config.sam, None, config.seed).to(device), config,
-                         training_identity(config, cohort))
+                         finetune_inputs(config, cohort, None))
     return (lambda: training.step(batches)), config.batch_size
 
 

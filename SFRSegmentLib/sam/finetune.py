@@ -24,8 +24,11 @@ Run folder (:class:`~SFRSegmentLib.runfolder.RunFolder`)
 ``finetune/checkpoint.pt`` is written every ``checkpoint_every`` iterations, when cancelled and at the end: trainable
 weights, optimiser, schedule, iteration, the numpy and torch RNG states and the log so far. A rerun resumes from it
 and ends with the same weights as an uninterrupted run. At the end ``sam_trainable.pt`` (trainable weights only),
-``log.csv`` and, last, ``sam_trainable.json`` are written; a run whose JSON matches the configuration is finished
-and is not trained again. A checkpoint or result made with another configuration is an error, never overwritten.
+``log.csv``, ``sam_trainable.json`` and, last, the provenance record ``sam_trainable.pt.provenance.json`` are
+written (:mod:`SFRSegmentLib.provenance`). The inputs are the options that change the weights, the SHA-256 of the
+labeled images and labels and of the base checkpoint, and the identity of ``init_weights``. A rerun with the same
+inputs is not trained again; with other inputs the old weights and a stale checkpoint are replaced (the progress
+stream says what changed), so pseudo-labels and everything after them are recomputed too.
 
 Without a base checkpoint (``base_checkpoint=None``, allowed only with ``allow_random_init``, for tests and demos)
 the frozen encoder is drawn from ``seed``; the JSON records it, so the weights can be loaded again.
@@ -33,8 +36,6 @@ the frozen encoder is drawn from ``seed``; the JSON records it, so the weights c
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -47,26 +48,27 @@ import torch
 from torch.optim.lr_scheduler import PolynomialLR
 
 from ..atomic import atomic_path, atomic_write_text
+from ..checkpoint import load_checkpoint, save_checkpoint, write_log
 from ..config_io import to_dict, with_overrides
 from ..data import Case, Cohort, load_case, sample_patch, zscore
 from ..distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
 from ..errors import InputError, PathLike
 from ..inference import PRECISIONS, autocast_context, resolve_device
 from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from ..provenance import MISSING, Inputs, case_files, file_digest, forget, identity_of, stale_reason, write_record
 from ..runfolder import RunFolder
 from ..stitching import DEPTH_PADDINGS, MosaicLayout, mosaic_layout, stitch_image, stitch_label
 from .catalog import DEFAULT_MODEL_ID
 from .lora import load_trainable_state_dict, trainable_state_dict
 from .losses import SFRLoss
 from .model import SamConfig, SFRSam, build_sfr_sam
-from .weights import DownloadError, file_sha256, load_state_dict, resolve_checkpoint
+from .weights import DownloadError, load_state_dict, resolve_checkpoint
 
 STAGE = "finetune"
 FORMAT_VERSION = 1
 RANDOM_INIT_MESSAGE = "no SAM checkpoint: random initialisation (demo/test only)"
 BEZIER_POINTS = 100_000
 """Points at which the official code evaluates each Bézier curve."""
-LOG_HEADER = ("iteration", "loss", "lr")
 
 log = logging.getLogger(__name__)
 
@@ -150,26 +152,30 @@ class FinetuneConfig:
         return cls(**{"sam": SamConfig.paper(num_classes), **overrides})
 
 
-_EXECUTION_ONLY = ("device", "checkpoint_every")
+_EXECUTION_ONLY = ("device", "checkpoint_every", "base_checkpoint", "init_weights")
+"""Options that do not change the weights (the two files are identified by content and identity instead)."""
 _SAM_EXECUTION_ONLY = ("efficient_attention", "gradient_checkpointing")
 
 
-def training_identity(config: FinetuneConfig, cohort: Cohort) -> Dict[str, Any]:
-    """What determines the trained weights: the configuration without the execution-only settings (device,
-    checkpoint interval, attention kernel, gradient checkpointing), the SHA-256 of ``init_weights``, the class
-    values, the labeled cases and, under torchrun, the number of processes (the global batch is
-    ``batch_size`` × processes)."""
-    values = to_dict(config)
+def finetune_inputs(config: FinetuneConfig, cohort: Cohort, base: Optional[Mapping[str, str]]) -> Inputs:
+    """What determines the trained weights (:class:`~SFRSegmentLib.provenance.Inputs`): the configuration without
+    the execution-only settings (device, checkpoint interval, attention kernel, gradient checkpointing), the class
+    values and, under torchrun, the number of processes (the global batch is ``batch_size`` × processes); the
+    labeled images and labels and the base checkpoint (``base``, see :func:`resolve_base_checkpoint`); the
+    weights fine-tuning continues from (``init_weights``)."""
+    options = to_dict(config)
     for name in _EXECUTION_ONLY:
-        values.pop(name)
-    values["sam"] = sam_identity(values["sam"])
-    if config.init_weights is not None:
-        values["init_weights_sha256"] = _checked_weights_info(config.init_weights)["weights_sha256"]
-    values["class_values"] = sorted(int(v) for v in cohort.classes)
-    values["labeled_cases"] = [case.name for case in cohort.labeled]
+        options.pop(name)
+    options["sam"] = sam_identity(options["sam"])
+    options["class_values"] = sorted(int(v) for v in cohort.classes)
     if ranks().is_distributed:
-        values["processes"] = ranks().world_size
-    return values
+        options["processes"] = ranks().world_size
+    files = case_files(cohort.labeled)
+    if base is not None:
+        files["base SAM checkpoint"] = base["sha256"]
+    upstream = {} if config.init_weights is None else {"SAM weights fine-tuning continues from":
+                                                       identity_of(config.init_weights)}
+    return Inputs(options, files, upstream)
 
 
 def sam_identity(sam: Mapping[str, Any]) -> Dict[str, Any]:
@@ -204,7 +210,7 @@ def resolve_base_checkpoint(source: Optional[str], expected_sha256: Optional[str
             "checkpoint (command line: --checkpoint FILE)",
             field="base_checkpoint",
         ) from error
-    digest = file_sha256(path)
+    digest = file_digest(path)
     if expected_sha256 is not None and digest != expected_sha256:
         raise InputError(f"the SAM checkpoint {source!r} is not the file fine-tuning started from (SHA-256 "
                          f"{expected_sha256})", path, "base_checkpoint")
@@ -253,7 +259,7 @@ def _checked_weights_info(weights: PathLike) -> Dict[str, Any]:
     if info is None:
         raise InputError("no fine-tuned SAM here (its .json is missing); run the finetune stage first",
                          weights_info_path(weights))
-    if not Path(weights).is_file() or file_sha256(weights) != info["weights_sha256"]:
+    if not Path(weights).is_file() or file_digest(weights) != info["weights_sha256"]:
         raise InputError("missing, or not the file its .json describes (SHA-256 differs); fine-tune again", weights,
                          "sha256")
     return info
@@ -402,12 +408,12 @@ def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 class _Training:
     """The mutable state of a fine-tuning run: model, optimiser, schedule, RNG, iteration and log."""
 
-    def __init__(self, model: SFRSam, config: FinetuneConfig, identity: Mapping[str, Any]) -> None:
+    def __init__(self, model: SFRSam, config: FinetuneConfig, inputs: Inputs) -> None:
         self.model = model.train()
         # SAM's prompt encoder holds point and mask embeddings that prompt-free SFR never uses.
         self.forward_model = data_parallel(self.model, find_unused_parameters=True)
         self.config = config
-        self.identity = dict(identity)
+        self.inputs = inputs
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
@@ -415,7 +421,7 @@ class _Training:
         self.loss_function = SFRLoss(config.dice_counts_ignored)
         self.rng = np.random.default_rng(config.seed)
         self.iteration = 0
-        self.log: List[Tuple[int, float, float]] = []
+        self.log: List[Dict[str, float]] = []
 
     def step(self, batches: MosaicBatches) -> float:
         images, labels = batches.sample(self.iteration, self.rng)
@@ -423,17 +429,13 @@ class _Training:
         loss = compute_loss(self.forward_model, self.loss_function, images, labels, self.config.precision)
         apply_gradients(loss, self.optimizer, self.scheduler)
         value, = mean_over_ranks([loss.item()])
-        self.log.append((self.iteration, value, float(lr)))
+        self.log.append({"iteration": self.iteration, "loss": value, "lr": float(lr)})
         self.iteration += 1
         return value
 
     def save(self, run: RunFolder) -> None:
         """Write the resumable checkpoint and the log so far, atomically (rank 0; the ranks' states are equal)."""
-        if not ranks().is_main:
-            return
         state = {
-            "format": FORMAT_VERSION,
-            "identity": self.identity,
             "iteration": self.iteration,
             "trainable": {key: value.cpu() for key, value in trainable_state_dict(self.model).items()},
             "optimizer": self.optimizer.state_dict(),
@@ -442,9 +444,7 @@ class _Training:
             "torch_rng": torch.get_rng_state(),
             "log": self.log,
         }
-        with atomic_path(run.finetune_checkpoint) as tmp:
-            torch.save(state, tmp)
-        _write_log(run.finetune_log, self.log)
+        save_checkpoint(run.finetune_checkpoint, state, self.inputs, run.finetune_log, self.log)
 
     def restore(self, state: Mapping[str, Any]) -> None:
         load_trainable_state_dict(self.model, state["trainable"])
@@ -453,26 +453,33 @@ class _Training:
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
         self.iteration = int(state["iteration"])
-        self.log = [tuple(row) for row in state["log"]]
+        self.log = list(state["log"])
 
 
 def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig = FinetuneConfig(),
              progress: Progress = ignore_progress, cancellation: Optional[Cancellation] = None) -> Path:
     """Fine-tune SAM on the labeled cases of ``cohort`` into ``run``; return the path of ``sam_trainable.pt``.
 
-    Resumes from ``finetune/checkpoint.pt`` and returns at once when the run has already finished with this
-    configuration. When ``cancellation`` is requested, the checkpoint is saved and :class:`Cancelled` is raised.
+    Returns at once when the run folder holds weights fine-tuned from the same inputs (:func:`finetune_inputs`);
+    replaces stale ones; resumes from ``finetune/checkpoint.pt`` when it was saved with the same inputs. When
+    ``cancellation`` is requested, the checkpoint is saved and :class:`Cancelled` is raised.
     """
     if config.sam.num_classes != len(cohort.classes):
         raise InputError(f"the cohort has {len(cohort.classes)} foreground classes but the SAM config has "
                          f"num_classes={config.sam.num_classes}", field="num_classes")
-    identity = training_identity(config, cohort)
-    if _is_finished(run, identity):
-        progress(ProgressEvent(STAGE, config.iterations, config.iterations, message="already fine-tuned"))
-        return run.sam_weights
-    resume_state = _read_checkpoint(run, identity)
     with main_first():
         base = resolve_base_checkpoint(config.base_checkpoint)
+    inputs = finetune_inputs(config, cohort, base)
+    stale = stale_reason([run.sam_weights, run.sam_weights_info], inputs)
+    if stale is None:
+        progress(ProgressEvent(STAGE, config.iterations, config.iterations, message="already fine-tuned"))
+        return run.sam_weights
+    if stale != MISSING:
+        progress(ProgressEvent(STAGE, 0, config.iterations,
+                               message=f"the fine-tuned SAM is stale ({stale}): fine-tuning again"))
+    if ranks().is_main:
+        forget([run.sam_weights, run.sam_weights_info])
+    resume_state = load_checkpoint(run.finetune_checkpoint, inputs, STAGE, config.iterations, progress)
     if base is None:
         log.warning(RANDOM_INIT_MESSAGE)
         progress(ProgressEvent(STAGE, 0, config.iterations, message=RANDOM_INIT_MESSAGE))
@@ -483,7 +490,7 @@ def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig = FinetuneCo
     model = build_base_sam(config.sam, _base_state(base), config.seed)
     if config.init_weights is not None:
         load_trainable_state_dict(model, _initial_weights(config, base))
-    training = _Training(model.to(device), config, identity)
+    training = _Training(model.to(device), config, inputs)
     if resume_state is not None:
         training.restore(resume_state)
         progress(ProgressEvent(STAGE, training.iteration, config.iterations,
@@ -509,8 +516,8 @@ def _train(training: _Training, batches: MosaicBatches, run: RunFolder, progress
 
 
 def _write_result(training: _Training, run: RunFolder, base: Optional[Dict[str, str]], layout: MosaicLayout) -> Path:
-    """Write ``sam_trainable.pt``, then the log, then ``sam_trainable.json`` (whose presence marks the end); rank 0
-    writes, the others wait for it."""
+    """Write ``sam_trainable.pt``, the log, ``sam_trainable.json`` and, last, the provenance record (whose presence
+    marks the end); rank 0 writes, the others wait for it."""
     if ranks().is_main:
         _write_files(training, run, base, layout)
     barrier()
@@ -521,54 +528,17 @@ def _write_files(training: _Training, run: RunFolder, base: Optional[Dict[str, s
     weights = {key: value.cpu() for key, value in trainable_state_dict(training.model).items()}
     with atomic_path(run.sam_weights) as tmp:
         torch.save(weights, tmp)
-    _write_log(run.finetune_log, training.log)
+    write_log(run.finetune_log, training.log)
     info = {
         "format": FORMAT_VERSION,
         "sam_config": to_dict(training.config.sam),
         "base_checkpoint": base,
         "init_seed": training.config.seed,
         "iterations": training.iteration,
-        "class_values": training.identity["class_values"],
+        "class_values": training.inputs.options["class_values"],
         "patch_size": list(layout.patch_shape),
         "depth_padding": layout.depth_padding,
-        "training": training.identity,
-        "weights_sha256": file_sha256(run.sam_weights),
+        "weights_sha256": file_digest(run.sam_weights),
     }
     atomic_write_text(run.sam_weights_info, json.dumps(info, indent=2) + "\n")
-
-
-def _is_finished(run: RunFolder, identity: Mapping[str, Any]) -> bool:
-    info = read_weights_info(run.sam_weights)
-    if info is None:
-        return False
-    if info.get("training") != identity:
-        raise InputError(_different_configuration(info.get("training"), identity), run.sam_weights_info)
-    return run.sam_weights.is_file() and file_sha256(run.sam_weights) == info.get("weights_sha256")
-
-
-def _read_checkpoint(run: RunFolder, identity: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    if not run.finetune_checkpoint.is_file():
-        return None
-    try:
-        state = torch.load(run.finetune_checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for damaged files
-        raise InputError(f"unreadable fine-tuning checkpoint ({type(error).__name__}); delete it to start over",
-                         run.finetune_checkpoint) from error
-    if state.get("format") != FORMAT_VERSION or state.get("identity") != identity:
-        raise InputError(_different_configuration(state.get("identity"), identity), run.finetune_checkpoint)
-    return state
-
-
-def _different_configuration(saved: Optional[Mapping[str, Any]], wanted: Mapping[str, Any]) -> str:
-    saved = saved or {}
-    fields = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
-    return (f"made by a fine-tuning with another configuration (differs in: {', '.join(fields)}); use another run "
-            "folder, or delete its finetune/ folder to start over")
-
-
-def _write_log(path: Path, rows: Sequence[Tuple[int, float, float]]) -> None:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(LOG_HEADER)
-    writer.writerows((iteration, f"{loss:.6g}", f"{lr:.10g}") for iteration, loss, lr in rows)
-    atomic_write_text(path, text.getvalue())
+    write_record(run.sam_weights, training.inputs)

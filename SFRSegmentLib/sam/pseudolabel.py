@@ -14,8 +14,11 @@ volume is labeled once, whole, and the result is cached in the run folder:
 * the hard label is the argmax of the averaged probabilities, mapped back to the cohort's class values.
 
 Outputs (:class:`~SFRSegmentLib.runfolder.RunFolder`): ``<case>.label.nrrd`` (uint8, the image's grid and geometry),
-``<case>.prob.npy`` (uint8 probabilities × 255, shape (K+1, I, J, K)) and ``confidence.csv``. A case whose two files
-exist is not computed again unless ``redo``. The confidence of a case is the SFR+ one (spec §5): the mean over all
+``<case>.prob.npy`` (uint8 probabilities × 255, shape (K+1, I, J, K)), the case's provenance record
+``<case>.label.nrrd.provenance.json`` (:mod:`SFRSegmentLib.provenance`: the options, the image's SHA-256 and the
+SAM weights' identity) and ``confidence.csv``. A case is computed again only when its record differs from its
+current inputs (its image edited, SAM fine-tuned again, other options), the progress stream saying why, or with
+``redo``. The confidence of a case is the SFR+ one (spec §5): the mean over all
 voxels of the largest class probability, taken from the stored probabilities so that cached and fresh cases agree
 (the quantisation moves it by at most 1/510).
 """
@@ -35,7 +38,9 @@ from ..data import Case, Cohort, load_case, zscore
 from ..distributed import barrier, map_cases, ranks
 from ..errors import InputError, PathLike
 from ..io import Volume, write_volume
+from ..config_io import to_dict
 from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from ..provenance import MISSING, Inputs, case_files, identity_of, record_path, stale_reason, write_record
 from ..runfolder import PROBABILITY_SCALE, RunFolder
 from ..stitching import MosaicLayout, stitch_image, unstitch
 from ..inference import PRECISIONS, autocast_context, resolve_device
@@ -45,6 +50,8 @@ from .model import SFRSam
 
 STAGE = "pseudolabel"
 CONFIDENCE_HEADER = "case,confidence\n"
+_EXECUTION_ONLY = ("device", "windows_per_batch", "redo")
+"""Options that do not change a pseudo-label."""
 
 
 @dataclass(frozen=True)
@@ -137,14 +144,16 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
     """Pseudo-label the unlabeled cases of ``cohort`` (or just ``cases``) into ``run``; return ``confidence.csv``.
 
     The SAM is the run's own fine-tuned one (``finetune/sam_trainable.pt``) unless ``sam_weights`` names another
-    trainable-weights file (SFR+ rounds reuse an earlier round's). Cached cases (both files present) are skipped
-    unless ``config.redo``; the model is loaded only if some case needs it. ``confidence.csv`` lists the cases
+    trainable-weights file (SFR+ rounds reuse an earlier round's). Cases whose files were computed from the same
+    inputs (:func:`case_inputs`) are skipped unless ``config.redo``; the model is loaded only if some case needs it. ``confidence.csv`` lists the cases
     labeled here and is rewritten only when its content changes. When ``cancellation`` is requested, the case in
     progress is dropped and :class:`~SFRSegmentLib.progress.Cancelled` is raised.
     """
     cases = list(cohort.unlabeled if cases is None else cases)
-    pending = [case for case in cases if config.redo or not _is_cached(run, case)]
     weights = run.sam_weights if sam_weights is None else Path(sam_weights)
+    inputs = case_inputs(cohort, cases, config, weights)
+    stale = {case.name: stale_reason(run.pseudo_label_files(case.name), inputs[case.name]) for case in cases}
+    pending = [case for case in cases if config.redo or stale[case.name] is not None]
     labeler = _Labeler(cohort, run, config, weights, cancellation) if pending else None
     clock = EtaClock(len(pending))
     confidences: Dict[str, float] = {}
@@ -157,7 +166,9 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
 
     def write(case: Case, result: Tuple[np.ndarray, Volume]) -> None:
         nonlocal computed
+        record_path(run.pseudo_label(case.name)).unlink(missing_ok=True)
         labeler.write(case, result)
+        write_record(run.pseudo_label(case.name), inputs[case.name])
         computed += 1
         record(case, "computed")
 
@@ -165,6 +176,9 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
         for case in cases:
             if case not in pending:
                 record(case, "cached")
+            elif stale[case.name] not in (None, MISSING):
+                progress(ProgressEvent(STAGE, len(confidences), len(cases), message=f"the pseudo-label of case "
+                                       f"{case.name} is stale ({stale[case.name]}): computing it again"))
     if pending:  # under torchrun each rank labels its share of the cases and rank 0 writes them
         map_cases(pending, labeler.compute, write)
     if not cases:
@@ -206,8 +220,14 @@ class _Labeler:
         write_volume(label, self.run.pseudo_label(case.name))
 
 
-def _is_cached(run: RunFolder, case: Case) -> bool:
-    return run.pseudo_label(case.name).is_file() and run.pseudo_probabilities(case.name).is_file()
+def case_inputs(cohort: Cohort, cases: Sequence[Case], config: PseudoLabelConfig, weights: Path
+                ) -> Dict[str, Inputs]:
+    """Case name → what its pseudo-label is computed from: the options that change it, the class values, the
+    image's SHA-256 and the identity of the SAM weights (``missing`` while they do not exist)."""
+    options = {name: value for name, value in to_dict(config).items() if name not in _EXECUTION_ONLY}
+    options["class_values"] = sorted(int(v) for v in cohort.classes)
+    upstream = {"SAM weights": identity_of(weights) if weights.is_file() else "missing"}
+    return {case.name: Inputs(options, case_files([case], labels=False), upstream) for case in cases}
 
 
 def _confidence_table(confidences: Sequence[Tuple[str, float]]) -> str:
