@@ -1,6 +1,7 @@
 """The resumable state of a training stage (SAM fine-tuning, V-Net re-training) and its loss log.
 
-A stage saves its state every few iterations, when cancelled and at the end, atomically, together with the
+A stage first asks :func:`reuse_trained` whether its final outputs are current. Otherwise it saves its state every
+few iterations, when cancelled and at the end, atomically, together with the
 :class:`~SFRSegmentLib.provenance.Inputs` it is training from. A rerun resumes the checkpoint only when those inputs
 are still the current ones; a stale or damaged checkpoint is discarded with a progress message and the stage starts
 from iteration 0 (it can always be recomputed, so neither is an error).
@@ -18,9 +19,25 @@ import torch
 from .atomic import atomic_path, atomic_write_text
 from .distributed import ranks
 from .progress import Progress, ProgressEvent
-from .provenance import Inputs
+from .provenance import MISSING, Inputs, forget, stale_reason
 
 FORMAT = "sfrsegment-checkpoint/3"
+
+
+def reuse_trained(outputs: Sequence[Path], inputs: Inputs, stage: str, total: int, progress: Progress,
+                  done: str, stale_message: str) -> bool:
+    """True when the stage's ``outputs`` were trained from ``inputs`` (the progress stream says ``done``). Otherwise
+    rank 0 deletes them and False is returned; outputs that existed are announced as ``stale_message``, formatted
+    with the reason (``{reason}``)."""
+    stale = stale_reason(outputs, inputs)
+    if stale is None:
+        progress(ProgressEvent(stage, total, total, message=done))
+        return True
+    if stale != MISSING:
+        progress(ProgressEvent(stage, 0, total, message=stale_message.format(reason=stale)))
+    if ranks().is_main:
+        forget(outputs)
+    return False
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any], inputs: Inputs, log_path: Path,

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .augment import AUGMENTATIONS, augment_crop
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, reuse_trained, save_checkpoint
 from .config_io import to_dict
 from .data import Case, Cohort, load_case, sample_patch, zscore
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
@@ -49,7 +49,7 @@ from .inference import (MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, r
                         vnet_info_path)
 from .io import read_volume
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
-from .provenance import MISSING, Inputs, case_files, forget, identity_of, stale_reason, write_record
+from .provenance import Inputs, case_files, identity_of, write_record
 from .resample import check_spacing, to_working_grid
 from .runfolder import RunFolder
 from .ssl import SSLConfig, Step, build_method, learns_from_unlabeled, parse_method, segmentation_loss
@@ -419,15 +419,9 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfi
     info = trained_vnet_info(config, cohort.classes)
     trainer = Trainer(config, info, len(cohort.labeled), len(cohort.unlabeled), device)
     inputs = retrain_inputs(config, cohort, pseudo_labels)
-    stale = stale_reason([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs)
-    if stale is None:
-        progress(ProgressEvent(STAGE, config.iterations, config.iterations, message="already re-trained"))
+    if reuse_trained([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs, STAGE, config.iterations, progress,
+                     "already re-trained", "the V-Net is stale ({reason}): re-training it again"):
         return run.vnet_weights
-    if stale != MISSING:
-        progress(ProgressEvent(STAGE, 0, config.iterations,
-                               message=f"the V-Net is stale ({stale}): re-training it again"))
-    if ranks().is_main:
-        forget([run.vnet_weights, vnet_info_path(run.vnet_weights)])
     labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing)
     unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing)
                  if trainer.method.uses_unlabeled else [])

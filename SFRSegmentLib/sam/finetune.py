@@ -48,14 +48,14 @@ import torch
 from torch.optim.lr_scheduler import PolynomialLR
 
 from ..atomic import atomic_path, atomic_write_text
-from ..checkpoint import load_checkpoint, save_checkpoint, write_log
+from ..checkpoint import load_checkpoint, reuse_trained, save_checkpoint, write_log
 from ..config_io import to_dict, with_overrides
 from ..data import Case, Cohort, load_case, sample_patch, zscore
 from ..distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
 from ..errors import InputError, PathLike
 from ..inference import PRECISIONS, autocast_context, resolve_device
 from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
-from ..provenance import MISSING, Inputs, case_files, file_digest, forget, identity_of, stale_reason, write_record
+from ..provenance import Inputs, case_files, file_digest, identity_of, write_record
 from ..runfolder import RunFolder
 from ..stitching import DEPTH_PADDINGS, MosaicLayout, mosaic_layout, stitch_image, stitch_label
 from .catalog import DEFAULT_MODEL_ID
@@ -470,15 +470,9 @@ def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig = FinetuneCo
     with main_first():
         base = resolve_base_checkpoint(config.base_checkpoint)
     inputs = finetune_inputs(config, cohort, base)
-    stale = stale_reason([run.sam_weights, run.sam_weights_info], inputs)
-    if stale is None:
-        progress(ProgressEvent(STAGE, config.iterations, config.iterations, message="already fine-tuned"))
+    if reuse_trained([run.sam_weights, run.sam_weights_info], inputs, STAGE, config.iterations, progress,
+                     "already fine-tuned", "the fine-tuned SAM is stale ({reason}): fine-tuning again"):
         return run.sam_weights
-    if stale != MISSING:
-        progress(ProgressEvent(STAGE, 0, config.iterations,
-                               message=f"the fine-tuned SAM is stale ({stale}): fine-tuning again"))
-    if ranks().is_main:
-        forget([run.sam_weights, run.sam_weights_info])
     resume_state = load_checkpoint(run.finetune_checkpoint, inputs, STAGE, config.iterations, progress)
     if base is None:
         log.warning(RANDOM_INIT_MESSAGE)
