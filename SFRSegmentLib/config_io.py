@@ -55,7 +55,7 @@ def with_overrides(config: T, overrides: Mapping[str, Any], source: Optional[Pat
     try:
         return dataclasses.replace(config, **changes)
     except InputError as exc:
-        raise InputError(str(exc), source, exc.field) from exc
+        raise InputError(str(exc), source, exc.field and f"{prefix}{exc.field}") from exc
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid value in {prefix.rstrip('.') or 'configuration'}: {exc}", source,
                          prefix.rstrip(".") or None) from exc

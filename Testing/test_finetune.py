@@ -4,6 +4,7 @@ resuming, the preconditions, and the ``finetune`` command."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -17,12 +18,12 @@ import pytest
 import torch
 
 import SFRSegmentLib.sam.finetune as finetune_module
+from SFRSegmentLib.config import FinetuneConfig, preset
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sam.finetune import (
     RANDOM_INIT_MESSAGE,
-    FinetuneConfig,
     MosaicBatches,
     bezier_slices,
     build_base_sam,
@@ -42,7 +43,9 @@ SIZES = ((36, 40), (36, 40), (16, 18))
 
 
 def small_config(**overrides) -> FinetuneConfig:
-    return FinetuneConfig.small(**{"patch_size": PATCH, "iterations": 4, "checkpoint_every": 2, **overrides})
+    """The small preset's fine-tuning (small SAM, random initialisation), a few iterations on PATCH."""
+    return dataclasses.replace(preset("small").resolved().finetune,
+                               **{"patch_size": PATCH, "iterations": 4, "checkpoint_every": 2, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +279,7 @@ def test_preconditions_are_input_errors(cohort, tmp_path):
     with pytest.raises(InputError, match="bezier_p"):
         small_config(bezier_p=1.5)
     with pytest.raises(InputError, match="num_classes=2"):
-        finetune(cohort, RunFolder(tmp_path), FinetuneConfig.small(num_classes=2))
+        finetune(cohort, RunFolder(tmp_path), preset("small").resolved(n_classes=2).finetune)
     with pytest.raises(InputError, match="does not fit"):
         finetune(cohort, RunFolder(tmp_path), small_config(patch_size=(300, 300, 4)))
 
