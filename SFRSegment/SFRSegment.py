@@ -39,6 +39,7 @@ if importlib.util.find_spec("SFRSegmentLib") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the source tree: see the module docstring
 
 import SFRSegmentLib  # noqa: E402
+from SFRSegmentLib import choices  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
 from SFRSegmentLogicLib import dependencies, hardware, jobs, nodes  # noqa: E402
@@ -93,54 +94,20 @@ Ma et al. The module follows the 3D Slicer scripted-module template.
 #
 
 
-class Method(enum.Enum):
-    """How the V-Net is re-trained (values as the engine's configuration expects them)."""
-
-    SFR_MT = "sfr_mt"
-    SFR_UAMT = "sfr_uamt"
-    SFR_ACMT = "sfr_acmt"
-    SFR = "sfr"
-    MT = "mt"
-    UAMT = "uamt"
-    ACMT = "acmt"
-    SUPERVISED = "supervised"
-
-    def label(self) -> str:
-        return {
-            Method.SFR_MT: _("SFR + Mean Teacher"),
-            Method.SFR_UAMT: _("SFR + UA-MT"),
-            Method.SFR_ACMT: _("SFR + AC-MT"),
-            Method.SFR: _("SFR, labels and pseudo-labels only"),
-            Method.MT: _("Mean Teacher, without SAM"),
-            Method.UAMT: _("UA-MT, without SAM"),
-            Method.ACMT: _("AC-MT, without SAM"),
-            Method.SUPERVISED: _("Labeled volumes only, without SAM"),
-        }[self]
+def choiceEnum(name: str, values: Sequence[str], label: Callable[[str], str]) -> type:
+    """An enum of one of the engine's lists of choices (SFRSegmentLib.choices): members named by their values, which
+    are what the engine's configuration expects, each shown by ``label(value)``."""
+    choice = enum.Enum(name, [(value.upper(), value) for value in values], module=__name__)
+    choice.label = lambda self: label(self.value)
+    return choice
 
 
-class Device(enum.Enum):
-    AUTO = "auto"
-    CUDA = "cuda"
-    CPU = "cpu"
-
-    def label(self) -> str:
-        return {Device.AUTO: _("Automatic (GPU if there is one)"), Device.CUDA: _("GPU (CUDA)"),
-                Device.CPU: _("CPU (slow)")}[self]
-
-
-class Preset(enum.Enum):
-    """Where every "From preset" value comes from (SFRSegmentLib.config.preset)."""
-
-    PAPER = "paper"
-    CPU = "cpu"
-    SMALL = "small"
-
-    def label(self) -> str:
-        return {
-            Preset.PAPER: _("Paper (full size; needs a GPU)"),
-            Preset.CPU: _("CPU (real scans, no GPU; about 20 min)"),
-            Preset.SMALL: _("Small (quick tests and demos; not for real data)"),
-        }[self]
+Method = choiceEnum("Method", choices.METHODS, lambda value: _(choices.METHOD_TITLES[value]))
+"""How the V-Net is re-trained."""
+Device = choiceEnum("Device", choices.DEVICES, lambda value: _(choices.DEVICE_TITLES[value]))
+Preset = choiceEnum("Preset", choices.PRESETS, lambda value: "{title} ({description})".format(
+    title=_(choices.PRESET_TITLES[value]), description=_(choices.PRESET_DESCRIPTIONS[value])))
+"""Where every "From preset" value comes from (SFRSegmentLib.config.preset)."""
 
 
 @parameterNodeWrapper
@@ -160,7 +127,7 @@ class SFRSegmentParameterNode:
 
     excludedVolumes: list[vtkMRMLScalarVolumeNode]
     excludedSegments: list[str]
-    model: str = catalog.DEFAULT_MODEL_ID
+    model: str = choices.DEFAULT_MODEL_ID
     method: Method = Method.SFR_MT
     fineTuneIterations: Annotated[int, WithinRange(0, 1000000)] = 0
     retrainIterations: Annotated[int, WithinRange(0, 1000000)] = 0
@@ -572,19 +539,8 @@ class DownloadCancelled(Exception):
 
 
 def stageTitle(stage: str) -> str:
-    """The title of an engine stage (validate, then SFRSegmentLib.pipeline.STAGES); other stages show their name."""
-    return {
-        "validate": _("Checking the inputs"),
-        "estimate": _("Estimating the run time"),
-        "finetune": _("Fine-tuning SAM"),
-        "pseudolabel": _("Pseudo-labelling"),
-        "retrain": _("Re-training the V-Net"),
-        "sfrplus": _("SFR+ refinement"),
-        "baseline": _("Baseline training"),
-        "predict": _("Predicting"),
-        "evaluate": _("Evaluating"),
-        "report": _("Writing the report"),
-    }.get(stage, stage)
+    """The title of an engine stage (SFRSegmentLib.choices.STAGE_TITLES); other stages show their name."""
+    return _(choices.STAGE_TITLES[stage]) if stage in choices.STAGE_TITLES else stage
 
 
 def formatDuration(seconds: float) -> str:

@@ -27,9 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("reference", "strong")
-"""``reference``: the references' rot90 + flip only; ``strong``: that plus :func:`augment_crop`."""
-
 AFFINE_P = 0.7
 ROTATION_DEG = (5.0, 5.0, 20.0)
 """Largest rotation about array axes i, j and k (the slice axis)."""

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .atomic import WriteError
-from .choices import PRESETS
+from .choices import METHODS, PRESET_DESCRIPTIONS, PRESETS, STAGES
 from .errors import InputError
 from .progress import REPORTER_KINDS, Cancelled
 
@@ -23,7 +25,6 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 """A stage stopped on request (SIGINT/SIGTERM) after saving its checkpoint; rerunning resumes it."""
-PAPER_PATCH = (112, 112, 80)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -89,21 +90,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from .config_io import load_overrides, with_overrides
     from .data import discover_cohort
     from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
-    from .retrain import RetrainConfig, retrain
+    from .retrain import retrain
     from .runfolder import RunFolder
 
-    options = {"method": args.method, "iterations": args.iterations, "batch_labeled": args.batch_labeled,
-               "batch_unlabeled": args.batch_unlabeled, "lr": args.lr, "lr_schedule": args.lr_schedule,
-               "seed": args.seed, "checkpoint_every": args.checkpoint_every, "device": args.device,
-               "precision": args.precision, "patch_size": args.patch}
-    config = RetrainConfig()
-    if args.config:
-        config = with_overrides(config, load_overrides(args.config), args.config)
-    config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
+    config = _stage_config(args, "retrain")
     run = RunFolder(args.out)
     with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         weights = retrain(discover_cohort(args.cohort), run, config, progress=make_reporter(args.progress),
@@ -113,13 +106,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import InferenceConfig, load_vnet, predict_to_folder, resolve_device
+    from .inference import load_vnet, predict_to_folder, resolve_device
 
-    model, info = load_vnet(args.model, resolve_device(args.device))
-    config = InferenceConfig(patch_size=tuple(args.patch or info.patch_size), stride_xy=args.stride_xy,
-                             stride_z=args.stride_z, sw_batch_size=args.sw_batch_size,
-                             largest_component=args.largest_component, device=args.device,
-                             precision=args.precision)
+    config = _stage_config(args, "inference")
+    model, info = load_vnet(args.model, resolve_device(config.device))
     for path in predict_to_folder(model, info, args.images, args.out, config):
         print(f"wrote {path}")
     return 0
@@ -139,23 +129,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import preset
+    from .config import preset, starting_preset
     from .config_io import load_overrides, to_dict, with_overrides
     from .metrics import SPLIT_DESCRIPTIONS
     from .pipeline import mean_dice, run_pipeline, scored_split
     from .progress import Cancellation, make_reporter
 
-    config = preset(args.preset)
-    if args.config:
-        config = with_overrides(config, load_overrides(args.config), source=args.config)
-    given = (("device", args.device), ("truth_dir", args.truth and str(args.truth)),
-             ("estimate", False if args.no_estimate else None))
-    overrides = {k: v for k, v in given if v is not None}
-    config = with_overrides(config, overrides)
+    overrides = load_overrides(args.config) if args.config else {}
+    config = with_overrides(preset(starting_preset(args.preset, overrides, args.config)), overrides, args.config)
+    config = with_overrides(config, _given_options(args))
     if args.print_config:
         import json
 
-        print(json.dumps(to_dict(config), indent=2))
+        print(json.dumps(to_dict(config.resolved()), indent=2))
         return 0
     cancellation = Cancellation()
     with cancellation.on_signals():
@@ -172,16 +158,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .config import starting_preset
     from .config_io import load_overrides
     from .reproduce import RESULTS_CSV, RESULTS_MD, CellFailed, Protocol, grid, la_split, run_grid, write_table
 
     if not args.table_only:
         if args.data is None:
             raise InputError("--data (the LA folder) is required unless --table-only is given", field="data")
-        protocol = Protocol(la_split(args.data, args.test_list, args.dev_test), args.preset,
-                            load_overrides(args.config) if args.config else {}, args.unlabeled, args.config)
+        overrides = load_overrides(args.config) if args.config else {}
+        protocol = Protocol(la_split(args.data, args.test_list, args.dev_test),
+                            starting_preset(args.preset, overrides, args.config), overrides, args.unlabeled,
+                            args.config)
         try:
-            run_grid(protocol, grid(args.labeled, args.methods, args.seeds), args.out, args.device, args.progress)
+            run_grid(protocol, grid(args.labeled, args.methods, args.seeds), args.out,
+                     _given_options(args).get("device"), args.progress)
         except CellFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_status
@@ -191,29 +181,15 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .config_io import load_overrides, with_overrides
     from .data import discover_cohort
     from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .runfolder import RunFolder
-    from .sam.finetune import FinetuneConfig, finetune
+    from .sam.finetune import finetune
 
     cohort = discover_cohort(args.cohort)
-    preset = FinetuneConfig.small if args.preset == "small" else FinetuneConfig.paper
-    config = preset(len(cohort.classes))
-    if args.config:
-        config = with_overrides(config, load_overrides(args.config), args.config)
-    options = {"iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "patch_size": args.patch,
-               "seed": args.seed, "checkpoint_every": args.checkpoint_every, "device": args.device,
-               "bezier_p": args.bezier_p, "base_checkpoint": args.checkpoint}
-    given = {name: value for name, value in options.items() if value is not None}
-    if args.random_init:
-        given.update(base_checkpoint=None, allow_random_init=True)
-    if args.no_mosaic_rot_flip:
-        given["mosaic_rot_flip"] = False
-    if args.gradient_checkpointing:
-        given["sam"] = {"gradient_checkpointing": True}
-    config = with_overrides(config, given)
+    random_init = {"finetune": {"base_checkpoint": None, "allow_random_init": True}} if args.random_init else {}
+    config = _stage_config(args, "finetune", len(cohort.classes), random_init)
     run = RunFolder(args.out)
     with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         weights = finetune(cohort, run, config, make_reporter(args.progress), cancellation)
@@ -222,20 +198,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
-    from .config_io import load_overrides, with_overrides
     from .data import discover_cohort
     from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .runfolder import RunFolder
-    from .sam.pseudolabel import PseudoLabelConfig, pseudolabel
+    from .sam.pseudolabel import pseudolabel
 
     cohort = discover_cohort(args.cohort)
-    config = PseudoLabelConfig.small() if args.preset == "small" else PseudoLabelConfig()
-    if args.config:
-        config = with_overrides(config, load_overrides(args.config), args.config)
-    options = {"window": args.window, "overlap": args.overlap, "windows_per_batch": args.windows_per_batch,
-               "device": args.device, "redo": args.redo or None}
-    config = with_overrides(config, {name: value for name, value in options.items() if value is not None})
+    config = _stage_config(args, "pseudolabel")
     run = RunFolder(args.out)
     with Cancellation().on_signals() as cancellation, on_main_rank(run.exclusive()):
         table = pseudolabel(cohort, run, config, make_reporter(args.progress), cancellation)
@@ -243,6 +213,23 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
     print(f"wrote the pseudo-labels of {len(cohort.unlabeled)} cases to {run.pseudolabel_dir}", file=out)
     print(f"confidence (least confident first), {table}:\n{table.read_text(encoding='utf-8')}", end="", file=out)
     return 0
+
+
+def _stage_config(args: argparse.Namespace, section: str, n_classes: Optional[int] = None,
+                  overrides: Mapping[str, Any] = {}) -> Any:
+    """The ``section`` of the run configuration that a one-stage command runs with: ``--preset``'s, changed by the
+    ``--config`` file (the section's options), then by the flags given and ``overrides``, resolved as a run resolves
+    it (``n_classes``: the cohort's foreground classes). Its device is checked on this machine at once."""
+    from .config import preset
+    from .config_io import load_overrides, with_overrides
+    from .inference import resolve_device
+
+    config = preset(args.preset)
+    if args.config:
+        config = with_overrides(config, {section: load_overrides(args.config)}, args.config)
+    config = with_overrides(with_overrides(config, _given_options(args)), overrides)
+    resolve_device(config.device)
+    return getattr(config.resolved(n_classes), section)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path)
     p.add_argument("--label", type=Path, help="label map to overlay")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--patch", type=int, nargs=3, default=list(PAPER_PATCH), metavar=("H", "W", "D"),
-                   help="patch size in voxels (default: the paper's LA patch 112 112 80)")
-    p.add_argument("--canvas", type=int, default=1024, help="mosaic side in pixels (SAM's input size)")
+    patch, canvas = _paper_value("patch_size"), _paper_value("finetune.sam.image_size")
+    p.add_argument("--patch", type=int, nargs=3, default=list(patch), metavar=("H", "W", "D"),
+                   help=f"patch size in voxels (default: the paper's {_shown(patch)})")
+    p.add_argument("--canvas", type=int, default=canvas, help=f"mosaic side in pixels (default: SAM's {canvas})")
     p.set_defaults(func=_cmd_stitch_preview)
 
     p = sub.add_parser("cohort", help="discover a cohort and report its labeled and unlabeled cases")
@@ -285,21 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "predict, evaluate, report (resumes an interrupted run)")
     _add_cohort_option(p)
     p.add_argument("--out", type=Path, required=True, help="run folder (created; rerun to resume)")
-    p.add_argument("--preset", choices=PRESETS, default="paper",
-                   help="paper: the paper's settings (a GPU); cpu: real scans on a computer without a GPU (about 20 "
-                   "min for 20 volumes); small: toy size for tests and demos, not for real data")
+    _add_preset_option(p, "the configuration to start from (default: the one the --config file names, else "
+                          "paper)")
     p.add_argument("--config", type=Path, help="JSON file of option overrides, e.g. {\"retrain\": {\"method\": "
-                   "\"sfr_acmt\"}}")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--truth", type=Path, help="folder of true labels of the unlabeled cases, to evaluate against "
-                   "(transductive: their images are trained on)")
+                   "\"sfr_acmt\"}} (--print-config shows every option)")
+    _add_config_options(p, {"--device": "device", "--patch": "patch_size", "--truth": "truth_dir",
+                            "--estimate": "estimate"})
     _add_test_option(p)
     p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="jsonl: one JSON object per line on stdout (the Slicer module's protocol)")
-    p.add_argument("--redo", action="append", default=[], metavar="STAGE",
-                   help="delete this stage's outputs and those after it, then run (repeatable)")
-    p.add_argument("--no-estimate", action="store_true", help="skip timing a few steps of each stage to estimate "
-                   "the run time before training (the estimate warns when it exceeds estimate_warn_hours, default 3)")
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGES,
+                   help="delete this stage's outputs and those after it, then run (repeatable): %(choices)s")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.set_defaults(func=_cmd_run)
 
@@ -313,16 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "set instead (a development split; they leave the unlabeled pool)")
     p.add_argument("--labeled", type=int, nargs="+", default=[16], metavar="N",
                    help="labeled cases: the first N of train.list (several: 1 4 8 16; default 16)")
-    p.add_argument("--methods", nargs="+", default=["sfr_mt"], choices=_EngineChoices(_method_names),
-                   metavar="METHOD", help="re-training methods (several; default sfr_mt): %(choices)s")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1337], metavar="SEED",
-                   help="seeds of fine-tuning and re-training (several; default 1337)")
+    method = _paper_value("retrain.method")
+    p.add_argument("--methods", nargs="+", default=[method], choices=METHODS, metavar="METHOD",
+                   help=f"re-training methods (several; default {method}): %(choices)s")
+    seed = _paper_value("retrain.seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[seed], metavar="SEED",
+                   help=f"seeds of fine-tuning and re-training (several; default {seed})")
     p.add_argument("--unlabeled", type=int, metavar="N", help="cap the unlabeled pool at its first N cases")
-    p.add_argument("--preset", choices=PRESETS, default="paper",
-                   help="paper: exactly the paper's protocol (a GPU job); another preset runs the same protocol at "
-                   "its size, labelled as such in the table")
+    _add_preset_option(p, "paper (the default, unless the --config file names another) is exactly the paper's "
+                          "protocol, a GPU job; another preset runs the same protocol at its size, labelled as such in "
+                          "the table")
     p.add_argument("--config", type=Path, help="JSON file of option overrides for every cell, as in run")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    _add_config_options(p, {"--device": "device"})
     p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="the cells' progress, as in run (jsonl: JSON lines on stdout, the table on stderr)")
     p.add_argument("--table-only", action="store_true", help="run nothing: rebuild the table from the finished "
@@ -337,35 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "stopped run")
     _add_cohort_option(p)
     _add_run_folder_option(p, "(sfr* methods read its pseudolabels/; writes retrain/)")
-    p.add_argument("--method", help="supervised, mt, uamt, acmt, or sfr / sfr_mt / sfr_uamt / sfr_acmt (with the "
-                   "cached pseudo-labels; default sfr_mt, the paper's code)")
-    p.add_argument("--iterations", type=int, help="default: 6000")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("H", "W", "D"), help="default: 112 112 80")
-    p.add_argument("--batch-labeled", type=int, help="labeled crops per batch (default 2)")
-    p.add_argument("--batch-unlabeled", type=int, help="unlabeled crops per batch (default 2)")
-    p.add_argument("--lr", type=float, help="initial learning rate (default 0.01)")
-    p.add_argument("--lr-schedule", choices=("step", "poly"), help="default: step (x0.1 every 2500 iterations)")
-    p.add_argument("--seed", type=int, help="default: 1337")
-    p.add_argument("--checkpoint-every", type=int, help="default: 1000 iterations")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="default: auto (bf16 autocast on CUDA, float32 on the CPU)")
-    p.add_argument("--config", type=Path, help="JSON file of RetrainConfig options (the flags above win)")
-    _add_progress_option(p)
+    _add_stage_options(p, "retrain", {
+        "--method": "retrain.method", "--iterations": "retrain.iterations", "--patch": "retrain.patch_size",
+        "--batch-labeled": "retrain.batch_labeled", "--batch-unlabeled": "retrain.batch_unlabeled",
+        "--lr": "retrain.lr", "--lr-schedule": "retrain.lr_schedule", "--seed": "retrain.seed",
+        "--checkpoint-every": "retrain.checkpoint_every", "--device": "device", "--precision": "retrain.precision"})
     p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("predict", help="segment images with a trained V-Net (sliding window)")
     p.add_argument("--model", type=Path, required=True, help="run folder (its retrain/vnet.pt) or a vnet .pt file")
     p.add_argument("--images", type=Path, nargs="+", required=True, help="image files and/or cohort folders")
     p.add_argument("--out", type=Path, required=True, help="folder for <case>.seg.nrrd and <case>.nii.gz")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("H", "W", "D"), help="window (default: training patch)")
-    p.add_argument("--stride-xy", type=int, default=18, help="in-plane window stride (default 18)")
-    p.add_argument("--stride-z", type=int, default=4, help="slice-axis window stride (default 4)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
-    p.add_argument("--largest-component", action="store_true", help="keep each class's largest component")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32 reproduces the reference; bf16 is faster on recent CPUs and GPUs")
+    _add_stage_options(p, "inference", {
+        "--patch": "inference.patch_size", "--stride-xy": "inference.stride_xy", "--stride-z": "inference.stride_z",
+        "--sw-batch-size": "inference.sw_batch_size", "--largest-component": "inference.largest_component",
+        "--device": "device", "--precision": "inference.precision"}, progress=False)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD of predictions against truth, per case and class")
@@ -374,70 +346,150 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="CSV file to write")
     p.add_argument("--classes", type=int, nargs="+", help="class values to score (default: all found)")
     p.set_defaults(func=_cmd_evaluate)
+
     p = sub.add_parser("finetune", help="fine-tune SAM on the stitched labeled cases (stage F); resumes a stopped "
                        "run")
     _add_cohort_option(p)
     _add_run_folder_option(p, "(writes its finetune/)")
-    p.add_argument("--preset", choices=("paper", "small"), default="paper",
-                   help="paper: ViT-B 1024², patches 112 112 80, 6000 iterations, SAM checkpoint sam_vit_b (GPU); "
-                   "small: 256² CPU model, patches 64 64 16, 200 iterations, random initialisation (demo/test only)")
     base = p.add_mutually_exclusive_group()
-    base.add_argument("--checkpoint", help="base SAM checkpoint: catalog model id or .pth file (default: sam_vit_b "
-                      "for --preset paper)")
+    _add_config_options(base, {"--checkpoint": "finetune.base_checkpoint"})
     base.add_argument("--random-init", action="store_true", help="no SAM checkpoint: random weights (demo/test only)")
-    p.add_argument("--iterations", type=int, help="default: 6000 (paper), 200 (small)")
-    p.add_argument("--batch-size", type=int, help="patches per iteration (default 2)")
-    p.add_argument("--lr", type=float, help="initial AdamW learning rate, poly decay (default 0.001)")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("H", "W", "D"), help="patch size (default 112 112 80)")
-    p.add_argument("--bezier-p", type=float, help="per-slice Bézier intensity probability (default 0; the "
-                   "official code uses 0.5)")
-    p.add_argument("--no-mosaic-rot-flip", action="store_true", help="no rot90 + flip of the whole mosaic")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute encoder blocks in the backward "
-                   "pass (less memory, more time)")
-    p.add_argument("--seed", type=int, help="default: 1337")
-    p.add_argument("--checkpoint-every", type=int, help="iterations between resumable checkpoints (default 500)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
-    p.add_argument("--config", type=Path, help="JSON file of FinetuneConfig options (the flags above win)")
-    _add_progress_option(p)
+    _add_stage_options(p, "finetune", {
+        "--iterations": "finetune.iterations", "--batch-size": "finetune.batch_size", "--lr": "finetune.lr",
+        "--patch": "finetune.patch_size", "--bezier-p": "finetune.bezier_p",
+        "--mosaic-rot-flip": "finetune.mosaic_rot_flip",
+        "--gradient-checkpointing": "finetune.sam.gradient_checkpointing", "--seed": "finetune.seed",
+        "--checkpoint-every": "finetune.checkpoint_every", "--device": "device",
+        "--precision": "finetune.precision"})
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("pseudolabel", help="pseudo-label the unlabeled cases with the fine-tuned SAM (stage P), "
-                       "whole volumes by sliding windows; cached")
+                       "whole volumes by sliding windows of the patch SAM was fine-tuned on; cached")
     _add_cohort_option(p)
     _add_run_folder_option(p, "(reads its finetune/, writes pseudolabels/)")
-    p.add_argument("--preset", choices=("paper", "small"), default="paper",
-                   help="window size of the matching finetune preset (112 112 80 or 64 64 16)")
-    p.add_argument("--window", type=int, nargs=3, metavar=("H", "W", "D"), help="window size (the re-training "
-                   "patch size)")
-    p.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour (default 0.5)")
-    p.add_argument("--windows-per-batch", type=int, help="windows per SAM pass (default 2)")
-    p.add_argument("--redo", action="store_true", help="recompute cases whose pseudo-labels exist")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
-    p.add_argument("--config", type=Path, help="JSON file of PseudoLabelConfig options (the flags above win)")
-    _add_progress_option(p)
+    _add_stage_options(p, "pseudolabel", {
+        "--overlap": "pseudolabel.overlap", "--windows-per-batch": "pseudolabel.windows_per_batch",
+        "--redo": "pseudolabel.redo", "--device": "device", "--precision": "pseudolabel.precision"})
     p.set_defaults(func=_cmd_pseudolabel)
     return parser
 
 
-class _EngineChoices(Sequence[str]):
-    """Option choices from one of the engine's lists, read when an option is checked or help is shown: importing
-    where a list lives (the methods' registry, :mod:`SFRSegmentLib.ssl`) takes MONAI, about 2 s, which the other
-    commands need not pay."""
+# ---------------------------------------------------------------------------------------------------------------
+# Options of the configuration (SFRSegmentLib.config): their types, choices, help and defaults come from there
 
-    def __init__(self, load: Callable[[], Sequence[str]]) -> None:
-        self._load = load
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self._load()[index]
-
-    def __len__(self) -> int:
-        return len(self._load())
+_OPTION_DEST = "option:"
+"""The argparse destination of a configuration flag is this prefix and the field's dotted path in RunConfig."""
 
 
-def _method_names() -> Sequence[str]:
-    from .ssl import method_names
+def _add_config_options(parser: Any, flags: Mapping[str, str]) -> None:
+    """One flag per configuration field (flag → dotted path in :class:`~SFRSegmentLib.config.RunConfig`), typed,
+    checked and explained as the field is, showing each preset's value as its default. A flag not given leaves the
+    value to the preset and the ``--config`` file (:func:`_given_options`)."""
+    for flag, path in flags.items():
+        spec, hint = _config_field(path)
+        kwargs: Dict[str, Any] = {"dest": _OPTION_DEST + path, "default": None,
+                                  "help": f"{spec.metadata['help']} ({_preset_defaults(path)})".replace("%", "%%")}
+        if spec.metadata.get("choices"):
+            kwargs["choices"] = spec.metadata["choices"]
+        elif hint is not bool:
+            kwargs["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        if spec.metadata.get("device"):
+            kwargs.update(type=_device_name, metavar="DEVICE")
+        elif hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            kwargs.update(nargs=len(typing.get_args(hint)), type=item, metavar=("H", "W", "D") if item is int else None)
+        elif hint in (int, float):
+            kwargs["type"] = hint
+        parser.add_argument(flag, **kwargs)
 
-    return method_names()
+
+def _add_stage_options(parser: argparse.ArgumentParser, section: str, flags: Mapping[str, str],
+                       progress: bool = True) -> None:
+    """What a one-stage command shares: ``--preset``, ``--config`` (the ``section``'s options), the flags (which win
+    over both) and ``--progress``."""
+    _add_preset_option(parser, "the configuration whose values the options below start from")
+    parser.set_defaults(preset="paper")
+    parser.add_argument("--config", type=Path, help=f"JSON file of options of the run configuration's {section} "
+                        "section (--print-config of run shows them); the flags win")
+    _add_config_options(parser, flags)
+    if progress:
+        _add_progress_option(parser)
+
+
+def _given_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The configuration flags given on the command line, as nested overrides (``{"retrain": {"lr": 0.02}}``)."""
+    overrides: Dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(_OPTION_DEST) and value is not None:
+            *sections, name = dest[len(_OPTION_DEST):].split(".")
+            node = overrides
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
+    return overrides
+
+
+def _config_field(path: str) -> Tuple[dataclasses.Field, Any]:
+    """The dataclass field at ``path`` in RunConfig and its type, without ``Optional``."""
+    from .config import RunConfig
+
+    owner: Any = RunConfig
+    for name in path.split("."):
+        spec = {f.name: f for f in dataclasses.fields(owner)}[name]
+        hint = typing.get_type_hints(owner)[name]
+        owner = hint
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(arguments) == 1:
+        hint = arguments[0]
+    return spec, hint
+
+
+def _preset_defaults(path: str) -> str:
+    """Each preset's resolved value at ``path``: ``default X`` when they agree, else ``default: paper X, cpu Y,
+    small Z``."""
+    from .config import preset
+
+    values = {name: _shown(_value_at(preset(name).resolved(), path)) for name in PRESETS}
+    if len(set(values.values())) == 1:
+        return f"default {values['paper']}"
+    return "default: " + ", ".join(f"{name} {value}" for name, value in values.items())
+
+
+def _paper_value(path: str) -> Any:
+    from .config import preset
+
+    return _value_at(preset("paper").resolved(), path)
+
+
+def _value_at(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _device_name(text: str) -> str:
+    """A device name for argparse: its spelling is checked here, whether the machine has it where it is used."""
+    from .config import check_device
+
+    try:
+        return check_device(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_preset_option(parser: argparse.ArgumentParser, what: str) -> None:
+    described = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
+    parser.add_argument("--preset", choices=PRESETS, help=f"{what} ({described})")
 
 
 def _add_cohort_option(parser: argparse.ArgumentParser) -> None:

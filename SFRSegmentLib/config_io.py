@@ -11,7 +11,7 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Dict, Mapping, Optional, TypeVar, Union
 
 from .errors import InputError, PathLike
 
@@ -55,7 +55,7 @@ def with_overrides(config: T, overrides: Mapping[str, Any], source: Optional[Pat
     try:
         return dataclasses.replace(config, **changes)
     except InputError as exc:
-        raise InputError(str(exc), source, exc.field) from exc
+        raise InputError(str(exc), source, exc.field and f"{prefix}{exc.field}") from exc
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid value in {prefix.rstrip('.') or 'configuration'}: {exc}", source,
                          prefix.rstrip(".") or None) from exc

@@ -30,19 +30,19 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import InferenceConfig, PseudoLabelConfig, RetrainConfig, RunConfig
 from .data import Case, Cohort
 from .distributed import any_rank, ranks
-from .inference import InferenceConfig, resolve_device, sliding_window_probabilities, window_starts
+from .inference import resolve_device, sliding_window_probabilities, window_starts
 from .io import Volume, read_volume
 from .progress import Progress, ProgressEvent, ignore_progress
 from .provenance import Inputs
 from .resample import working_shape
-from .retrain import RetrainConfig, Trainer, TrainingCase, draw_batch, trained_vnet_info
+from .retrain import Trainer, TrainingCase, draw_batch, trained_vnet_info
 from .sam.finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
 from .sam.lora import merge_lora
 from .sam.model import SFRSam
-from .sam.pseudolabel import PseudoLabelConfig, predict_probabilities
+from .sam.pseudolabel import predict_probabilities
 
 STAGE = "estimate"
 LONG_STEP_S = 10.0
@@ -127,7 +127,7 @@ def estimate_run(cohort: Cohort, config: RunConfig, work: Sequence[StageWork],
                  progress: Progress = ignore_progress) -> RunEstimate:
     """Time the kinds of step ``work`` needs on the run's device, report the estimate to ``progress`` and return it.
 
-    ``config`` is the run's configuration after :meth:`RunConfig.for_cohort`. The events have stage ``estimate``:
+    ``config`` is the run's resolved configuration (:meth:`RunConfig.resolved`). The events have stage ``estimate``:
     one per stage with work left, then the total (``eta_s`` = the total in seconds) and, when the total exceeds
     ``config.estimate_warn_hours``, a ``warning`` event that says what to do.
     """
@@ -177,9 +177,10 @@ def format_duration(seconds: float) -> str:
 # Counting
 
 
-def pseudolabel_passes(shape: Sequence[int], config: PseudoLabelConfig) -> int:
-    """SAM passes stage P makes on a volume of ``shape``: its sliding windows in batches of ``windows_per_batch``."""
-    return _batches(_window_count(shape, config.window, pseudolabel_intervals(config)), config.windows_per_batch)
+def pseudolabel_passes(shape: Sequence[int], window: Sequence[int], config: PseudoLabelConfig) -> int:
+    """SAM passes stage P makes on a volume of ``shape`` with SAM's ``window`` (its fine-tuning patch): its sliding
+    windows in batches of ``windows_per_batch``."""
+    return _batches(_window_count(shape, window, pseudolabel_intervals(window, config)), config.windows_per_batch)
 
 
 def prediction_passes(shape: Sequence[int], config: InferenceConfig) -> int:
@@ -187,10 +188,15 @@ def prediction_passes(shape: Sequence[int], config: InferenceConfig) -> int:
     return _batches(_window_count(shape, config.patch_size, config.strides), config.sw_batch_size)
 
 
-def pseudolabel_intervals(config: PseudoLabelConfig) -> Shape:
+def pseudolabel_intervals(window: Sequence[int], config: PseudoLabelConfig) -> Shape:
     """The window step of stage P along each axis: MONAI's scan interval ``int(window·(1 − overlap))``, at least 1.
     (MONAI uses the window size on an axis exactly as long as the window, where there is one window either way.)"""
-    return tuple(max(int(size * (1 - config.overlap)), 1) for size in config.window)
+    return tuple(max(int(size * (1 - config.overlap)), 1) for size in window)
+
+
+def _prediction_settings(config: RunConfig) -> InferenceConfig:
+    """The run's prediction settings with the window set: ``inference.patch_size``, or the V-Net's training patch."""
+    return config.inference.for_model(config.retrain.patch_size)
 
 
 def _window_count(shape: Sequence[int], window: Sequence[int], steps: Sequence[int]) -> int:
@@ -223,7 +229,8 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
         if stage.finetune_iterations:
             items.append(WorkItem("fine-tuning iterations", stage.finetune_iterations, times.finetune_iteration))
         if stage.pseudolabel_cases:
-            passes = sum(pseudolabel_passes(volume(case).shape, config.pseudolabel) for case in stage.pseudolabel_cases)
+            passes = sum(pseudolabel_passes(volume(case).shape, config.finetune.patch_size, config.pseudolabel)
+                         for case in stage.pseudolabel_cases)
             passes = _batches(passes, processes)
             items.append(WorkItem(f"SAM passes of {config.pseudolabel.windows_per_batch} windows "
                                   f"({len(stage.pseudolabel_cases)} cases)", passes, times.pseudolabel_pass))
@@ -231,7 +238,7 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
             method = stage.retrain.method
             items.append(WorkItem(f"{method} iterations", stage.retrain_iterations, times.retrain_iteration[method]))
         if stage.predict_cases:
-            passes = sum(prediction_passes(working(case), config.inference) for case in stage.predict_cases)
+            passes = sum(prediction_passes(working(case), _prediction_settings(config)) for case in stage.predict_cases)
             passes = _batches(passes, processes)
             items.append(WorkItem(f"V-Net passes of {config.inference.sw_batch_size} windows "
                                   f"({len(stage.predict_cases)} cases)", passes, times.predict_pass))
@@ -317,10 +324,10 @@ def _time_finetune(sam: SFRSam, config: RunConfig, device: torch.device) -> floa
 
 def _time_pseudolabel(sam: SFRSam, config: RunConfig, device: torch.device) -> float:
     """One SAM pass of stage P: its sliding window over a volume that holds exactly one batch of windows."""
-    settings = config.pseudolabel
+    settings, window = config.pseudolabel, config.finetune.patch_size
     model = merge_lora(sam).eval()
-    layout = training_layout(settings.window, model.config, config.finetune.depth_padding)
-    shape = _one_batch_shape(settings.window, pseudolabel_intervals(settings), settings.windows_per_batch)
+    layout = training_layout(window, model.config, config.finetune.depth_padding)
+    shape = _one_batch_shape(window, pseudolabel_intervals(window, settings), settings.windows_per_batch)
     volume, _ = _synthetic_case(shape)
     return seconds_per_step(lambda: predict_probabilities(model, volume, layout, settings.overlap,
                                                           settings.windows_per_batch, settings.precision),
@@ -343,7 +350,7 @@ def _time_retrain(settings: RetrainConfig, cohort: Cohort, device: torch.device)
 
 def _time_prediction(config: RunConfig, cohort: Cohort, device: torch.device) -> float:
     """One V-Net pass of the reference sliding window, over a volume that holds exactly one batch of windows."""
-    settings = config.inference
+    settings = _prediction_settings(config)
     model = trained_vnet_info(config.retrain, cohort.classes).build_model()
     shape = _one_batch_shape(settings.patch_size, settings.strides, settings.sw_batch_size)
     volume, _ = _synthetic_case(shape)

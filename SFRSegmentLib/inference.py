@@ -31,10 +31,11 @@ Model files: :func:`save_vnet` writes the weights with everything needed to rebu
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from .atomic import atomic_path, atomic_write_text
+from .choices import PRECISIONS
+from .config import InferenceConfig, check_device
 from .config_io import to_dict
 from .data import Case, discover_cohort, zscore
 from .distributed import map_cases
@@ -51,51 +54,11 @@ from .progress import Progress, ProgressEvent, ignore_progress
 from .resample import to_native_grid, to_working_grid
 from .runfolder import RunFolder
 from .validation import check_image
-from .vnet import INPUT_MULTIPLE, VNet, fold_batchnorm
+from .vnet import VNet, fold_batchnorm
 
 MODEL_FORMAT = "sfrsegment-vnet/1"
 PREDICTION_SUFFIXES = (".seg.nrrd", ".nii.gz")
 """Every prediction is written as a Slicer segmentation and as NIfTI."""
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """Sliding-window settings; the defaults are the reference LA ones (patch 112×112×80, stride 18/18/4)."""
-
-    patch_size: Tuple[int, int, int] = (112, 112, 80)
-    stride_xy: int = 18
-    """Stride along the two in-plane axes (i, j)."""
-    stride_z: int = 4
-    """Stride along the slice axis (k)."""
-    sw_batch_size: int = 4
-    """Windows per forward pass (memory vs. speed; the result does not depend on it)."""
-    largest_component: bool = False
-    """Keep only the largest connected component of each class (off, as in SFR's evaluation)."""
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """``fp32`` reproduces the reference; ``bf16`` autocast is several times faster on recent CPUs and GPUs."""
-
-    def __post_init__(self) -> None:
-        patch = tuple(int(p) for p in self.patch_size)
-        if len(patch) != 3 or any(p < 1 or p % INPUT_MULTIPLE for p in patch):
-            raise InputError(f"patch_size needs 3 positive multiples of {INPUT_MULTIPLE} (the V-Net's input rule), "
-                             f"got {self.patch_size}", field="patch_size")
-        for name, stride, limit in (("stride_xy", self.stride_xy, min(patch[:2])), ("stride_z", self.stride_z,
-                                                                                  patch[2])):
-            if not 1 <= stride <= limit:
-                raise InputError(f"{name} must lie between 1 and the patch size {limit} (windows must overlap or "
-                                 f"touch), got {stride}", field=name)
-        if self.sw_batch_size < 1:
-            raise InputError(f"sw_batch_size must be at least 1, got {self.sw_batch_size}", field="sw_batch_size")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}", field="device")
-        if self.precision not in ("fp32", "bf16"):
-            raise InputError(f"precision must be fp32 or bf16, got {self.precision!r}", field="precision")
-
-    @property
-    def strides(self) -> Tuple[int, int, int]:
-        return (self.stride_xy, self.stride_xy, self.stride_z)
 
 
 @dataclass(frozen=True)
@@ -124,15 +87,12 @@ class VNetInfo:
                     normalization=self.normalization, has_dropout=True)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-"""``auto``: bf16 autocast on CUDA, float32 elsewhere; ``fp32``: float32 everywhere; ``bf16``: bf16 autocast on any
-device (fast on CPUs with AMX/AVX512-BF16; logits differ from float32 by about 1e-3)."""
-
 MEMORY_FORMAT = torch.channels_last_3d
 """Models and their inputs run channels-last: the same numbers (to float rounding), faster convolutions on CPU
 (oneDNN) and with bf16."""
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is about twice as fast as
     float32 for the V-Net; elsewhere it is emulated and slower."""
@@ -140,22 +100,30 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager:
-    """The context the V-Net's forward passes run in: bf16 autocast or nothing (see :data:`PRECISIONS`). The one
-    place where the engine's V-Net precision is decided."""
+    """The context the networks' forward passes run in: bf16 autocast or nothing (see
+    :data:`~SFRSegmentLib.choices.PRECISIONS`). The one place where the engine's precision is decided."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", field="precision")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    bf16 = {"bf16": True, "fp32": False, "auto": device.type == "cuda",
+            "bf16_if_native": device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())}[precision]
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an InputError."""
+    """The device ``name`` (:func:`SFRSegmentLib.config.check_device`) on this machine: ``auto`` is CUDA when
+    available, else the CPU; ``cuda`` or ``cuda:N`` without CUDA (or without GPU N) is an InputError that says so."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for but no CUDA GPU is available", field="device")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name} was asked for, but CUDA is not available on this machine (no CUDA GPU, "
+                             "or a torch without CUDA); use device auto or cpu", field="device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {name} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"GPU(s), numbered from 0", field="device")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,7 +231,7 @@ def keep_largest_components(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return kept
 
 
-def predict_volume(model: torch.nn.Module, image: Volume, config: InferenceConfig = InferenceConfig(),
+def predict_volume(model: torch.nn.Module, image: Volume, config: InferenceConfig,
                    classes: Optional[Mapping[int, str]] = None,
                    spacing: Optional[Tuple[float, float, float]] = None) -> Tuple[Volume, np.ndarray]:
     """The label map (uint8 class values, on the image's grid, with segments) and the class probabilities
@@ -324,7 +292,8 @@ def predict_cases(model: torch.nn.Module, info: VNetInfo, cases: Sequence[Case],
                   on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     """Predict the images of cohort cases and write ``<case.name>.seg.nrrd`` (segments named and coloured by the
     model's classes) and ``<case.name>.nii.gz`` into ``out_dir``, calling ``on_written(case.name)`` after each
-    case's files. Returns the files written.
+    case's files. Returns the files written. The window is ``config.patch_size``, or when that is None the patch the
+    model was trained on (``info.patch_size``).
 
     Under torchrun the processes share the cases and rank 0 writes every file (the list is empty elsewhere).
     """
@@ -336,6 +305,7 @@ def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, 
                    config: InferenceConfig, progress: Progress,
                    on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     written: List[Path] = []
+    config = config.for_model(info.patch_size)
 
     def predict(name: str) -> Volume:
         image = read_volume(images[name])

@@ -33,7 +33,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .atomic import atomic_write_text
-from .config import RunConfig
+from .choices import STAGES
+from .config import RetrainConfig, RunConfig, parse_method
 from .config_io import to_dict
 from .data import Case, Cohort, discover_cohort, validate_cohort
 from .errors import InputError, PathLike
@@ -46,15 +47,13 @@ from .metrics import (SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT, evaluate_
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
 from .provenance import (MISSING, Inputs, case_files, file_digest, forget, identity_of, read_record,
                          stale_reason, write_record)
-from .retrain import RetrainConfig, retrain, retrain_inputs
+from .retrain import retrain, retrain_inputs
 from .runfolder import RunFolder
 from .sam.finetune import finetune, finetune_inputs, resolve_base_checkpoint
 from .sam.pseudolabel import case_inputs, pseudolabel
 from .sam.weights import available_offline
-from .ssl import parse_method
 from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 
-STAGES = ("finetune", "pseudolabel", "retrain", "sfrplus", "baseline", "predict", "evaluate", "report")
 BASELINE_FOLDER = "baseline"
 
 # What to lower when a stage runs out of GPU memory.
@@ -81,7 +80,7 @@ class PipelineResult:
     baseline_metrics: Optional[Path]
     report: Path
     config: RunConfig
-    """The configuration the run used (after :meth:`RunConfig.for_cohort` and a missing SAM's fallback)."""
+    """The configuration the run used (after :meth:`RunConfig.resolved` and a missing SAM's fallback)."""
 
 
 Truths = Mapping[str, Mapping[str, Path]]
@@ -95,7 +94,9 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
 
     ``test`` is a folder (or manifest) of held-out labeled cases, added to those a manifest ``cohort_path`` lists
     under ``"test"`` (:func:`SFRSegmentLib.data.discover_cohort`): never trained on, predicted and scored at the end.
+    ``config`` is resolved here (:meth:`RunConfig.resolved`); its device is checked first, before any input is read.
     """
+    resolve_device(config.device)  # a device this machine lacks stops the run now, not after validation
     run = RunFolder(out)
     clock = StageClock()
     cohort = discover_cohort(cohort_path, test=test)
@@ -106,7 +107,7 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
         raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
                          cohort.root)
     truths = _truths(cohort, config)  # a missing true label stops the run now, not after training
-    config = _without_missing_sam(config.for_cohort(cohort), progress)
+    config = _without_missing_sam(config.resolved(len(cohort.classes)), progress)
     if config.preset == "small":
         _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
                                    "--preset cpu without a GPU, --preset paper with one")

@@ -7,10 +7,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .config import PATCH_SIZE
 from .data import center_crop_start, crop, pad_to_shape, zscore
 from .errors import PathLike
 from .io import read_volume
-from .stitching import mosaic_layout, render_mosaic, save_png, stitch_image, stitch_label
+from .stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, save_png, stitch_image, stitch_label
 from .validation import check_image, check_label
 
 
@@ -24,8 +25,8 @@ def write_stitch_preview(
     image_path: PathLike,
     out: PathLike,
     label_path: Optional[PathLike] = None,
-    patch: Tuple[int, int, int] = (112, 112, 80),
-    canvas: int = 1024,
+    patch: Tuple[int, int, int] = PATCH_SIZE,
+    canvas: int = DEFAULT_CANVAS,
 ) -> Path:
     """Read, validate and z-score a volume, stitch its central patch as SFR does and write the mosaic(s) as a PNG.
 

@@ -38,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .atomic import atomic_write_text
+from .config import PATCH_SIZE
 from .data import Cohort, center_crop_start, crop, load_case, pad_to_shape, zscore
 from .io import SEGMENTATION_SUFFIX, read_volume
 from .metrics import (CSV_COLUMNS, METRIC_NAMES, SPLIT_COLUMN, SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT,
@@ -48,8 +49,6 @@ from .stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, stitch_imag
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATCH = (112, 112, 80)
-"""Patch size of the mosaic picture when ``config.json`` gives none (the paper's)."""
 STEP_COLUMN = "iteration"
 """The x axis of a training curve; a log without it is plotted against its first column."""
 TRUTH_OUTLINE_RGB = (255, 220, 0)
@@ -245,7 +244,7 @@ def _mosaic_figure(run: RunFolder, cohort: Cohort) -> str:
     if not cohort.labeled:
         return _note("The cohort has no labeled case.")
     finetune = (_read_json(run.config) or {}).get("finetune", {})
-    patch = tuple(int(s) for s in finetune.get("patch_size", DEFAULT_PATCH))
+    patch = tuple(int(s) for s in finetune.get("patch_size") or PATCH_SIZE)
     canvas = int(finetune.get("sam", {}).get("image_size", DEFAULT_CANVAS))
     layout = mosaic_layout(patch, canvas, finetune.get("depth_padding", "centre"))
     case = cohort.labeled[0]

@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 from .atomic import atomic_write_text
+from .choices import METHODS
+from .config import parse_method
 from .data import IMAGE_STEM, LABEL_STEM
 from .errors import InputError, PathLike
 from .metrics import SPLIT_COLUMN, TEST_SPLIT
@@ -446,8 +448,6 @@ def _read_metrics(path: Path) -> List[Dict[str, str]]:
 
 def _simplified_stitching(config: Mapping[str, Any], method: str) -> bool:
     """Whether every patch the cell used is 96³ (the paper's simplified stitching, Table VI)."""
-    from .ssl import parse_method
-
     patches = [config["retrain"]["patch_size"]] + ([config["finetune"]["patch_size"]] if parse_method(method)[1]
                                                     else [])
     return all(tuple(p) == SIMPLIFIED_PATCH for p in patches)
@@ -462,9 +462,7 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
 def collect_rows(out: Path) -> List[Tuple[Mapping[str, Any], List[Row]]]:
     """Every finished cell in ``out``, grouped by protocol, then into rows by (labeled N, method) in the order of
     N and of the engine's method list."""
-    from .ssl import method_names
-
-    order = {name: i for i, name in enumerate(method_names())}
+    order = {name: i for i, name in enumerate(METHODS)}
     protocols: Dict[str, Tuple[Mapping[str, Any], Dict[Tuple[int, str], List[CellResult]]]] = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         cell = read_cell(folder)

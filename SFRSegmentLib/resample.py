@@ -16,28 +16,14 @@ voxel whose centre is nearest).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .config import Spacing
 from .io import Volume
-
-Spacing = Tuple[float, float, float]
-
-
-def check_spacing(spacing: Optional[Sequence[float]], field: str) -> Optional[Spacing]:
-    """``spacing`` as three positive millimetre values (or None: each volume's own grid); InputError naming
-    ``field`` otherwise."""
-    if spacing is None:
-        return None
-    values = tuple(float(s) for s in spacing)
-    if len(values) != 3 or not all(s > 0 for s in values):
-        raise InputError(f"{field} needs 3 positive voxel sizes in mm (or null for each image's own grid), got "
-                         f"{list(spacing)}", field=field)
-    return values
 
 
 def working_shape(volume: Volume, spacing: Spacing) -> Tuple[int, int, int]:

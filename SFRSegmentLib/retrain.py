@@ -12,10 +12,12 @@ The loop follows the reference recipe (SFR's ``train_retraining.py``, UA-MT's LA
   run folder. The official code runs SAM on every crop instead; the result is the same kind of target, without a
   SAM forward per iteration (see ``benchmarks/bench_retrain.py``).
 * **Loss** = ½(CE + Dice) on the labeled crops + the method's terms (:mod:`SFRSegmentLib.ssl`), minimised by SGD
-  (lr 0.01, momentum 0.9, weight decay 1e-4), lr ×0.1 every 2,500 iterations (``step``) or (1 − it/T)^0.9
-  (``poly``), for 6,000 iterations; seed 1337.
+  (lr 0.01, momentum 0.9, weight decay 1e-4), lr ×0.1 every 2,500 iterations (``step``) for 6,000 iterations, or,
+  as AC-MT's own script schedules ``acmt`` and ``sfr_acmt``, (1 − it/T)^0.9 (``poly``) for 8,000
+  (:func:`SFRSegmentLib.config.method_recipe`); seed 1337.
 * **Device**: ``auto`` picks CUDA when present, where forwards run under bf16 autocast (losses in float32) with
-  ``cudnn.benchmark``; the CPU runs in float32 unless ``precision="bf16"``. Networks and batches are channels-last.
+  ``cudnn.benchmark``; the CPU runs in float32 unless ``precision`` is ``bf16`` (or ``bf16_if_native`` on a CPU
+  with native bf16). Networks and batches are channels-last.
 
 Run-folder outputs (:class:`SFRSegmentLib.runfolder.RunFolder`): ``retrain/checkpoint.pt`` every
 ``checkpoint_every`` iterations, at a cancellation and at the end (student, method state such as the teacher,
@@ -30,114 +32,34 @@ changed (:mod:`SFRSegmentLib.provenance`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .augment import AUGMENTATIONS, augment_crop
+from .augment import augment_crop
 from .checkpoint import load_checkpoint, reuse_trained, save_checkpoint
+from .config import RetrainConfig
 from .config_io import to_dict
 from .data import Case, Cohort, load_case, sample_patch, zscore
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
                           rank_slice, ranks)
 from .errors import InputError
-from .inference import (MEMORY_FORMAT, PRECISIONS, VNetInfo, autocast_context, resolve_device, save_vnet,
-                        vnet_info_path)
+from .inference import MEMORY_FORMAT, VNetInfo, autocast_context, resolve_device, save_vnet, vnet_info_path
 from .io import read_volume
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from .provenance import Inputs, case_files, identity_of, write_record
-from .resample import check_spacing, to_working_grid
+from .resample import to_working_grid
 from .runfolder import RunFolder
-from .ssl import SSLConfig, Step, build_method, learns_from_unlabeled, parse_method, segmentation_loss
+from .ssl import Step, build_method, learns_from_unlabeled, segmentation_loss
 from .validation import check_same_geometry
-from .vnet import INPUT_MULTIPLE, NORMALIZATIONS
 
 STAGE = "retrain"
 EXECUTION_ONLY = ("checkpoint_every", "device")
 """Options that do not change the trained V-Net (they may change between an interrupted run and its resumption)."""
-
-
-@dataclass(frozen=True)
-class RetrainConfig:
-    """Every option of stage R; the defaults are the reference recipe (module docstring)."""
-
-    method: str = "sfr_mt"
-    """A name from :func:`SFRSegmentLib.ssl.method_names` (supervised, mt, uamt, acmt, sfr, sfr_mt, ...)."""
-    iterations: int = 6000
-    patch_size: Tuple[int, int, int] = (112, 112, 80)
-    batch_labeled: int = 2
-    batch_unlabeled: int = 2
-    """Unlabeled crops per batch; methods that use no unlabeled data (``supervised``) draw none."""
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_schedule: Literal["step", "poly"] = "step"
-    lr_step: int = 2500
-    lr_gamma: float = 0.1
-    """``step``: lr · lr_gamma^(iteration // lr_step)."""
-    lr_power: float = 0.9
-    """``poly``: lr · (1 − iteration / iterations)^lr_power."""
-    seed: int = 1337
-    rot_flip: bool = True
-    """The reference 3D rot90 + flip augmentation (LA, BraTS); off for the multi-organ recipes."""
-    augmentation: str = "reference"
-    """``reference``: rot_flip alone; ``strong``: also random affine and intensity changes per crop
-    (:mod:`SFRSegmentLib.augment`), for very few labeled volumes and short schedules."""
-    n_filters: int = 16
-    normalization: str = "batchnorm"
-    spacing: Optional[Tuple[float, float, float]] = None
-    """Working voxel size in mm: every volume (and its label or pseudo-label) is resampled to it before training,
-    and the model file records it so that prediction resamples the same way and returns labels on each image's own
-    grid (:mod:`SFRSegmentLib.resample`). None trains on each volume's own grid, as the references do."""
-    checkpoint_every: int = 1000
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 autocast on CUDA, float32 on the CPU; ``bf16`` also on the CPU (fast with AMX/AVX512-BF16)."""
-    ssl: SSLConfig = field(default_factory=SSLConfig)
-
-    def __post_init__(self) -> None:
-        parse_method(self.method)
-        positive = ("iterations", "batch_labeled", "lr_step", "n_filters", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
-        if self.batch_unlabeled < 0:
-            raise InputError(f"batch_unlabeled must be at least 0, got {self.batch_unlabeled}", field="batch_unlabeled")
-        if len(self.patch_size) != 3 or any(p < 1 or p % INPUT_MULTIPLE for p in self.patch_size):
-            raise InputError(f"patch_size needs 3 positive multiples of {INPUT_MULTIPLE} (the V-Net's input rule), "
-                             f"got {self.patch_size}", field="patch_size")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-                             field="precision")
-        if self.lr_schedule not in ("step", "poly"):
-            raise InputError(f"lr_schedule must be step or poly, got {self.lr_schedule!r}", field="lr_schedule")
-        if self.normalization not in NORMALIZATIONS:
-            raise InputError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}",
-                             field="normalization")
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "lr_power"):
-            if not getattr(self, name) >= 0:
-                raise InputError(f"{name} must be at least 0, got {getattr(self, name)}", field=name)
-        object.__setattr__(self, "spacing", check_spacing(self.spacing, "spacing"))
-        if self.augmentation not in AUGMENTATIONS:
-            raise InputError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}",
-                             field="augmentation")
-
-    @classmethod
-    def method_recipe(cls, method: str, **overrides: Any) -> "RetrainConfig":
-        """The configuration of ``method``'s own published LA script: the defaults (SFR / UA-MT: step lr, 6,000
-        iterations) except for AC-MT (``acmt``, ``sfr_acmt``), whose script uses poly lr for 8,000 iterations."""
-        recipe: Dict[str, Any] = {"method": method}
-        if parse_method(method)[0] == "acmt":
-            recipe.update(lr_schedule="poly", iterations=8000)
-        return cls(**{**recipe, **overrides})
-
-    @property
-    def uses_pseudo_labels(self) -> bool:
-        return parse_method(self.method)[1]
 
 
 def trained_vnet_info(config: RetrainConfig, classes: Mapping[int, str]) -> VNetInfo:
@@ -398,10 +320,10 @@ class Trainer:
         self.iteration = int(state["iteration"])
 
 
-def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig = RetrainConfig(),
-            pseudo_labels: Optional[Mapping[str, Path]] = None, progress: Progress = ignore_progress,
-            cancellation: Optional[Cancellation] = None) -> Path:
+def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels: Optional[Mapping[str, Path]] = None,
+            progress: Progress = ignore_progress, cancellation: Optional[Cancellation] = None) -> Path:
     """Run (or resume) stage R on ``cohort`` into ``run``; returns the path of the trained V-Net (``vnet.pt``).
+    ``config`` is a resolved section (patch and schedule set, :meth:`SFRSegmentLib.config.RunConfig.resolved`).
 
     ``pseudo_labels`` maps unlabeled case names to label files; by default an ``sfr*`` method takes the run
     folder's cached pseudo-label of every unlabeled case (InputError naming a missing one). Unlabeled cases absent

@@ -3,8 +3,8 @@
 The paper (docs/sfr-method.md §5) defines the confidence of unlabeled volume j as the mean over its voxels of the
 largest softmax probability of the re-trained model, C_j = (1/N_v) Σ_v max_c p_c(v), and splits at τ = 0.985:
 volumes with C_j ≥ τ ("confident") further fine-tune SAM, the others ("uncertain") get SAM pseudo-labels in
-re-training. It leaves the rest open; :class:`SFRPlusConfig` makes each open choice an option, with the spec's
-suggested minimal reading as the default:
+re-training. It leaves the rest open; :class:`~SFRSegmentLib.config.SFRPlusConfig` makes each open choice an
+option, with the spec's suggested minimal reading as the default:
 
 1. C_j on the whole volume (the reference sliding window, :mod:`SFRSegmentLib.inference`), over all voxels;
 2. SAM is fine-tuned again, continuing from the previous fine-tuned weights, on the labeled volumes plus the
@@ -32,15 +32,16 @@ import io as text_io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Literal, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from .atomic import atomic_write_text
+from .config import InferenceConfig, SFRPlusConfig
 from .data import Case, Cohort
 from .distributed import broadcast_from_main, map_cases, ranks
 from .errors import InputError
-from .inference import InferenceConfig, load_vnet, predict_volume, resolve_device
+from .inference import load_vnet, predict_volume, resolve_device
 from .io import Volume, read_volume, write_volume
 from .progress import Progress, ProgressEvent, ignore_progress
 from .runfolder import RunFolder
@@ -50,39 +51,6 @@ ROUNDS_FOLDER = "sfrplus"
 CONFIDENCE_FILE = "confidence.csv"
 VNET_LABELS_FOLDER = "vnet_labels"
 ROUND_RECORD = "round.json"
-
-
-@dataclass(frozen=True)
-class SFRPlusConfig:
-    """The open choices of SFR+ (module docstring); defaults = the spec's suggested minimal reading."""
-
-    threshold: float = 0.985
-    """τ: volumes with confidence ≥ τ are confident."""
-    rounds: int = 1
-    """Alternation rounds run by :func:`run_sfrplus`."""
-    confidence_voxels: Literal["all", "foreground"] = "all"
-    """``all``: C_j over every voxel (the paper's Eq. 8, background included); ``foreground``: over the voxels
-    predicted as a foreground class (0 when there is none)."""
-    confident_label_source: Literal["vnet", "sam"] = "vnet"
-    """Labels of the confident volumes for fine-tuning: the V-Net's argmax, or the SFR run's SAM pseudo-label."""
-    sam_start: Literal["continue", "restart"] = "continue"
-    """Fine-tune from the previous fine-tuned SAM weights, or from the base SAM checkpoint again."""
-    confident_in_retraining: Literal["ssl_only", "pseudo_label", "labeled", "excluded"] = "ssl_only"
-    """The confident volumes in re-training: unlabeled with SSL terms only; unlabeled with their confident label
-    as pseudo-label; labeled with it; or left out."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 1:
-            raise InputError(f"threshold must lie in [0, 1], got {self.threshold}", field="threshold")
-        if self.rounds < 1:
-            raise InputError(f"rounds must be at least 1, got {self.rounds}", field="rounds")
-        choices = {"confidence_voxels": ("all", "foreground"), "confident_label_source": ("vnet", "sam"),
-                   "sam_start": ("continue", "restart"),
-                   "confident_in_retraining": ("ssl_only", "pseudo_label", "labeled", "excluded")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
-                                 field=name)
 
 
 class FinetuneFn(Protocol):
@@ -169,7 +137,7 @@ def _score_volumes(run: RunFolder, round_index: int, cases: Sequence[Case], conf
     share the cases and the result is on rank 0 only (empty elsewhere)."""
     device = resolve_device(inference.device if inference else "auto")
     model, info = load_vnet(round_folder(run, round_index - 1).vnet_weights, device)
-    inference = inference or InferenceConfig(patch_size=info.patch_size)
+    inference = (inference or InferenceConfig()).for_model(info.patch_size)
     scored: Dict[str, Tuple[float, Volume]] = {}
 
     def score(case: Case) -> Tuple[float, Volume]:

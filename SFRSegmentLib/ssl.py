@@ -3,8 +3,10 @@
 Each method turns one training step (the student's logits on a two-stream batch, labeled samples first) into its
 extra loss terms; the training loop (:mod:`SFRSegmentLib.retrain`) adds the supervised term ½(CE + Dice) on the
 labeled samples, sums everything, steps the optimiser and then calls :meth:`SSLMethod.after_step`. Adding a method is
-one new :class:`SSLMethod` subclass registered by name with :func:`register_method`; its SFR variant
-(``sfr_<name>``) comes for free, because the SFR term is an add-on (:class:`WithPseudoLabels`) around any method.
+its name in :data:`SFRSegmentLib.choices.BASE_METHODS` (the list the configuration, the command line and the Slicer
+module offer) and one new :class:`SSLMethod` subclass registered under it with :func:`register_method`; its SFR
+variant (``sfr_<name>``) comes for free, because the SFR term is an add-on (:class:`WithPseudoLabels`) around any
+method.
 
 Methods and the reference each one follows (the LA scripts; ``it`` is the 0-based iteration):
 
@@ -18,8 +20,9 @@ Methods and the reference each one follows (the LA scripts; ``it`` is the 0-base
   r = sigmoid ramp over all iterations; masked mean Σ(mask·d) / (C·Σmask + 1e-16).
 * ``acmt`` (AC-MT, entropy strategy, ``train_ACMT_Ent_3D.py``): the teacher sees the noisy unlabeled samples; the
   mask keeps the *ambiguous* voxels, where the student's normalised entropy H / ln C ≥ 0.75 + (0.95 − 0.75)·r(it);
-  consistency on the unlabeled samples only, same masked mean and weight as above. (Its script also trains for
-  8,000 iterations with poly lr: :meth:`SFRSegmentLib.retrain.RetrainConfig.method_recipe`.)
+  consistency on the unlabeled samples only, same masked mean and weight as above. Its script also trains for
+  8,000 iterations with a poly learning rate, which a run applies to ``acmt`` and ``sfr_acmt`` unless
+  ``retrain.iterations`` or ``retrain.lr_schedule`` is set (:func:`SFRSegmentLib.config.method_recipe`).
 * ``sfr`` and ``sfr_<method>``: the method plus the SFR term ½(CE + Dice) of the student on the unlabeled samples
   against their cached pseudo-labels, weight 1.0 (SFR's Eq. 7, constant as in the official code). Samples without
   a pseudo-label (SFR+ confident volumes) are left out of the term. ``sfr`` alone is self-training.
@@ -46,10 +49,8 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from .errors import InputError
-
-SFR_PREFIX = "sfr"
-"""``sfr`` is self-training (supervised + pseudo-labels); ``sfr_<method>`` is ``<method>`` plus pseudo-labels."""
+from .choices import BASE_METHODS
+from .config import SSLConfig, parse_method
 
 DICE_SMOOTH = 1e-10
 """ε of the official soft Dice (SFR's ``losses.DiceLoss``), numerator and denominator."""
@@ -59,46 +60,6 @@ ENTROPY_EPS = 1e-6
 
 MASKED_MEAN_EPS = 1e-16
 """Added to the denominator of a masked consistency mean, as the references do (an empty mask gives 0)."""
-
-
-@dataclass(frozen=True)
-class SSLConfig:
-    """The semi-supervised hyper-parameters; defaults are the LA recipes of the references (module docstring)."""
-
-    consistency: float = 0.1
-    """Final weight of the consistency term."""
-    consistency_rampup: float = 40.0
-    """Length of the sigmoid ramp-up of the consistency weight, in "epochs" of ``rampup_epoch_iterations``."""
-    rampup_epoch_iterations: int = 150
-    """Iterations per ramp-up "epoch" (the references ramp on ``iteration // 150``)."""
-    ema_decay: float = 0.99
-    """Upper bound of the teacher's EMA decay min(1 − 1/(it + 1), decay)."""
-    teacher_noise_std: float = 0.1
-    teacher_noise_clip: float = 0.2
-    """Teacher input noise: clamp(N(0, std²), −clip, +clip)."""
-    uamt_passes: int = 8
-    """UA-MT: noisy teacher passes T for the uncertainty (even: T/2 forwards of the batch repeated twice)."""
-    uamt_threshold_start: float = 0.75
-    uamt_threshold_end: float = 1.0
-    """UA-MT: certain voxels have entropy < (start + (end − start)·ramp)·ln C."""
-    acmt_threshold_start: float = 0.75
-    acmt_threshold_end: float = 0.95
-    """AC-MT: ambiguous voxels have normalised entropy ≥ start + (end − start)·ramp."""
-    pseudo_label_weight: float = 1.0
-    """Weight of the SFR pseudo-label term ½(CE + Dice) (constant, as in the official code)."""
-
-    def __post_init__(self) -> None:
-        for name in ("consistency", "consistency_rampup", "teacher_noise_std", "teacher_noise_clip",
-                     "pseudo_label_weight"):
-            if not getattr(self, name) >= 0:
-                raise InputError(f"{name} must be at least 0, got {getattr(self, name)}", field=name)
-        if self.rampup_epoch_iterations < 1:
-            raise InputError(f"rampup_epoch_iterations must be at least 1, got {self.rampup_epoch_iterations}",
-                             field="rampup_epoch_iterations")
-        if not 0 <= self.ema_decay <= 1:
-            raise InputError(f"ema_decay must lie in [0, 1], got {self.ema_decay}", field="ema_decay")
-        if self.uamt_passes < 2 or self.uamt_passes % 2:
-            raise InputError(f"uamt_passes must be even and at least 2, got {self.uamt_passes}", field="uamt_passes")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,34 +203,16 @@ _METHODS: Dict[str, Type[SSLMethod]] = {}
 
 
 def register_method(name: str) -> Callable[[Type[SSLMethod]], Type[SSLMethod]]:
-    """Class decorator: make a method available under ``name`` (and its SFR variant under ``sfr_<name>``)."""
-    if not name or name.startswith(SFR_PREFIX):
-        raise ValueError(f"method names must be non-empty and must not start with {SFR_PREFIX!r}: {name!r}")
+    """Class decorator: make the method ``name`` of :data:`~SFRSegmentLib.choices.BASE_METHODS` (and so its SFR
+    variant ``sfr_<name>``) this class."""
+    if name not in BASE_METHODS:
+        raise ValueError(f"method {name!r} is not in SFRSegmentLib.choices.BASE_METHODS (add it there)")
 
     def register(cls: Type[SSLMethod]) -> Type[SSLMethod]:
         _METHODS[name] = cls
         return cls
 
     return register
-
-
-def method_names() -> List[str]:
-    """Every method name :func:`build_method` accepts: each registered method and its ``sfr`` variant."""
-    names = list(_METHODS)
-    return names + [SFR_PREFIX] + [f"{SFR_PREFIX}_{n}" for n in names if n != "supervised"]
-
-
-def parse_method(name: str) -> Tuple[str, bool]:
-    """(registered base method, whether the SFR pseudo-label term is added) for a method name."""
-    if name == SFR_PREFIX:
-        base, with_pseudo_labels = "supervised", True
-    elif name.startswith(SFR_PREFIX + "_"):
-        base, with_pseudo_labels = name[len(SFR_PREFIX) + 1:], True
-    else:
-        base, with_pseudo_labels = name, False
-    if base not in _METHODS or name == f"{SFR_PREFIX}_supervised":
-        raise InputError(f"unknown method {name!r}; expected one of {', '.join(method_names())}", field="method")
-    return base, with_pseudo_labels
 
 
 def learns_from_unlabeled(name: str) -> bool:

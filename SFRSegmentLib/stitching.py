@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path
+from .choices import DEPTH_PADDINGS
 from .errors import PathLike
 from .io import default_segments
 
@@ -59,9 +60,6 @@ IGNORE_LABEL = 255
 
 DEFAULT_CANVAS = 1024
 """Side of SAM's native input image."""
-
-DEPTH_PADDINGS = ("centre", "end")
-"""Where the empty tiles of a mosaic go: split around the slices (official code) or all after them (paper)."""
 
 NON_SLICE_GREY = (48, 48, 48)
 """RGB of rendered gutters and empty tiles: dark enough to show the grid, distinct from black tissue."""

@@ -38,11 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
-"""Normalisations the reference offers after every convolution."""
-
-INPUT_MULTIPLE = 16
-"""Every spatial size of the input must be a multiple of this (2 ** number of downsamplings)."""
+from .choices import NORMALIZATIONS
+from .config import INPUT_MULTIPLE
 
 GROUPNORM_GROUPS = 16
 """Groups of the reference's GroupNorm; every width (multiples of n_filters) must be divisible by it."""

@@ -10,26 +10,28 @@ the student and teacher after re-training, and the names of the cases it pseudo-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from SFRSegmentLib.config import PseudoLabelConfig, RetrainConfig, preset
 from SFRSegmentLib.data import discover_cohort
 from SFRSegmentLib.distributed import process_group
-from SFRSegmentLib.retrain import RetrainConfig, Trainer, retrain
+from SFRSegmentLib.retrain import Trainer, retrain
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sam import pseudolabel as pseudolabel_module
 from SFRSegmentLib.sam import finetune as finetune_module
-from SFRSegmentLib.sam.finetune import FinetuneConfig, finetune
+from SFRSegmentLib.sam.finetune import finetune
 from SFRSegmentLib.sam.lora import trainable_state_dict
-from SFRSegmentLib.sam.pseudolabel import PseudoLabelConfig, pseudolabel
+from SFRSegmentLib.sam.pseudolabel import pseudolabel
 
 FINETUNE = dict(patch_size=(32, 32, 16), iterations=3, checkpoint_every=2, device="cpu")
-PSEUDOLABEL = dict(window=(32, 32, 16), device="cpu")
-RETRAIN = dict(method="sfr_mt", iterations=3, patch_size=(16, 16, 16), batch_labeled=1, batch_unlabeled=1,
-               n_filters=4, checkpoint_every=2, device="cpu")
+PSEUDOLABEL = dict(device="cpu")
+RETRAIN = dict(method="sfr_mt", iterations=3, lr_schedule="step", patch_size=(16, 16, 16), batch_labeled=1,
+               batch_unlabeled=1, n_filters=4, checkpoint_every=2, device="cpu")
 
 
 def main(cohort_dir: str, out_dir: str, finetune_batch: int) -> None:
@@ -41,7 +43,8 @@ def main(cohort_dir: str, out_dir: str, finetune_batch: int) -> None:
         run = RunFolder(out / "run")
 
         finetunings = keep_instances(finetune_module._Training)
-        finetune(cohort, run, FinetuneConfig.small(batch_size=finetune_batch, **FINETUNE))
+        small = preset("small").resolved(len(cohort.classes)).finetune
+        finetune(cohort, run, dataclasses.replace(small, batch_size=finetune_batch, **FINETUNE))
         torch.save(trainable_state_dict(finetunings[0].model), mine / "sam_trainable.pt")
 
         labelled_here = []

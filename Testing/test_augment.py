@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from SFRSegmentLib import augment
+from SFRSegmentLib.choices import AUGMENTATIONS
+from SFRSegmentLib.config import RetrainConfig
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.retrain import RetrainConfig, TrainingCase, TwoStreamSampler, draw_batch
+from SFRSegmentLib.retrain import TrainingCase, TwoStreamSampler, draw_batch
 
 
 class _Fixed:
@@ -53,12 +55,12 @@ def test_strong_augmentation_changes_batches_but_not_their_shapes():
     case = TrainingCase("a", rng.normal(size=(40, 40, 20)).astype(np.float32),
                         (rng.random((40, 40, 20)) > 0.5).astype(np.uint8))
     batches = {}
-    for kind in augment.AUGMENTATIONS:
+    for kind in AUGMENTATIONS:
         config = RetrainConfig(method="supervised", patch_size=(32, 32, 16), augmentation=kind)
         sampler = TwoStreamSampler(1, 0, 2, 0)
         batches[kind] = draw_batch([case], [], sampler, np.random.default_rng(3), config, False, torch.device("cpu"))
     reference, strong = batches["reference"], batches["strong"]
     assert strong.images.shape == reference.images.shape == (2, 1, 32, 32, 16)
     assert strong.labels.shape == reference.labels.shape and not torch.equal(strong.images, reference.images)
-    with pytest.raises(InputError, match="augmentation must be one of"):
+    with pytest.raises(InputError, match="unknown augmentation .heavy.; expected one of reference, strong"):
         RetrainConfig(augmentation="heavy")

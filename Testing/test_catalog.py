@@ -14,9 +14,10 @@ from typing import Any, Dict
 
 import pytest
 
+from SFRSegmentLib.choices import DEFAULT_MODEL_ID, SAM_ARCHITECTURES
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.sam import catalog
-from SFRSegmentLib.sam.catalog import DEFAULT_MODEL_ID, FIELD_NAMES, ModelEntry, get_model, load_catalog
+from SFRSegmentLib.sam.catalog import FIELD_NAMES, ModelEntry, get_model, load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "Resources" / "Models.json"
@@ -150,7 +151,7 @@ def test_schema_states_the_same_rules_as_the_code() -> None:
     model = schema["$defs"]["model"]
     assert tuple(model["required"]) == FIELD_NAMES == tuple(model["properties"])
     assert model["additionalProperties"] is False and schema["additionalProperties"] is False
-    assert tuple(model["properties"]["architecture"]["enum"]) == catalog.ARCHITECTURES
+    assert tuple(model["properties"]["architecture"]["enum"]) == SAM_ARCHITECTURES
     assert model["properties"]["id"]["pattern"] == catalog.ID_PATTERN
     assert model["properties"]["filename"]["pattern"] == catalog.FILENAME_PATTERN
     assert model["properties"]["sha256"]["oneOf"][0]["pattern"] == catalog.SHA256_PATTERN

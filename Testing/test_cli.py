@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from SFRSegmentLib.io import Segment, Volume, read_volume, write_volume
@@ -127,3 +128,64 @@ def test_no_option_is_taken_by_torchrun():
     assert len(commands) >= 10 and len(ours) > 50
     taken = sorted((name, s) for name, s in ours if any(t.startswith(s) for t in theirs))
     assert taken == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options: one configuration behind every command
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["run", "retrain"])
+def test_a_cuda_device_without_cuda_stops_at_once_saying_so(tmp_path, command):
+    result = run_cli(command, "--cohort", tmp_path / "not-read", "--out", tmp_path / "run", "--preset", "small",
+                     "--device", "cuda:0")
+    assert result.returncode == 2, result.stderr
+    assert "CUDA is not available on this machine" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was read or written before the check
+    result = run_cli(command, "--cohort", tmp_path, "--out", tmp_path / "run", "--device", "gpu")
+    assert result.returncode == 2 and "cuda:N" in result.stderr
+
+
+def test_run_prints_what_really_runs(tmp_path):
+    config = tmp_path / "acmt.json"
+    config.write_text(json.dumps({"preset": "small", "retrain": {"method": "sfr_acmt"}}))
+    result = run_cli("run", "--cohort", tmp_path, "--out", tmp_path / "run", "--config", config, "--patch", 32, 32,
+                     16, "--device", "cuda:1", "--print-config")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["preset"] == "small" and printed["patch_size"] == [32, 32, 16]  # the file's preset, --patch
+    assert printed["finetune"]["patch_size"] == printed["retrain"]["patch_size"] == [32, 32, 16]
+    assert printed["finetune"]["iterations"] == 150 and printed["retrain"]["iterations"] == 200  # small's
+    assert printed["retrain"]["lr_schedule"] == "poly"  # AC-MT's own schedule, where the preset sets none
+    assert {printed[section]["device"] for section in ("finetune", "pseudolabel", "retrain", "inference")} == \
+        {"cuda:1"}
+    result = run_cli("run", "--cohort", tmp_path, "--out", tmp_path / "run", "--config", config, "--preset", "cpu",
+                     "--print-config")
+    assert result.returncode == 2 and "preset is 'small' here but --preset says 'cpu'" in result.stderr
+
+
+@pytest.mark.parametrize("preset_name", ["paper", "cpu", "small"])
+def test_one_stage_commands_start_from_the_same_presets_as_run(preset_name, tmp_path):
+    from SFRSegmentLib.cli import _stage_config, build_parser
+    from SFRSegmentLib.config import preset
+
+    resolved = preset(preset_name).resolved(n_classes=1)
+    common = ["--cohort", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", preset_name]
+    for command, section in (("finetune", "finetune"), ("pseudolabel", "pseudolabel"), ("retrain", "retrain")):
+        args = build_parser().parse_args([command, *common])
+        assert _stage_config(args, section, n_classes=1) == getattr(resolved, section), command
+    args = build_parser().parse_args(["predict", "--model", "m", "--images", "i", "--out", "o", "--preset",
+                                      preset_name])
+    assert _stage_config(args, "inference") == resolved.inference
+    args = build_parser().parse_args(["retrain", *common, "--lr", "0.02", "--patch", "32", "32", "16"])
+    changed = _stage_config(args, "retrain")
+    assert (changed.lr, changed.patch_size) == (0.02, (32, 32, 16))
+
+
+def test_flags_show_the_presets_values_from_the_configuration():
+    result = run_cli("finetune", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "(default: paper 112 112 80, cpu 64 64 16, small 48 48 16)" in text  # --patch
+    assert "(default: paper 6000, cpu 100, small 150)" in text  # --iterations
+    assert "{auto,fp32,bf16,bf16_if_native}" in text

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from SFRSegmentLib.choices import PRESETS
-from SFRSegmentLib.config import CPU_SPACING, preset
-from SFRSegmentLib.inference import InferenceConfig, VNetInfo, load_vnet, predict_volume, save_vnet
+from SFRSegmentLib.config import CPU_SPACING, InferenceConfig, preset
+from SFRSegmentLib.inference import VNetInfo, load_vnet, predict_volume, save_vnet
 from SFRSegmentLib.io import Volume, read_volume
 from SFRSegmentLib.pipeline import _without_missing_sam
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"retrain": {"iterations": 3, "patch_size": [32, 32, 16], "checkpoint_every": 3},
-        "inference": {"patch_size": [32, 32, 16], "stride_xy": 16, "stride_z": 8}}
+TINY = {"patch_size": [32, 32, 16], "retrain": {"iterations": 3, "checkpoint_every": 3},
+        "inference": {"stride_xy": 16, "stride_z": 8}}
 
 
 def test_cpu_preset_is_listed_and_trains_at_a_working_spacing():

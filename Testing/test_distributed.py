@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from SFRSegmentLib.data import discover_cohort
+from SFRSegmentLib.config import RetrainConfig
 from SFRSegmentLib.provenance import read_record
-from SFRSegmentLib.retrain import RetrainConfig, retrain
+from SFRSegmentLib.retrain import retrain
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
@@ -133,11 +134,10 @@ def test_torchrun_runs_the_whole_pipeline_with_one_voice(cohort, tmp_path):
     outputs, predictions of every unlabeled case."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
-        "finetune": {"iterations": 2, "patch_size": [32, 32, 16], "checkpoint_every": 2},
-        "pseudolabel": {"window": [32, 32, 16]},
-        "retrain": {"iterations": 2, "patch_size": [32, 32, 16], "batch_labeled": 1, "batch_unlabeled": 1,
-                    "checkpoint_every": 2},
-        "inference": {"patch_size": [32, 32, 16], "stride_xy": 16, "stride_z": 8},
+        "patch_size": [32, 32, 16],
+        "finetune": {"iterations": 2, "checkpoint_every": 2},
+        "retrain": {"iterations": 2, "batch_labeled": 1, "batch_unlabeled": 1, "checkpoint_every": 2},
+        "inference": {"stride_xy": 16, "stride_z": 8},
         "baseline_method": None, "estimate": False,
     }))
     out = tmp_path / "run"

@@ -44,7 +44,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
 def small_config(cohort: Cohort, **overrides: object) -> RunConfig:
     config = with_overrides(preset("small"), {"device": "cpu", "finetune": {"iterations": 7},
                                               "retrain": {"iterations": 13}, **overrides})
-    return config.for_cohort(cohort)
+    return config.resolved(len(cohort.classes))
 
 
 def monai_calls(case: Case, roi: Sequence[int], overlap: object, batch_size: int) -> int:
@@ -70,10 +70,11 @@ def test_each_stage_is_its_counts_times_the_seconds_per_step(cohort):
     stages = estimate_stages(remaining_work(cohort, RunFolder("/nonexistent/run"), config), TIMES, config)
 
     unlabeled = cohort.unlabeled
-    sam_passes = sum(monai_calls(case, config.pseudolabel.window, config.pseudolabel.overlap,
+    sam_passes = sum(monai_calls(case, config.finetune.patch_size, config.pseudolabel.overlap,
                                  config.pseudolabel.windows_per_batch) for case in unlabeled)
-    vnet_passes = sum(monai_calls(case, config.inference.patch_size, monai_overlap(config.inference),
-                                  config.inference.sw_batch_size) for case in unlabeled)
+    window = config.inference.for_model(config.retrain.patch_size)  # the V-Net's training patch
+    vnet_passes = sum(monai_calls(case, window.patch_size, monai_overlap(window), window.sw_batch_size)
+                      for case in unlabeled)
     assert sam_passes > len(unlabeled) and vnet_passes > len(unlabeled)  # several windows per case
     expected = {
         "finetune": [(7, 2.0)],
@@ -103,8 +104,9 @@ def test_held_out_test_cases_count_in_prediction_only(cohort, tmp_path):
     assert work["pseudolabel"].pseudolabel_cases == unlabeled == work["sfrplus"].pseudolabel_cases
     assert work["sfrplus"].predict_cases == unlabeled
     stages = {stage.stage: stage for stage in estimate_stages(list(work.values()), TIMES, config)}
-    vnet_passes = sum(monai_calls(case, config.inference.patch_size, monai_overlap(config.inference),
-                                  config.inference.sw_batch_size) for case in predicted)
+    window = config.inference.for_model(config.retrain.patch_size)
+    vnet_passes = sum(monai_calls(case, window.patch_size, monai_overlap(window), window.sw_batch_size)
+                      for case in predicted)
     assert [(item.count, item.seconds_each) for item in stages["predict"].items] == [(vnet_passes, 11.0)]
 
 

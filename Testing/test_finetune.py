@@ -4,6 +4,7 @@ resuming, the preconditions, and the ``finetune`` command."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -18,13 +19,13 @@ import pytest
 import torch
 
 import SFRSegmentLib.sam.finetune as finetune_module
+from SFRSegmentLib.config import FinetuneConfig, preset
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
 from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sam.finetune import (
     RANDOM_INIT_MESSAGE,
-    FinetuneConfig,
     MosaicBatches,
     bezier_slices,
     build_base_sam,
@@ -44,7 +45,9 @@ SIZES = ((36, 40), (36, 40), (16, 18))
 
 
 def small_config(**overrides) -> FinetuneConfig:
-    return FinetuneConfig.small(**{"patch_size": PATCH, "iterations": 4, "checkpoint_every": 2, **overrides})
+    """The small preset's fine-tuning (small SAM, random initialisation), a few iterations on PATCH."""
+    return dataclasses.replace(preset("small").resolved().finetune,
+                               **{"patch_size": PATCH, "iterations": 4, "checkpoint_every": 2, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +282,6 @@ def test_init_weights_start_from_an_earlier_fine_tuning(trained, cohort, tmp_pat
     finetune(cohort, warm, small_config(iterations=1, lr=1e-12, init_weights=str(run.sam_weights)))
     before, after = load_weights(run.sam_weights), load_weights(warm.sam_weights)
     assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-6) for k in before)
-    info = json.loads(warm.sam_weights_info.read_text())
     upstream = read_record(warm.sam_weights)["inputs"]["upstream"]
     assert upstream == {"SAM weights fine-tuning continues from": read_record(run.sam_weights)["id"]}
     with pytest.raises(InputError, match="another base checkpoint"):
@@ -293,7 +295,7 @@ def test_preconditions_are_input_errors(cohort, tmp_path):
     with pytest.raises(InputError, match="bezier_p"):
         small_config(bezier_p=1.5)
     with pytest.raises(InputError, match="num_classes=2"):
-        finetune(cohort, RunFolder(tmp_path), FinetuneConfig.small(num_classes=2))
+        finetune(cohort, RunFolder(tmp_path), preset("small").resolved(n_classes=2).finetune)
     with pytest.raises(InputError, match="does not fit"):
         finetune(cohort, RunFolder(tmp_path), small_config(patch_size=(300, 300, 4)))
 

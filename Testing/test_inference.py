@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from SFRSegmentLib.config import InferenceConfig
 from SFRSegmentLib.data import zscore
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.inference import (
-    InferenceConfig,
     VNetInfo,
     keep_largest_components,
     load_vnet,
@@ -263,3 +263,11 @@ def test_cli_predict_and_evaluate(tmp_path: Path) -> None:
 
     result = cli("predict", "--model", str(tmp_path / "nowhere"), "--images", *unlabeled, "--out", str(tmp_path))
     assert result.returncode == 2 and "no trained V-Net" in result.stderr
+    # The window is the model's training patch (32×32×16 here), which the small preset's strides 32/8 still fit;
+    # an explicit --patch replaces it and must suit the strides.
+    result = cli("predict", "--model", str(tmp_path / "run"), "--images", unlabeled[0], "--out",
+                 str(tmp_path / "pred2"), "--preset", "small", "--patch", "16", "16", "16", "--device", "cpu")
+    assert result.returncode == 2 and "stride_xy 32 is larger than the window 16×16×16 (patch_size)" in result.stderr
+    result = cli("predict", "--model", str(tmp_path / "run"), "--images", unlabeled[0], "--out",
+                 str(tmp_path / "pred2"), "--preset", "small", "--device", "cpu")
+    assert result.returncode == 0, result.stderr

@@ -3,6 +3,7 @@ check (a SAM fine-tuned to near-perfection on a volume reproduces its truth), an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -15,18 +16,20 @@ import torch
 from torch import nn
 
 import SFRSegmentLib.sam.pseudolabel as pseudolabel_module
+from SFRSegmentLib.config import PseudoLabelConfig, preset
 from SFRSegmentLib.data import discover_cohort
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.io import read_volume
 from SFRSegmentLib.progress import Cancellation, Cancelled
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.finetune import FinetuneConfig, finetune
-from SFRSegmentLib.sam.pseudolabel import PseudoLabelConfig, predict_probabilities, pseudolabel, volume_confidence
+from SFRSegmentLib.sam.finetune import finetune, training_layout
+from SFRSegmentLib.sam.pseudolabel import predict_probabilities, pseudolabel, volume_confidence
 from SFRSegmentLib.stitching import mosaic_layout
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = (32, 32, 16)
+SMALL = preset("small").resolved(n_classes=2)
 SPACING = (0.8, 0.8, 3.2)
 
 
@@ -61,8 +64,8 @@ def labeled_run(tmp_path_factory):
     cohort = make_synthetic_cohort(root / "cohort", n_cases=4, n_labeled=2, n_classes=2, spacing=SPACING,
                                    size_range=((36, 44), (36, 44), (16, 20)))
     run = RunFolder(root / "run")
-    finetune(cohort, run, FinetuneConfig.small(num_classes=2, patch_size=PATCH, iterations=2))
-    pseudolabel(cohort, run, PseudoLabelConfig.small(window=PATCH))
+    finetune(cohort, run, dataclasses.replace(SMALL.finetune, patch_size=PATCH, iterations=2))
+    pseudolabel(cohort, run, SMALL.pseudolabel)
     return cohort, run
 
 
@@ -94,6 +97,21 @@ def test_confidence_table_is_sorted_and_matches_the_stored_probabilities(labeled
         assert confidence == pytest.approx(volume_confidence(np.load(run.pseudo_probabilities(name))), abs=1e-6)
 
 
+def test_the_windows_are_the_patch_and_canvas_sam_was_fine_tuned_on(labeled_run, monkeypatch, tmp_path):
+    cohort, run = labeled_run
+    other = RunFolder(tmp_path)
+    shutil.copytree(run.finetune_dir, other.finetune_dir)
+    layouts = []
+
+    def recording(patch_size, sam, depth_padding):
+        layouts.append((tuple(patch_size), sam.image_size, depth_padding))
+        return training_layout(patch_size, sam, depth_padding)
+
+    monkeypatch.setattr(pseudolabel_module, "training_layout", recording)
+    pseudolabel(cohort, other, SMALL.pseudolabel, cases=cohort.unlabeled[:1])
+    assert layouts == [(PATCH, SMALL.finetune.sam.image_size, "centre")]  # not the preset's 48×48×16
+
+
 def test_a_second_call_does_no_work_and_redo_recomputes(labeled_run, monkeypatch):
     cohort, run = labeled_run
     files = sorted(run.pseudolabel_dir.iterdir())
@@ -105,10 +123,10 @@ def test_a_second_call_does_no_work_and_redo_recomputes(labeled_run, monkeypatch
     with monkeypatch.context() as patch:
         patch.setattr(pseudolabel_module, "load_finetuned_sam", must_not_load)
         events = []
-        pseudolabel(cohort, run, PseudoLabelConfig.small(window=PATCH), events.append)
+        pseudolabel(cohort, run, SMALL.pseudolabel, events.append)
     assert sorted(run.pseudolabel_dir.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps
     assert [e.message for e in events] == ["case_002: cached", "case_003: cached"]
-    pseudolabel(cohort, run, PseudoLabelConfig.small(window=PATCH, redo=True), cases=cohort.unlabeled[:1])
+    pseudolabel(cohort, run, dataclasses.replace(SMALL.pseudolabel, redo=True), cases=cohort.unlabeled[:1])
     assert run.pseudo_label("case_002").stat().st_mtime_ns != stamps[files.index(run.pseudo_label("case_002"))]
     assert run.pseudo_label("case_003").stat().st_mtime_ns == stamps[files.index(run.pseudo_label("case_003"))]
 
@@ -120,14 +138,14 @@ def test_cancellation_writes_nothing_for_the_case_in_progress(labeled_run, tmp_p
     cancellation = Cancellation()
     cancellation.request()
     with pytest.raises(Cancelled):
-        pseudolabel(cohort, other, PseudoLabelConfig.small(window=PATCH), cancellation=cancellation)
+        pseudolabel(cohort, other, SMALL.pseudolabel, cancellation=cancellation)
     assert not other.pseudolabel_dir.exists() or not any(other.pseudolabel_dir.glob("case_*"))
 
 
 def test_pseudolabel_needs_a_fine_tuned_sam(labeled_run, tmp_path):
     cohort, _ = labeled_run
     with pytest.raises(InputError, match="run the finetune stage first"):
-        pseudolabel(cohort, RunFolder(tmp_path), PseudoLabelConfig.small(window=PATCH))
+        pseudolabel(cohort, RunFolder(tmp_path), SMALL.pseudolabel)
     with pytest.raises(InputError, match="overlap"):
         PseudoLabelConfig(overlap=1.0)
 
@@ -145,10 +163,11 @@ def test_overfit_sam_reproduces_the_truth_through_stitch_sam_unstitch_and_overla
             shutil.copy(source.cases[0].image.parent / file, cohort_root / name / file)
     cohort = discover_cohort(cohort_root)
     run = RunFolder(tmp_path / "run")
-    config = FinetuneConfig.small(patch_size=PATCH, iterations=300, lr=3e-3, rot_flip=False, mosaic_rot_flip=False,
-                                  checkpoint_every=300)
+    small = preset("small").resolved(n_classes=1)
+    config = dataclasses.replace(small.finetune, patch_size=PATCH, iterations=300, lr=3e-3, rot_flip=False,
+                                 mosaic_rot_flip=False, checkpoint_every=300)
     finetune(cohort, run, config)
-    pseudolabel(cohort, run, PseudoLabelConfig.small(window=PATCH, overlap=0.5))
+    pseudolabel(cohort, run, dataclasses.replace(small.pseudolabel, overlap=0.5))
     predicted = read_volume(run.pseudo_label("same_unlabeled")).array == 1
     expected = read_volume(truth).array == 1
     dice = 2 * np.sum(predicted & expected) / (predicted.sum() + expected.sum())
@@ -168,7 +187,7 @@ def test_cli_finetune_then_pseudolabel(tmp_path):
     common = ("--cohort", cohort.root, "--out", tmp_path / "run", "--preset", "small", "--progress", "none")
     result = run_cli("finetune", *common, "--iterations", 1, "--patch", *PATCH)
     assert result.returncode == 0, result.stderr
-    result = run_cli("pseudolabel", *common, "--window", *PATCH, "--overlap", 0.25)
+    result = run_cli("pseudolabel", *common, "--overlap", 0.25)
     assert result.returncode == 0, result.stderr
     run = RunFolder(tmp_path / "run")
     for case in ("case_001", "case_002"):

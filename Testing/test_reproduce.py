@@ -223,7 +223,7 @@ def _fabricate_cell(out: Path, settings: Dict[str, object], test_rows: List[Sequ
     record = {"settings": settings, "finished": finished,
               "runs": [{"exit_status": 0, "ended": "2026-01-01T00:00:00+00:00", **run} for run in runs]}
     (folder / CELL_FILE).write_text(json.dumps(record))
-    config = to_dict(preset(str(settings["preset"])))
+    config = to_dict(preset(str(settings["preset"])).resolved())  # as the run writes it
     config["sfr_plus"] = sfr_plus
     if patch:
         config["finetune"]["patch_size"] = config["retrain"]["patch_size"] = patch

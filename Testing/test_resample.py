@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from SFRSegmentLib.config import check_spacing
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.io import Volume
-from SFRSegmentLib.resample import check_spacing, to_native_grid, to_working_grid, working_shape
+from SFRSegmentLib.resample import to_native_grid, to_working_grid, working_shape
 
 
 def _rotation() -> np.ndarray:

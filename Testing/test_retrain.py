@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from SFRSegmentLib.choices import METHODS
+from SFRSegmentLib.config import RetrainConfig, SSLConfig, preset
+from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import Cohort
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.inference import load_vnet
@@ -21,7 +24,6 @@ from SFRSegmentLib.io import read_volume, write_volume
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
 from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.retrain import (
-    RetrainConfig,
     TrainingCase,
     TwoStreamSampler,
     draw_batch,
@@ -29,11 +31,10 @@ from SFRSegmentLib.retrain import (
     retrain,
 )
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.ssl import SSLConfig, method_names
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(patch_size=(32, 32, 16), iterations=2, checkpoint_every=1, device="cpu", n_filters=4)
+TINY = dict(patch_size=(32, 32, 16), iterations=2, lr_schedule="step", checkpoint_every=1, device="cpu", n_filters=4)
 """A few iterations of a narrow V-Net on small patches: seconds on a CPU."""
 
 
@@ -61,7 +62,7 @@ def state_dict(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def test_learning_rate_schedules() -> None:
-    step = RetrainConfig()
+    step = RetrainConfig(iterations=6000, lr_schedule="step")
     assert [learning_rate(i, step) for i in (0, 2499, 2500, 4999, 5000, 5999)] == pytest.approx(
         [0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])
     poly = RetrainConfig(lr_schedule="poly", iterations=100)
@@ -70,15 +71,31 @@ def test_learning_rate_schedules() -> None:
 
 
 def test_defaults_are_the_reference_recipe() -> None:
-    config = RetrainConfig()
+    config = preset("paper").resolved().retrain
     assert (config.method, config.iterations, config.patch_size, config.batch_labeled, config.batch_unlabeled) == (
         "sfr_mt", 6000, (112, 112, 80), 2, 2)
     assert (config.lr, config.momentum, config.weight_decay, config.lr_step, config.lr_gamma, config.seed) == (
         0.01, 0.9, 1e-4, 2500, 0.1, 1337)
+    assert config.lr_schedule == "step"
     assert config.ssl == SSLConfig() and config.ssl.pseudo_label_weight == 1.0 and config.ssl.ema_decay == 0.99
-    acmt = RetrainConfig.method_recipe("sfr_acmt")
-    assert (acmt.method, acmt.lr_schedule, acmt.iterations) == ("sfr_acmt", "poly", 8000)
-    assert RetrainConfig.method_recipe("uamt", seed=1) == RetrainConfig(method="uamt", seed=1)
+
+
+@pytest.mark.parametrize("method", ["acmt", "sfr_acmt"])
+def test_ac_mt_runs_its_own_scripts_schedule_unless_told_otherwise(method: str) -> None:
+    def resolved(name: str, **retrain: object) -> RetrainConfig:
+        return with_overrides(preset(name), {"retrain": {"method": method, **retrain}}).resolved().retrain
+
+    assert (resolved("paper").lr_schedule, resolved("paper").iterations) == ("poly", 8000)
+    assert (resolved("paper", iterations=100).lr_schedule, resolved("paper", iterations=100).iterations) == \
+        ("poly", 100)
+    assert resolved("paper", lr_schedule="step").lr_schedule == "step"
+    assert (resolved("cpu").lr_schedule, resolved("cpu").iterations) == ("poly", 1500)  # the preset's own schedule
+    assert (resolved("small").lr_schedule, resolved("small").iterations) == ("poly", 200)
+    uamt = with_overrides(preset("paper"), {"retrain": {"method": "uamt"}}).resolved().retrain
+    assert (uamt.lr_schedule, uamt.iterations) == ("step", 6000)
+
+
+def test_stage_options_are_checked() -> None:
     with pytest.raises(InputError, match="patch_size"):
         RetrainConfig(patch_size=(30, 32, 16))
     with pytest.raises(InputError, match="unknown method"):
@@ -123,7 +140,7 @@ def test_crops_and_their_targets_are_cut_together() -> None:
 # Runs
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_short_run_of_every_method_writes_the_run_files(cohort: Cohort, tmp_path: Path, method: str) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
     config = RetrainConfig(method=method, **TINY)

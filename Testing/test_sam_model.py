@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from SFRSegmentLib.config import SamConfig
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.sam import attention as attention_module
 from SFRSegmentLib.sam.attention import (
@@ -26,7 +27,7 @@ from SFRSegmentLib.sam.lora import (
     merge_lora,
     trainable_state_dict,
 )
-from SFRSegmentLib.sam.model import SamConfig, SFRSam, build_sfr_sam
+from SFRSegmentLib.sam.model import SFRSam, build_sfr_sam
 from SFRSegmentLib.sam.segment_anything_import import load_segment_anything
 
 SMALL = SamConfig.small()

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from SFRSegmentLib.config import InferenceConfig, SFRPlusConfig
 from SFRSegmentLib.data import Case, Cohort, load_case
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.inference import InferenceConfig, VNetInfo, predict_volume, save_vnet
+from SFRSegmentLib.inference import VNetInfo, predict_volume, save_vnet
 from SFRSegmentLib.io import read_volume, write_volume
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sfrplus import (
-    SFRPlusConfig,
     run_sfrplus,
     run_sfrplus_round,
     split_by_confidence,

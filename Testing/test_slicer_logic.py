@@ -260,21 +260,28 @@ def test_run_configuration_holds_only_what_differs_from_the_preset():
     settings = RunSettings(model="/weights/my_sam.pth", method="sfr_acmt", device="cuda", fine_tune_iterations=50,
                            retrain_iterations=200, sfr_plus=True, patch_size=(96, 96, 64), batch_size=1, seed=7)
     assert jobs.run_config(settings) == {
-        "preset": "paper", "device": "cuda",
-        "finetune": {"base_checkpoint": "/weights/my_sam.pth", "iterations": 50, "patch_size": [96, 96, 64],
-                     "batch_size": 1, "seed": 7},
-        "retrain": {"method": "sfr_acmt", "iterations": 200, "patch_size": [96, 96, 64], "batch_labeled": 1,
-                    "batch_unlabeled": 1, "seed": 7},
-        "pseudolabel": {"window": [96, 96, 64]}, "inference": {"patch_size": [96, 96, 64]}, "sfr_plus": True,
+        "preset": "paper", "device": "cuda", "patch_size": [96, 96, 64],
+        "finetune": {"base_checkpoint": "/weights/my_sam.pth", "iterations": 50, "batch_size": 1, "seed": 7},
+        "retrain": {"method": "sfr_acmt", "iterations": 200, "batch_labeled": 1, "batch_unlabeled": 1, "seed": 7},
+        "sfr_plus": True,
     }
     small = RunSettings(preset="small", device="cpu")
     assert not small.uses_checkpoint  # the small preset's SAM is randomly initialised: no weights to fetch
     assert "base_checkpoint" not in jobs.run_config(small)["finetune"]
     with pytest.raises(InputError, match="unknown method 'magic'"):
         jobs.run_config(RunSettings(method="magic"))
+    # The engine's configuration checks the settings: a GPU by number is a device, a V-Net patch must suit the V-Net.
+    assert jobs.run_config(RunSettings(device="cuda:1"))["device"] == "cuda:1"
+    with pytest.raises(InputError, match="device must be one of auto, cuda, cpu or cuda:N"):
+        jobs.run_config(RunSettings(device="gpu"))
+    with pytest.raises(InputError, match=r"patch_size 96×96×40 is the V-Net's patch too \(retrain.patch_size"):
+        jobs.run_config(RunSettings(patch_size=(96, 96, 40)))
 
 
 def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_own_patches():
+    from SFRSegmentLib.config import CPU_SAM_PATCH, preset
+    from SFRSegmentLib.config_io import with_overrides
+
     cpu = RunSettings(model="medsam_vit_b", preset="cpu")
     assert cpu.uses_checkpoint and not cpu.checkpoint_required
     assert RunSettings(preset="paper").checkpoint_required
@@ -283,8 +290,9 @@ def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_o
         "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
     }
     patched = jobs.run_config(RunSettings(preset="cpu", patch_size=(96, 96, 64)))
-    assert patched["retrain"]["patch_size"] == patched["inference"]["patch_size"] == [96, 96, 64]
-    assert "patch_size" not in patched["finetune"] and "pseudolabel" not in patched
+    assert patched["patch_size"] == [96, 96, 64] and "patch_size" not in patched["finetune"]
+    resolved = with_overrides(preset("cpu"), patched).resolved()
+    assert resolved.retrain.patch_size == (96, 96, 64) and resolved.finetune.patch_size == CPU_SAM_PATCH
     # A method without SAM's pseudo-labels needs no SAM weights, unless SFR+ (which fine-tunes SAM) is on.
     assert not RunSettings(preset="cpu", method="mt").uses_checkpoint
     assert not RunSettings(preset="paper", method="supervised").uses_checkpoint
@@ -313,25 +321,20 @@ def test_the_job_module_imports_without_the_packages_installed_at_the_first_run(
 
 def test_the_engine_accepts_the_run_configuration():
     config_module = pytest.importorskip("SFRSegmentLib.config")
+    from SFRSegmentLib.config import parse_method
     from SFRSegmentLib.config_io import with_overrides
-    from SFRSegmentLib.ssl import method_names, parse_method
 
-    assert set(jobs.METHODS) <= set(method_names())
     for preset in jobs.PRESETS:
         settings = RunSettings(method="sfr_uamt", preset=preset, device="cpu", fine_tune_iterations=5,
                                retrain_iterations=6, sfr_plus=True, patch_size=(32, 32, 16), batch_size=1, seed=3)
         start = config_module.preset(preset)
-        resolved = with_overrides(start, jobs.run_config(settings))
+        resolved = with_overrides(start, jobs.run_config(settings)).resolved()
         assert (resolved.preset, resolved.device, resolved.sfr_plus) == (preset, "cpu", True)
         assert (resolved.finetune.iterations, resolved.retrain.iterations, resolved.retrain.method) == \
             (5, 6, "sfr_uamt")
-        assert resolved.retrain.patch_size == resolved.inference.patch_size == (32, 32, 16)
-        # SAM's patches follow only where the preset's SAM and V-Net share theirs.
-        sam_patches = (resolved.finetune.patch_size, resolved.pseudolabel.window)
-        if start.finetune.patch_size == start.retrain.patch_size:
-            assert sam_patches == ((32, 32, 16),) * 2
-        else:
-            assert sam_patches == (start.finetune.patch_size, start.pseudolabel.window)
+        assert resolved.retrain.patch_size == (32, 32, 16) and resolved.inference.patch_size is None
+        # SAM's patch follows unless the preset gives SAM its own.
+        assert resolved.finetune.patch_size == (start.finetune.patch_size or (32, 32, 16))
         assert (resolved.finetune.batch_size, resolved.retrain.batch_labeled, resolved.retrain.batch_unlabeled) == \
             (1, 1, 1)
         assert resolved.finetune.seed == resolved.retrain.seed == 3
@@ -591,7 +594,8 @@ def test_applying_a_trained_model_to_one_more_volume(scene, tmp_path):
     apply = jobs.prepare_apply_job(jobs.TrainingJob.load(job.folder), volumes[2])
 
     assert apply.command("python") == ["python", "-m", "SFRSegmentLib", "predict", "--model", str(job.run.root),
-                                       "--images", str(apply.image), "--out", str(apply.prediction.parent)]
+                                       "--images", str(apply.image), "--out", str(apply.prediction.parent),
+                                       "--preset", "paper"]
     np.testing.assert_allclose(read_volume(apply.image).ijk_to_ras, _ijk_to_ras(volumes[2]), atol=1e-6)
     with pytest.raises(InputError, match="without writing the expected prediction"):
         jobs.import_apply_result(scene, apply)

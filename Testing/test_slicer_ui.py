@@ -7,6 +7,7 @@ text and parsed with ``ast``: it imports Slicer's application modules, so it can
 need none of them (an enum, the widget's progress display) are executed on their own (:func:`module_code`).
 """
 
+import argparse
 import ast
 import enum
 import os
@@ -16,6 +17,7 @@ import textwrap
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Callable, Sequence
 
 import pytest
 
@@ -67,10 +69,15 @@ def module_class(name):
     return next(node for node in module_tree().body if isinstance(node, ast.ClassDef) and node.name == name)
 
 
+def enum_names():
+    """The module's enums: the names it assigns a ``choiceEnum(...)`` to."""
+    return [node.targets[0].id for node in module_tree().body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "choiceEnum"]
+
+
 def parameter_fields():
     """{field: kind} of SFRSegmentParameterNode, kind being bool, int, str, enum, node or list."""
-    enums = {node.name for node in module_tree().body if isinstance(node, ast.ClassDef)
-             and any(isinstance(base, ast.Attribute) and base.attr == "Enum" for base in node.bases)}
+    enums = set(enum_names())
     fields = {}
     for statement in module_class("SFRSegmentParameterNode").body:
         if isinstance(statement, ast.AnnAssign):
@@ -86,14 +93,20 @@ def parameter_fields():
     return fields
 
 
-def module_code(*, classes=(), functions=(), widget_methods=(), **names):
-    """A namespace running the named classes and functions of SFRSegment.py, and the named SFRSegmentWidget methods
-    as methods of its class ``Widget``; ``names`` are what they use besides, and ``_`` returns its text."""
+def module_code(*, classes=(), functions=(), assignments=(), widget_methods=(), **names):
+    """A namespace running the named classes, functions and module-level assignments of SFRSegment.py, and the named
+    SFRSegmentWidget methods as methods of its class ``Widget``; ``names`` are what they use besides, and ``_``
+    returns its text."""
     source = MODULE.read_text(encoding="utf-8")
     tree = module_tree()
-    wanted = set(classes) | set(functions)
-    parts = [ast.get_source_segment(source, node) for node in tree.body
-             if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name in wanted]
+    wanted = set(classes) | set(functions) | set(assignments)
+
+    def name(node):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            return node.name
+        return node.targets[0].id if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) else None
+
+    parts = [ast.get_source_segment(source, node) for node in tree.body if name(node) in wanted]
     methods = [textwrap.indent(textwrap.dedent(ast.get_source_segment(source, node, padded=True)), "    ")
                for node in module_class("SFRSegmentWidget").body
                if isinstance(node, ast.FunctionDef) and node.name in widget_methods]
@@ -163,16 +176,38 @@ def test_bound_widgets_match_the_parameter_node():
         assert re.search(rf"_parameterNode\.{parameter}\s*=", source), f"nothing ever sets '{parameter}'"
 
 
+def module_enums():
+    """The module's enums, built as the module builds them from the engine's lists."""
+    from SFRSegmentLib import choices
+
+    names = enum_names()
+    return module_code(functions=["choiceEnum"], assignments=names, enum=enum, choices=choices, Sequence=Sequence,
+                       Callable=Callable)
+
+
 def test_enum_choices_are_the_engine_configuration_values():
+    """The module, its job files and the command line offer the same lists: the engine's choices."""
+    from SFRSegmentLib import choices
+    from SFRSegmentLib.cli import build_parser
     from SFRSegmentLogicLib import jobs
 
-    def values(class_name):
-        return tuple(ast.literal_eval(s.value) for s in module_class(class_name).body
-                     if isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant))
-
-    assert values("Method") == jobs.METHODS
-    assert values("Device") == jobs.DEVICES
-    assert values("Preset") == jobs.PRESETS
+    enums = module_enums()
+    assert set(enum_names()) == {"Method", "Device", "Preset"}
+    assert tuple(member.value for member in enums.Method) == choices.METHODS
+    assert tuple(member.value for member in enums.Device) == choices.DEVICES
+    assert tuple(member.value for member in enums.Preset) == choices.PRESETS
+    assert (jobs.METHODS, jobs.DEVICES, jobs.PRESETS) == (choices.METHODS, choices.DEVICES, choices.PRESETS)
+    assert [member.label() for member in enums.Method] == [choices.METHOD_TITLES[m] for m in choices.METHODS]
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    offered = {(name, action.option_strings[0]): tuple(action.choices) for name, parser in commands.items()
+               for action in parser._actions if action.choices is not None and action.option_strings}
+    assert {key: value for key, value in offered.items() if key[1] in ("--preset", "--method", "--methods")} == {
+        **{(name, "--preset"): choices.PRESETS
+           for name in ("run", "reproduce", "finetune", "pseudolabel", "retrain", "predict")},
+        ("retrain", "--method"): choices.METHODS, ("reproduce", "--methods"): choices.METHODS}
+    assert offered[("run", "--redo")] == choices.STAGES
+    assert {key: value for key, value in offered.items() if key[1] == "--precision"} == {
+        (name, "--precision"): choices.PRECISIONS for name in ("finetune", "pseudolabel", "retrain", "predict")}
 
 
 def test_user_visible_strings_are_translatable():
@@ -253,15 +288,12 @@ def test_the_ui_loads_and_every_referenced_widget_is_found(loaded_ui):
 
 
 def test_every_engine_stage_has_a_title():
-    pipeline = ROOT / "SFRSegmentLib" / "pipeline.py"
-    if not pipeline.is_file():
-        pytest.skip("the engine has no pipeline yet")
-    stages = next(ast.literal_eval(node.value) for node in ast.parse(pipeline.read_text(encoding="utf-8")).body
-                  if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "STAGES" for t in node.targets))
-    function = next(node for node in module_tree().body if isinstance(node, ast.FunctionDef)
-                    and node.name == "stageTitle")
-    titled = {key.value for node in ast.walk(function) if isinstance(node, ast.Dict) for key in node.keys}
-    assert titled >= set(stages)
+    from SFRSegmentLib import choices
+    from SFRSegmentLib.pipeline import STAGES
+
+    assert STAGES is choices.STAGES and set(choices.STAGE_TITLES) >= {"validate", "estimate", *STAGES}
+    stage_title = module_code(functions=["stageTitle"], choices=choices).stageTitle
+    assert stage_title("retrain") == "Re-training the V-Net" and stage_title("unknown") == "unknown"
 
 
 def test_the_preset_combo_box_offers_every_preset_with_a_label_saying_what_it_is_for(loaded_ui):
@@ -270,7 +302,7 @@ def test_the_preset_combo_box_offers_every_preset_with_a_label_saying_what_it_is
     widget, QtWidgets = loaded_ui
     assert parameter_names()["presetComboBox"] == jobs.PRESET_PARAMETER  # the name a new node's preset is set by
     assert parameter_fields()[jobs.PRESET_PARAMETER] == "enum"
-    Preset = module_code(classes=["Preset"], enum=enum).Preset
+    Preset = module_enums().Preset
     combo = widget.findChild(QtWidgets.QComboBox, "presetComboBox")
     # connectGui fills the combo box from the enum: one item per member, in order, named by its label()
     # (slicer.parameterNodeWrapper.guiConnectors.QComboBoxToEnumConnector).
@@ -292,8 +324,11 @@ def test_an_engine_warning_stays_in_the_status_line_and_opens_the_log(loaded_ui,
     from SFRSegmentLogicLib.process import ChildProcessRunner, EngineJob, ProgressEvent, Status, engine_environment
 
     widget, QtWidgets = loaded_ui
+    from SFRSegmentLib import choices
+
     parts = module_code(functions=["stageTitle", "formatDuration"],
-                        widget_methods=["onProgress", "_showStatus", "onLog"], ProgressEvent=ProgressEvent)
+                        widget_methods=["onProgress", "_showStatus", "onLog"], ProgressEvent=ProgressEvent,
+                        choices=choices)
     view = parts.Widget()
     view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name)) for name in (
         "statusLabel", "logTextEdit", "progressBar", "logCollapsibleButton")})

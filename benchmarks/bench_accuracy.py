@@ -71,7 +71,7 @@ def print_sam_stages(args: argparse.Namespace) -> None:
     manifest = folder / "cohort.json"
     manifest.write_text(json.dumps(cell_cohort(la_split(args.data, dev_test=args.dev_test), 4, args.unlabeled)))
     cohort = discover_cohort(manifest)
-    config = preset("cpu").for_cohort(cohort)  # sfr_mt: both SAM stages, timed with random ViT-B weights
+    config = preset("cpu").resolved(len(cohort.classes))  # sfr_mt: both SAM stages, timed with random ViT-B weights
     estimate = estimate_run(cohort, config, remaining_work(cohort, RunFolder(folder / "run"), config))
     print("\nSAM stages of the cpu preset (ViT-B, 256² mosaics of 64×64×16 patches; random weights of the same "
           "architecture), 4 labeled + {} unlabeled LA volumes:".format(args.unlabeled))

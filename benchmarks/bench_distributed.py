@@ -54,12 +54,12 @@ def time_steps(step, warmup: int, iterations: int) -> float:
 
 def finetune_step(cohort, device: torch.device, paper: bool):
     """One fine-tuning iteration (sample → forward → loss → backward → AdamW) and the per-rank batch."""
-    from SFRSegmentLib.sam.finetune import (FinetuneConfig, MosaicBatches, _Training, build_base_sam,
-                                            load_training_volume, finetune_inputs, training_layout)
+    from SFRSegmentLib.config import preset
+    from SFRSegmentLib.sam.finetune import (MosaicBatches, _Training, build_base_sam, finetune_inputs,
+                                            load_training_volume, training_layout)
 
-    config = (FinetuneConfig.paper(base_checkpoint=None, allow_random_init=True) if paper
-              else FinetuneConfig.small())
-    config = dataclasses.replace(config, device=str(device))
+    config = preset("paper" if paper else "small").resolved(len(cohort.classes)).finetune
+    config = dataclasses.replace(config, base_checkpoint=None, allow_random_init=True, device=str(device))
     layout = training_layout(config.patch_size, config.sam, config.depth_padding)
     batches = MosaicBatches([load_training_volume(c, cohort.classes) for c in cohort.labeled], layout, config,
                             device)
@@ -70,11 +70,12 @@ def finetune_step(cohort, device: torch.device, paper: bool):
 
 def retrain_step(cohort, device: torch.device, paper: bool):
     """One SFR_MT re-training iteration (with cached pseudo-labels: the labels of the 'unlabeled' cases)."""
+    from SFRSegmentLib.config import preset
     from SFRSegmentLib.inference import VNetInfo
-    from SFRSegmentLib.retrain import RetrainConfig, Trainer, draw_batch, load_training_cases
+    from SFRSegmentLib.retrain import Trainer, draw_batch, load_training_cases
 
-    patch = (112, 112, 80) if paper else (48, 48, 16)
-    config = RetrainConfig(method="sfr_mt", patch_size=patch, device=str(device))
+    config = dataclasses.replace(preset("paper" if paper else "small").resolved().retrain, method="sfr_mt",
+                                 device=str(device))
     unlabeled = [dataclasses.replace(case, label=None) for case in cohort.unlabeled]
     pseudo = {case.name: Path(cohort.root) / "truth" / case.name / "label.nrrd" for case in unlabeled}
     info = VNetInfo(classes=dict(cohort.classes), patch_size=config.patch_size)

@@ -65,14 +65,15 @@ def peak_rss_gb() -> float:
 def training_part(online_sam: bool, precision: str, warmup: int, iterations: int) -> Dict[str, float]:
     """Per-iteration seconds (total, SAM, V-Net) of SFR_MT re-training with cached or online pseudo-labels."""
     from SFRSegmentLib.data import discover_cohort
+    from SFRSegmentLib.config import preset
     from SFRSegmentLib.inference import VNetInfo
-    from SFRSegmentLib.retrain import RetrainConfig, Trainer, draw_batch, load_training_cases
+    from SFRSegmentLib.retrain import Trainer, draw_batch, load_training_cases
 
     cohort = discover_cohort(LA_DIR)
     labeled, unlabeled = cohort.cases[:2], [dataclasses.replace(case, label=None) for case in cohort.cases[2:4]]
     cached = {} if online_sam else {case.name: cohort.cases[2 + i].label for i, case in enumerate(unlabeled)}
     cohort = dataclasses.replace(cohort, cases=labeled + unlabeled)
-    config = RetrainConfig(method="sfr_mt", device="cpu", precision=precision)
+    config = dataclasses.replace(preset("paper").resolved().retrain, device="cpu", precision=precision)
     info = VNetInfo(classes=dict(cohort.classes), patch_size=config.patch_size)
     trainer = Trainer(config, info, 2, 2, torch.device("cpu"))
     labeled_cases = load_training_cases(cohort, cohort.labeled, cached)
@@ -120,14 +121,15 @@ def online_pseudo_labeller(patch_size):
 def sliding_part(official: bool, precision: str, warmup: int, iterations: int) -> Dict[str, float]:
     """Seconds for one whole LA volume: our batched MONAI window, or the reference loop with gradient tracking."""
     from SFRSegmentLib.data import zscore
-    from SFRSegmentLib.inference import InferenceConfig, sliding_window_probabilities, window_starts
+    from SFRSegmentLib.config import PATCH_SIZE, InferenceConfig
+    from SFRSegmentLib.inference import sliding_window_probabilities, window_starts
     from SFRSegmentLib.io import read_volume
     from SFRSegmentLib.vnet import VNet
 
     image = zscore(read_volume(LA_DIR / SLIDING_CASE / "image.nrrd").array)
     torch.manual_seed(0)
     model = VNet().eval()
-    config = InferenceConfig(device="cpu", precision=precision)
+    config = InferenceConfig(patch_size=PATCH_SIZE, device="cpu", precision=precision)
     starts = [window_starts(size, patch, stride)
               for size, patch, stride in zip(image.shape, config.patch_size, config.strides)]
 

@@ -34,6 +34,7 @@ shapes). Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -58,6 +59,8 @@ PAPER_DEFAULTS = ("paper-efficient", "paper-checkpointed", "paper-plain", "pseud
 OFFICIAL_PAPER = {"iteration_s": 60.7, "peak_rss_gb": 17.7}
 TARGETS = {"iteration": 0.7, "memory": 0.5}
 """Ours / official ratios the issue asks for at the paper's shapes."""
+PATCHES = {"small": (64, 64, 16), "paper": (112, 112, 80)}
+"""SAM's patch per scale (fine-tuning patches and pseudo-labelling windows)."""
 PSEUDOLABEL_VOLUMES = {"small": (96, 96, 40), "paper": (196, 144, 88)}
 """Volume shape per pseudo-labelling part: a small one, and a mid-sized LA case (x 148–244, y 132–160, 88 slices)."""
 
@@ -75,16 +78,14 @@ def synthetic_volume(shape, rng: np.random.Generator):
 
 
 def finetune_config(part: str):
-    from SFRSegmentLib.sam.finetune import FinetuneConfig
-    from SFRSegmentLib.sam.model import SamConfig
+    from SFRSegmentLib.config import FinetuneConfig, SamConfig
 
     scale, variant = part.split("-", 1)
     efficient_attention, checkpointing, precision = VARIANTS[variant]
     sam = SamConfig.small() if scale == "small" else SamConfig.paper()
-    sam = SamConfig(**{**sam.__dict__, "efficient_attention": efficient_attention,
-                       "gradient_checkpointing": checkpointing})
-    preset = FinetuneConfig.small if scale == "small" else FinetuneConfig.paper
-    return preset(sam=sam, base_checkpoint=None, allow_random_init=True, device="cpu", precision=precision)
+    sam = dataclasses.replace(sam, efficient_attention=efficient_attention, gradient_checkpointing=checkpointing)
+    return FinetuneConfig(sam=sam, patch_size=PATCHES[scale], base_checkpoint=None, allow_random_init=True,
+                          device="cpu", precision=precision)
 
 
 def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, float]:
@@ -130,14 +131,14 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
 
 
 def run_pseudolabel_part(scale: str, warmup: int, iterations: int) -> Dict[str, float]:
+    from SFRSegmentLib.config import PseudoLabelConfig, SamConfig
     from SFRSegmentLib.sam.finetune import build_base_sam, training_layout
     from SFRSegmentLib.sam.lora import merge_lora
-    from SFRSegmentLib.sam.model import SamConfig
-    from SFRSegmentLib.sam.pseudolabel import PseudoLabelConfig, predict_probabilities
+    from SFRSegmentLib.sam.pseudolabel import predict_probabilities
 
-    config = PseudoLabelConfig.small() if scale == "small" else PseudoLabelConfig()
+    config = PseudoLabelConfig()
     model = merge_lora(build_base_sam(SamConfig.small() if scale == "small" else SamConfig.paper(), None, 0)).eval()
-    layout = training_layout(config.window, model.config, "centre")
+    layout = training_layout(PATCHES[scale], model.config, "centre")
     volume, _ = synthetic_volume(PSEUDOLABEL_VOLUMES[scale], np.random.default_rng(0))
     durations = []
     for iteration in range(warmup + iterations):

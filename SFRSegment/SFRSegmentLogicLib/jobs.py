@@ -33,11 +33,12 @@ from slicer import (
 )
 
 from SFRSegmentLib.atomic import atomic_write_text
-from SFRSegmentLib.choices import PRESETS
+from SFRSegmentLib.choices import DEFAULT_MODEL_ID, DEVICES, METHODS, PRESETS
+from SFRSegmentLib.config import parse_method, preset
+from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.catalog import DEFAULT_MODEL_ID
 
 from .nodes import (
     SegmentClass,
@@ -49,13 +50,6 @@ from .nodes import (
 )
 from .nodes import segment_names as segment_names_of
 
-METHODS = ("sfr_mt", "sfr_uamt", "sfr_acmt", "sfr", "mt", "uamt", "acmt", "supervised")
-"""Re-training methods: a semi-supervised method with SAM's pseudo-labels (sfr_*; sfr alone: labels and
-pseudo-labels only), or without them."""
-DEVICES = ("auto", "cuda", "cpu")
-SAM_OWN_PATCH_PRESETS = ("cpu",)
-"""Presets whose SAM keeps its own patches at the images' resolution while the V-Net trains on patches at a coarser
-working spacing: a patch size set in the module is then the V-Net's only."""
 PRESET_PARAMETER = "preset"
 """The name of the preset in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.preset``)."""
 JOB_FILE = "job.json"
@@ -78,9 +72,10 @@ class RunSettings:
     model: str = DEFAULT_MODEL_ID
     """A model id of the catalog, or the path of an imported checkpoint (used by the paper and cpu presets; the small
     preset runs a small, randomly initialised SAM)."""
-    method: str = "sfr_mt"
-    preset: str = "paper"
-    device: str = "auto"
+    method: str = METHODS[0]
+    """One of :data:`~SFRSegmentLib.choices.METHODS`, as every choice here: the engine's lists."""
+    preset: str = PRESETS[0]
+    device: str = DEVICES[0]
     fine_tune_iterations: Optional[int] = None
     retrain_iterations: Optional[int] = None
     sfr_plus: bool = False
@@ -92,27 +87,24 @@ class RunSettings:
     def uses_checkpoint(self) -> bool:
         """Whether the run is given the SAM checkpoint ``model`` (``finetune.base_checkpoint``): a preset with a
         pretrained SAM, and a method with SAM's pseudo-labels (sfr*) or SFR+."""
-        return self.preset in ("paper", "cpu") and (self.method.startswith("sfr") or self.sfr_plus)
+        pretrained = preset(self.preset).finetune.base_checkpoint is not None
+        return pretrained and (parse_method(self.method)[1] or self.sfr_plus)
 
     @property
     def checkpoint_required(self) -> bool:
         """Whether the run needs that checkpoint on this machine. Without it, the cpu preset re-trains without SAM
         (without the SFR term; a warning event says so) instead: the engine's ``sam_missing = "skip"``."""
-        return self.preset == "paper"
+        return preset(self.preset).sam_missing == "download"
 
 
 def run_config(settings: RunSettings) -> Dict[str, Any]:
-    """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.config.RunConfig's fields).
+    """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.config.RunConfig's fields),
+    checked by the engine's configuration (InputError naming the field).
 
-    Only what the user changed is written, so every other value is the preset's. One patch size serves every stage
-    (SAM's patches, pseudo-label and inference windows, re-training crops; only the V-Net's in
-    :data:`SAM_OWN_PATCH_PRESETS`), one batch size both fine-tuning and each stream of re-training, one seed both
-    trainings, as in the presets.
+    Only what the user changed is written, so every other value is the preset's. The patch size is the run's working
+    patch (``patch_size``: SAM's and the V-Net's unless the preset gives SAM its own, as the cpu preset does), one
+    batch size serves both fine-tuning and each stream of re-training, one seed both trainings, as in the presets.
     """
-    for value, allowed, what in ((settings.method, METHODS, "method"), (settings.preset, PRESETS, "preset"),
-                                 (settings.device, DEVICES, "device")):
-        if value not in allowed:
-            raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}", field=what)
     finetune: Dict[str, Any] = {}
     retrain: Dict[str, Any] = {"method": settings.method}
     config: Dict[str, Any] = {"preset": settings.preset, "device": settings.device, "finetune": finetune,
@@ -124,16 +116,12 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
     if settings.retrain_iterations is not None:
         retrain["iterations"] = settings.retrain_iterations
     if settings.patch_size is not None:
-        patch = list(settings.patch_size)
-        retrain["patch_size"] = patch
-        config["inference"] = {"patch_size": patch}
-        if settings.preset not in SAM_OWN_PATCH_PRESETS:
-            finetune["patch_size"] = patch
-            config["pseudolabel"] = {"window": patch}
+        config["patch_size"] = list(settings.patch_size)
     if settings.batch_size is not None:
         finetune["batch_size"] = retrain["batch_labeled"] = retrain["batch_unlabeled"] = settings.batch_size
     if settings.seed is not None:
         finetune["seed"] = retrain["seed"] = settings.seed
+    with_overrides(preset(settings.preset), config).resolved()
     return config
 
 
@@ -318,9 +306,11 @@ class ApplyJob:
         return self.folder / "predictions" / f"{self.case}.seg.nrrd"
 
     def command(self, python: str) -> List[str]:
-        """The engine's command line: ``predict --model RUN --images IMAGE --out DIR``."""
+        """The engine's command line: ``predict --model RUN --images IMAGE --out DIR --preset P``, with the training
+        job's preset, so that the volume is predicted as the run predicted its own."""
+        preset_name = json.loads(self.training.config.read_text(encoding="utf-8"))["preset"]
         return [python, "-m", "SFRSegmentLib", "predict", "--model", str(self.training.run.root),
-                "--images", str(self.image), "--out", str(self.prediction.parent)]
+                "--images", str(self.image), "--out", str(self.prediction.parent), "--preset", preset_name]
 
 
 def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode) -> ApplyJob:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
+from ..choices import SAM_ARCHITECTURES
 from ..errors import InputError, PathLike
 
 MODELS_JSON_ENV = "SFRSEGMENT_MODELS_JSON"
-DEFAULT_MODEL_ID = "sam_vit_b"
-ARCHITECTURES = ("vit_b", "vit_l", "vit_h")
 
 # The same patterns appear in Models.schema.json.
 ID_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -169,7 +168,7 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "id": (_matches(ID_PATTERN), "lower-case letters, digits and '_', starting with a letter"),
     "title": _TEXT,
     "description": _TEXT,
-    "architecture": (lambda value: value in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}"),
+    "architecture": (lambda value: value in SAM_ARCHITECTURES, f"one of {', '.join(SAM_ARCHITECTURES)}"),
     "filename": (_matches(FILENAME_PATTERN), "a plain file name ending in .pth or .pt"),
     "url": _URL,
     "sha256": (

@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,19 +48,19 @@ from torch.optim.lr_scheduler import PolynomialLR
 
 from ..atomic import atomic_path, atomic_write_text
 from ..checkpoint import load_checkpoint, reuse_trained, save_checkpoint, write_log
+from ..config import FinetuneConfig, SamConfig
 from ..config_io import to_dict, with_overrides
 from ..data import Case, Cohort, load_case, sample_patch, zscore
 from ..distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
 from ..errors import InputError, PathLike
-from ..inference import PRECISIONS, autocast_context, resolve_device
+from ..inference import autocast_context, resolve_device
 from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from ..provenance import Inputs, case_files, file_digest, identity_of, write_record
 from ..runfolder import RunFolder
-from ..stitching import DEPTH_PADDINGS, MosaicLayout, mosaic_layout, stitch_image, stitch_label
-from .catalog import DEFAULT_MODEL_ID
+from ..stitching import MosaicLayout, mosaic_layout, stitch_image, stitch_label
 from .lora import load_trainable_state_dict, trainable_state_dict
 from .losses import SFRLoss
-from .model import SamConfig, SFRSam, build_sfr_sam
+from .model import SFRSam, build_sfr_sam
 from .weights import DownloadError, load_state_dict, resolve_checkpoint
 
 STAGE = "finetune"
@@ -71,85 +70,6 @@ BEZIER_POINTS = 100_000
 """Points at which the official code evaluates each Bézier curve."""
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Every setting of stage F; the defaults are the paper's (see the module docstring).
-
-    ``base_checkpoint`` is a catalog model id or a checkpoint file; None (random initialisation) needs
-    ``allow_random_init``. ``init_weights`` is the ``sam_trainable.pt`` of an earlier fine-tuning to start from
-    instead of SFR's fresh LoRA and heads (SFR+ continues this way); its JSON must name the same base checkpoint and
-    SAM architecture. ``device`` is "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". ``precision`` is the
-    engine's (:data:`~SFRSegmentLib.inference.PRECISIONS`): "auto" runs the model under bfloat16 autocast on CUDA
-    and in float32 on the CPU, "bf16" uses bfloat16 on the CPU too (fast with AMX); the loss stays float32.
-    Gradient checkpointing and the attention kernel are ``sam.gradient_checkpointing`` and
-    ``sam.efficient_attention``.
-    """
-
-    iterations: int = 6000
-    batch_size: int = 2
-    lr: float = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.1
-    poly_power: float = 0.9
-    patch_size: Tuple[int, int, int] = (112, 112, 80)
-    rot_flip: bool = True
-    mosaic_rot_flip: bool = True
-    bezier_p: float = 0.0
-    dice_counts_ignored: bool = False
-    depth_padding: str = "centre"
-    seed: int = 1337
-    checkpoint_every: int = 500
-    sam: SamConfig = SamConfig.paper()
-    base_checkpoint: Optional[str] = DEFAULT_MODEL_ID
-    allow_random_init: bool = False
-    init_weights: Optional[str] = None
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
-        if not self.lr > 0 or self.weight_decay < 0 or self.poly_power < 0:
-            raise InputError("lr must be positive, weight_decay and poly_power non-negative", field="lr")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise InputError(f"betas must be two values in [0, 1), got {self.betas}", field="betas")
-        if len(self.patch_size) != 3 or any(int(s) < 1 for s in self.patch_size):
-            raise InputError(f"patch_size must be 3 positive integers, got {self.patch_size}", field="patch_size")
-        if not 0 <= self.bezier_p <= 1:
-            raise InputError(f"bezier_p must lie in [0, 1], got {self.bezier_p}", field="bezier_p")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-                             field="precision")
-        if self.depth_padding not in DEPTH_PADDINGS:
-            raise InputError(f"depth_padding must be one of {DEPTH_PADDINGS}", field="depth_padding")
-        if self.base_checkpoint is None and not self.allow_random_init:
-            raise InputError("no base SAM checkpoint given; random initialisation is for tests and demos only and "
-                             "needs allow_random_init=True", field="base_checkpoint")
-        object.__setattr__(self, "patch_size", tuple(int(s) for s in self.patch_size))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        for name in ("base_checkpoint", "init_weights"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, str(getattr(self, name)))
-
-    @classmethod
-    def small(cls, num_classes: int = 1, **overrides: Any) -> "FinetuneConfig":
-        """The CPU demo preset: :meth:`SamConfig.small` (256² mosaics), 64×64×16 patches (a 4×4 grid), 200
-        iterations, random initialisation."""
-        settings = dict(sam=SamConfig.small(num_classes), patch_size=(64, 64, 16), iterations=200,
-                        checkpoint_every=50, base_checkpoint=None, allow_random_init=True)
-        return cls(**{**settings, **overrides})
-
-    @classmethod
-    def paper(cls, num_classes: int = 1, **overrides: Any) -> "FinetuneConfig":
-        """The paper's settings for ``num_classes`` foreground classes."""
-        return cls(**{"sam": SamConfig.paper(num_classes), **overrides})
 
 
 _EXECUTION_ONLY = ("device", "checkpoint_every", "base_checkpoint", "init_weights")
@@ -456,9 +376,10 @@ class _Training:
         self.log = list(state["log"])
 
 
-def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig = FinetuneConfig(),
-             progress: Progress = ignore_progress, cancellation: Optional[Cancellation] = None) -> Path:
+def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig, progress: Progress = ignore_progress,
+             cancellation: Optional[Cancellation] = None) -> Path:
     """Fine-tune SAM on the labeled cases of ``cohort`` into ``run``; return the path of ``sam_trainable.pt``.
+    ``config`` is a resolved section (its ``patch_size`` set, :meth:`SFRSegmentLib.config.RunConfig.resolved`).
 
     Returns at once when the run folder holds weights fine-tuned from the same inputs (:func:`finetune_inputs`);
     replaces stale ones; resumes from ``finetune/checkpoint.pt`` when it was saved with the same inputs. When

@@ -19,14 +19,14 @@ its own right.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import SamConfig
 from ..errors import InputError
 from .attention import install_efficient_attention, install_gradient_checkpointing
 from .lora import apply_lora, describe_mismatch
@@ -50,117 +50,6 @@ REINITIALISED_PREFIXES: Tuple[str, ...] = (
     "mask_decoder.iou_prediction_head.",
 )
 _BLOCK_KEY = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
-
-
-class EncoderArchitecture(NamedTuple):
-    """The ViT sizes of one SAM variant, as in ``segment_anything.build_sam``."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: Tuple[int, ...]
-
-
-ARCHITECTURES: Dict[str, EncoderArchitecture] = {
-    "vit_b": EncoderArchitecture(768, 12, 12, (2, 5, 8, 11)),
-    "vit_l": EncoderArchitecture(1024, 24, 16, (5, 11, 17, 23)),
-    "vit_h": EncoderArchitecture(1280, 32, 16, (7, 15, 23, 31)),
-}
-
-
-@dataclass(frozen=True)
-class SamConfig:
-    """What SAM to build. ``None`` overrides take the ``arch`` value.
-
-    ``num_classes`` is K, the number of foreground classes; the decoder emits K+1 masks. ``global_attn_indexes``
-    defaults to the arch's global blocks that exist at this depth. ``efficient_attention`` computes the encoder
-    attention without keeping (N, N) score matrices (same result, less memory and time; see ``attention.py``);
-    ``gradient_checkpointing``
-    recomputes encoder blocks in the backward pass.
-    """
-
-    arch: str = "vit_b"
-    image_size: int = 1024
-    num_classes: int = 1
-    lora_rank: int = 4
-    depth: Optional[int] = None
-    embed_dim: Optional[int] = None
-    num_heads: Optional[int] = None
-    global_attn_indexes: Optional[Tuple[int, ...]] = None
-    window_size: int = 14
-    patch_size: int = 16
-    efficient_attention: bool = True
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise InputError(f"unknown SAM arch {self.arch!r}; expected one of {sorted(ARCHITECTURES)}", field="arch")
-        for name in ("num_classes", "lora_rank", "window_size", "patch_size", "depth", "embed_dim", "num_heads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"{name} must be at least 1, got {value}", field=name)
-        if self.image_size < 1 or self.image_size % self.patch_size:
-            raise InputError(
-                f"image_size {self.image_size} must be a positive multiple of the patch size {self.patch_size}",
-                field="image_size",
-            )
-        if self.encoder_embed_dim % self.encoder_num_heads:
-            raise InputError(
-                f"embed_dim {self.encoder_embed_dim} is not divisible by num_heads {self.encoder_num_heads}",
-                field="num_heads",
-            )
-        if any(not 0 <= index < self.encoder_depth for index in self.encoder_global_attn_indexes):
-            raise InputError(
-                f"global_attn_indexes {self.encoder_global_attn_indexes} must lie in [0, {self.encoder_depth})",
-                field="global_attn_indexes",
-            )
-
-    @classmethod
-    def paper(cls, num_classes: int = 1) -> "SamConfig":
-        """The paper's model: ViT-B, 1024² input, LoRA rank 4."""
-        return cls(arch="vit_b", image_size=1024, num_classes=num_classes)
-
-    @classmethod
-    def small(cls, num_classes: int = 1) -> "SamConfig":
-        """A CPU-sized model of the same classes: 256² input (16×16 tokens), 2 blocks (1 windowed, 1 global) of
-        width 192 with 3 heads. The prompt encoder and mask decoder are SAM's full-size ones."""
-        return cls(
-            arch="vit_b",
-            image_size=256,
-            num_classes=num_classes,
-            depth=2,
-            embed_dim=192,
-            num_heads=3,
-            global_attn_indexes=(1,),
-        )
-
-    @property
-    def encoder_depth(self) -> int:
-        return self.depth if self.depth is not None else ARCHITECTURES[self.arch].depth
-
-    @property
-    def encoder_embed_dim(self) -> int:
-        return self.embed_dim if self.embed_dim is not None else ARCHITECTURES[self.arch].embed_dim
-
-    @property
-    def encoder_num_heads(self) -> int:
-        return self.num_heads if self.num_heads is not None else ARCHITECTURES[self.arch].num_heads
-
-    @property
-    def encoder_global_attn_indexes(self) -> Tuple[int, ...]:
-        if self.global_attn_indexes is not None:
-            return tuple(self.global_attn_indexes)
-        return tuple(i for i in ARCHITECTURES[self.arch].global_attn_indexes if i < self.encoder_depth)
-
-    @property
-    def token_grid(self) -> int:
-        """Side of the image encoder's token grid (64 for 1024² and patch 16)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_masks(self) -> int:
-        """K+1: background plus each foreground class."""
-        return self.num_classes + 1
 
 
 class SFRSam(_modeling.Sam):

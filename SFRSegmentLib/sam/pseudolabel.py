@@ -3,8 +3,9 @@
 The official code pseudo-labels online, on each random crop of the re-training loop (spec §3). Here every unlabeled
 volume is labeled once, whole, and the result is cached in the run folder:
 
-* the volume is z-scored as in training and cut into windows of the re-training patch size (default 112×112×80)
-  by MONAI's ``sliding_window_inference``; a volume smaller than the window is zero-padded (zero is its mean);
+* the volume is z-scored as in training and cut into windows of the patch SAM was fine-tuned on (read, with the
+  canvas and depth padding, from the fine-tuned weights' JSON, so the mosaics are laid out as in fine-tuning) by
+  MONAI's ``sliding_window_inference``; a volume smaller than the window is zero-padded (zero is its mean);
 * each batch of windows is stitched into mosaics, run through the fine-tuned SAM (LoRA merged, eval mode, no
   gradients; bfloat16 autocast on CUDA), turned into K+1 softmax probabilities at full mosaic resolution and
   un-stitched (:class:`MosaicPredictor`);
@@ -25,15 +26,15 @@ voxels of the largest class probability, taken from the stored probabilities so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
 from ..atomic import atomic_path, atomic_write_text
+from ..config import PseudoLabelConfig
 from ..data import Case, Cohort, load_case, zscore
 from ..distributed import barrier, map_cases, ranks
 from ..errors import InputError, PathLike
@@ -43,7 +44,7 @@ from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEven
 from ..provenance import MISSING, Inputs, case_files, identity_of, record_path, stale_reason, write_record
 from ..runfolder import PROBABILITY_SCALE, RunFolder
 from ..stitching import MosaicLayout, stitch_image, unstitch
-from ..inference import PRECISIONS, autocast_context, resolve_device
+from ..inference import autocast_context, resolve_device
 from .finetune import load_finetuned_sam, training_layout, weights_info_path
 from .lora import merge_lora
 from .model import SFRSam
@@ -52,39 +53,6 @@ STAGE = "pseudolabel"
 CONFIDENCE_HEADER = "case,confidence\n"
 _EXECUTION_ONLY = ("device", "windows_per_batch", "redo")
 """Options that do not change a pseudo-label."""
-
-
-@dataclass(frozen=True)
-class PseudoLabelConfig:
-    """Settings of stage P. ``window`` is the re-training patch size; ``overlap`` the fraction of a window shared
-    with its neighbour along each axis; ``windows_per_batch`` the windows per SAM pass; ``precision`` as
-    :data:`~SFRSegmentLib.inference.PRECISIONS` (bf16 autocast on CUDA by default); ``redo`` recomputes cached
-    cases."""
-
-    window: Tuple[int, int, int] = (112, 112, 80)
-    overlap: float = 0.5
-    windows_per_batch: int = 2
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    redo: bool = False
-
-    def __post_init__(self) -> None:
-        if len(self.window) != 3 or any(int(s) < 1 for s in self.window):
-            raise InputError(f"window must be 3 positive integers, got {self.window}", field="window")
-        if not 0 <= self.overlap < 1:
-            raise InputError(f"overlap must lie in [0, 1), got {self.overlap}", field="overlap")
-        if self.windows_per_batch < 1:
-            raise InputError(f"windows_per_batch must be at least 1, got {self.windows_per_batch}",
-                             field="windows_per_batch")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
-                             field="precision")
-        object.__setattr__(self, "window", tuple(int(s) for s in self.window))
-
-    @classmethod
-    def small(cls, **overrides: Any) -> "PseudoLabelConfig":
-        """The CPU demo preset, matching :meth:`FinetuneConfig.small`: 64×64×16 windows."""
-        return cls(**{"window": (64, 64, 16), **overrides})
 
 
 class MosaicPredictor:
@@ -200,7 +168,7 @@ class _Labeler:
             raise InputError(f"SAM was fine-tuned for classes {info['class_values']} but the cohort has "
                              f"{class_values}", weights_info_path(weights), "class_values")
         self.model = merge_lora(model).eval()
-        self.layout = training_layout(config.window, self.model.config, info["depth_padding"])
+        self.layout = training_layout(info["patch_size"], self.model.config, info["depth_padding"])
         self.label_values = np.array([0] + class_values, dtype=np.uint8)
         self.cohort, self.run, self.config, self.cancellation = cohort, run, config, cancellation
 
