@@ -114,14 +114,16 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import InferenceConfig, load_vnet, predict_to_folder, resolve_device
+    from .progress import make_reporter
 
     model, info = load_vnet(args.model, resolve_device(args.device))
     config = InferenceConfig(patch_size=tuple(args.patch or info.patch_size), stride_xy=args.stride_xy,
                              stride_z=args.stride_z, sw_batch_size=args.sw_batch_size,
                              largest_component=args.largest_component, device=args.device,
                              precision=args.precision)
-    for path in predict_to_folder(model, info, args.images, args.out, config):
-        print(f"wrote {path}")
+    out = sys.stderr if args.progress == "jsonl" else sys.stdout
+    for path in predict_to_folder(model, info, args.images, args.out, config, make_reporter(args.progress)):
+        print(f"wrote {path}", file=out)
     return 0
 
 
@@ -366,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32 reproduces the reference; bf16 is faster on recent CPUs and GPUs")
+    _add_progress_option(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD of predictions against truth, per case and class")
