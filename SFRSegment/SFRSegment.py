@@ -15,7 +15,6 @@ import enum
 import importlib.util
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional, Sequence, Union
 
@@ -41,15 +40,16 @@ if importlib.util.find_spec("SFRSegmentLib") is None:
 import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, hardware, jobs, nodes  # noqa: E402
-from SFRSegmentLogicLib.jobs import ApplyJob, CaseInput, RunSettings, TrainingJob, TrainingResults  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
+from SFRSegmentLogicLib.jobs import CaseInput, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
     ChildProcessRunner,
     EngineCancelled,
-    EngineJob,
     ProgressEvent,
     engine_environment,
 )
+from SFRSegmentLogicLib.runs import EngineRun, JobRunner  # noqa: E402
 
 ENGINE_ROOT = Path(SFRSegmentLib.__file__).resolve().parent.parent
 """The folder holding ``SFRSegmentLib/`` and ``Resources/``."""
@@ -431,15 +431,19 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openReportButton.enabled = lastJob is not None and lastJob.run.report.is_file()
 
     def _lastJob(self) -> Optional[TrainingJob]:
-        folder = Path(self._parameterNode.lastJob) if self._parameterNode.lastJob else None
-        if folder is None or not (folder / jobs.JOB_FILE).is_file():
+        """The job whose model Apply uses, if its folder is still a readable job folder."""
+        if not self._parameterNode.lastJob:
             return None
-        return TrainingJob.load(folder)
+        try:
+            return TrainingJob.load(Path(self._parameterNode.lastJob))
+        except InputError:  # deleted or damaged since: Apply and Open report are disabled
+            return None
 
     def onRunButton(self) -> None:
         if self._run is not None and not self._run.finished:
             self._run.cancel()
-            self._showStatus(_("Cancelling: the engine is saving its checkpoint…"))
+            training = isinstance(self._run.job, TrainingJob)
+            self._showStatus(_("Cancelling: the engine saves its checkpoint…") if training else _("Cancelling…"))
             self.ui.runButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
@@ -448,16 +452,41 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
                 return
             inputs = self._inputs()
-            self._startRun(lambda: self.logic.run(
-                inputs, self._segmentNames(inputs), settings, jobsFolder=self._jobsFolder(), wait=False,
-                onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished))
+            segmentNames = self._segmentNames(inputs)
+            unfinished = self.logic.unfinishedJob(inputs, segmentNames, settings, self._jobsFolder())
+            carryOn = False if unfinished is None else self._askToContinue(unfinished)
+            if carryOn is None:
+                return
+            if carryOn:
+                self._startRun(lambda: self.logic.resume(unfinished, **self._followRun()))
+            else:
+                self._startRun(lambda: self.logic.run(inputs, segmentNames, settings, jobsFolder=self._jobsFolder(),
+                                                      resume=False, **self._followRun()))
+
+    def _askToContinue(self, job: TrainingJob) -> Optional[bool]:
+        """Ask whether to continue ``job`` (the default) or start afresh; None when the user cancels."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(_("SFRSegment"))
+        box.setIcon(qt.QMessageBox.Question)
+        box.setText(_("An unfinished job was made from these same volumes, labels and settings:\n{folder}\n\n"
+                      "Continue it from its checkpoints, or start afresh in a new job folder?").format(
+            folder=job.folder))
+        continueButton = box.addButton(_("Continue"), qt.QMessageBox.AcceptRole)
+        afreshButton = box.addButton(_("Start afresh"), qt.QMessageBox.ActionRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(continueButton)
+        box.exec_()
+        return {continueButton: True, afreshButton: False}.get(box.clickedButton())
+
+    def _followRun(self) -> dict:
+        """The arguments with which the Logic's run, resume and applyModel report to this widget."""
+        return dict(wait=False, onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished)
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting the volume."), waitCursor=True):
             self.logic.setupPythonRequirements()
             self._startRun(lambda: self.logic.applyModel(
-                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), wait=False,
-                onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished))
+                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), **self._followRun()))
 
     def _startRun(self, start: Callable[[], "EngineRun"]) -> None:
         self.ui.logTextEdit.clear()
@@ -548,8 +577,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRunFinished(self, run: "EngineRun") -> None:
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.value = 1000 if run.error is None else 0
-        if isinstance(run.error, EngineCancelled):
-            self._showStatus(_("Cancelled. What was finished is kept in {folder}.").format(folder=run.job.folder))
+        if isinstance(run.error, EngineCancelled) and isinstance(run.job, TrainingJob):
+            self._showStatus(_("Cancelled. What was finished is kept in {folder}; Run continues it.").format(
+                folder=run.job.folder))
+        elif isinstance(run.error, EngineCancelled):
+            self._showStatus(_("Cancelled."))
         elif run.error is not None:
             self._showStatus(_("Failed; see the log."))
             slicer.util.errorDisplay(_("The run failed."), detailedText=str(run.error))
@@ -604,24 +636,10 @@ def formatDuration(seconds: float) -> str:
 #
 
 
-@dataclass
-class EngineRun:
-    """A started engine job: its folder, its process, and once it has finished, its results or its error."""
-
-    job: Union[TrainingJob, ApplyJob]
-    engine: EngineJob
-    results: Union[TrainingResults, vtkMRMLSegmentationNode, None] = None
-    error: Optional[Exception] = None
-    finished: bool = False
-    timer: Optional[qt.QTimer] = None
-
-    def cancel(self) -> None:
-        """Stop the engine and everything it started; ``error`` becomes an EngineCancelled."""
-        self.engine.cancel()
-
-
 class SFRSegmentLogic(ScriptedLoadableModuleLogic):
-    """Exports the inputs, runs the engine in a child process, and imports its results. No numerics here.
+    """Exports the inputs, runs the engine in a child process, and imports its results; lists, resumes, reopens and
+    deletes past jobs. No numerics here, and little else: the work is in ``SFRSegmentLogicLib`` (tested outside
+    Slicer), this class adds Slicer's scene, interpreter, cache folder and Qt timer.
 
     Works without the widget, from the Python console or ``Slicer --no-main-window --python-script``::
 
@@ -642,7 +660,7 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
     def __init__(self, processRunner: Optional[ChildProcessRunner] = None,
                  hasCudaGpu: Optional[Callable[[], bool]] = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.processRunner = processRunner or ChildProcessRunner()
+        self.jobRunner = JobRunner(slicer.mrmlScene, processRunner or ChildProcessRunner(), ENGINE_ROOT)
         self.hasCudaGpu = hasCudaGpu or hardware.has_cuda_gpu
 
     def getParameterNode(self) -> SFRSegmentParameterNode:
@@ -713,6 +731,7 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress: Optional[Callable[[ProgressEvent], None]] = None,
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
+        resume: bool = True,
     ) -> EngineRun:
         """Train on the labeled ``inputs`` and segment the others; results become segmentation nodes.
 
@@ -723,14 +742,45 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         :param wait: block until the engine has finished (scripts), instead of polling with a Qt timer (GUI).
         :param onProgress: called with each progress event; ``onLog`` with each other line of output.
         :param onFinished: called with the run once its results are imported or it failed (``run.error``).
+        :param resume: continue the unfinished job these inputs and settings made before, if there is one
+            (:meth:`unfinishedJob`), instead of starting a new job folder.
         :return: the run; with ``wait``, finished, and its error raised if it failed.
         """
         python = self.enginePython()
-        job = jobs.prepare_training_job(Path(jobsFolder) if jobsFolder else self.defaultJobsFolder(), inputs,
-                                        segmentNames, settings)
-        return self._start(job, job.command(python, settings.preset),
-                           lambda: jobs.import_training_results(slicer.mrmlScene, job),
-                           wait, onProgress, onLog, onFinished)
+        job = self.unfinishedJob(inputs, segmentNames, settings, jobsFolder) if resume else None
+        if job is None:
+            job = jobs.prepare_training_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings)
+        return self._follow(self.jobRunner.train(job, python, self.engineEnvironment(), onProgress, onLog,
+                                                 onFinished), wait)
+
+    def unfinishedJob(
+        self,
+        inputs: Sequence[CaseInput],
+        segmentNames: Sequence[str],
+        settings: RunSettings = RunSettings(),
+        jobsFolder: Optional[Path] = None,
+    ) -> Optional[TrainingJob]:
+        """The newest cancelled, failed or interrupted job made from these same inputs (their voxels, geometry and
+        labels) and settings, ready for :meth:`resume`; None if there is none. Arguments as in :meth:`run`."""
+        return history.unfinished_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings,
+                                      self.jobRunner.is_running)
+
+    def resume(
+        self,
+        job: Union[TrainingJob, Path, str],
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """Continue an unfinished job from its checkpoints: the engine reruns in its folder. ``job`` is what
+        :meth:`unfinishedJob` found, or a job folder (its volumes are found in the scene by their fingerprints, or
+        loaded from the job). Other arguments as in :meth:`run`."""
+        if not isinstance(job, TrainingJob) or not job.volume_ids:
+            folder = job.folder if isinstance(job, TrainingJob) else Path(job)
+            job = history.resumable_job(slicer.mrmlScene, folder, self.jobRunner.is_running)
+        return self._follow(self.jobRunner.train(job, self.enginePython(), self.engineEnvironment(), onProgress,
+                                                 onLog, onFinished), wait)
 
     def applyModel(
         self,
@@ -741,35 +791,20 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
     ) -> EngineRun:
-        """Segment ``volume`` with the model the job in ``jobFolder`` trained; other arguments as in :meth:`run`."""
+        """Segment ``volume`` with the model the job in ``jobFolder`` trained; other arguments as in :meth:`run`
+        (one progress event per volume; cancelling removes the apply folder)."""
         job = jobs.prepare_apply_job(TrainingJob.load(Path(jobFolder)), volume)
-        return self._start(job, job.command(self.enginePython()),
-                           lambda: jobs.import_apply_result(slicer.mrmlScene, job),
-                           wait, onProgress, onLog, onFinished)
+        return self._follow(self.jobRunner.apply(job, self.enginePython(), self.engineEnvironment(), onProgress,
+                                                 onLog, onFinished), wait)
 
-    def _start(
-        self,
-        job: Union[TrainingJob, ApplyJob],
-        command: List[str],
-        importResults: Callable[[], object],
-        wait: bool,
-        onProgress: Optional[Callable[[ProgressEvent], None]],
-        onLog: Optional[Callable[[str], None]],
-        onFinished: Optional[Callable[[EngineRun], None]],
-    ) -> EngineRun:
-        """Start the engine for ``job``; import its results with ``importResults`` once it has succeeded."""
-        process = self.processRunner.start(command, self.engineEnvironment(), ENGINE_ROOT)
-        run = EngineRun(job, EngineJob(process, on_progress=onProgress, on_log=onLog))
+    def _follow(self, run: EngineRun, wait: bool) -> EngineRun:
+        """Wait for ``run`` (keeping the application painting), or poll it with a Qt timer until it has finished."""
         if wait:
-            run.engine.wait(between_polls=slicer.app.processEvents)
-            self._finish(run, importResults, onFinished)
-            if run.error is not None:
-                raise run.error
-            return run
+            return run.wait(between_polls=slicer.app.processEvents)
 
         def poll() -> None:
-            if run.engine.poll():
-                self._finish(run, importResults, onFinished)
+            if run.poll():
+                run.timer.stop()
 
         run.timer = qt.QTimer()
         run.timer.setInterval(self.POLL_INTERVAL_MS)
@@ -777,19 +812,21 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         run.timer.start()
         return run
 
-    @staticmethod
-    def _finish(run: EngineRun, importResults: Callable[[], object],
-                onFinished: Optional[Callable[[EngineRun], None]]) -> None:
-        if run.timer is not None:
-            run.timer.stop()
-        try:
-            run.engine.raise_for_outcome()
-            run.results = importResults()
-        except Exception as error:  # reported to the caller through run.error, raised by wait=True
-            run.error = error
-        run.finished = True
-        if onFinished is not None:
-            onFinished(run)
+    # Past jobs
+
+    def pastJobs(self, jobsFolder: Optional[Path] = None) -> List[JobSummary]:
+        """The job folders in ``jobsFolder`` (default: the cache's), newest first: their volumes, model, method, state
+        and size on disk."""
+        return history.list_jobs(self._jobsRoot(jobsFolder), self.jobRunner.is_running)
+
+    def reopen(self, jobFolder: Path) -> TrainingResults:
+        """Load a finished job's results into the scene: a segmentation per predicted volume, the review table, and
+        the volumes themselves where the scene lacks them (from the job's copy; labeled ones with their labels)."""
+        return history.reopen(slicer.mrmlScene, Path(jobFolder), self.jobRunner.is_running)
+
+    def deleteJob(self, jobFolder: Path) -> None:
+        """Delete a job folder with everything in it (refused while it is running)."""
+        history.delete_job(Path(jobFolder), self.jobRunner.is_running)
 
     # What needs the application: the interpreter, its environment, a folder for jobs
 
@@ -810,6 +847,9 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
     def defaultJobsFolder() -> Path:
         """``jobs/`` in the engine's cache folder: outside the extension, so updates keep trained models."""
         return weights.cache_dir() / "jobs"
+
+    def _jobsRoot(self, jobsFolder: Optional[Path]) -> Path:
+        return Path(jobsFolder) if jobsFolder else self.defaultJobsFolder()
 
 
 #
