@@ -15,6 +15,7 @@ import enum
 import importlib.util
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional, Sequence, Union
 
@@ -42,7 +43,7 @@ from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
 from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
-from SFRSegmentLogicLib.jobs import CaseInput, RunSettings, TrainingJob, TrainingResults  # noqa: E402
+from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
     ChildProcessRunner,
     EngineCancelled,
@@ -214,6 +215,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runWarning = ""
         """The last warning of the current run: it stays under the status until the next run starts."""
         self._inputsUpdatePending = False
+        self._pastJobs: List[JobSummary] = []
+        """The rows of the past jobs table."""
 
     def setup(self) -> None:
         """Build the GUI. No installs, downloads or dialogs here: the generic module test builds it headless."""
@@ -242,6 +245,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.clicked.connect(self.onRunButton)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.openReportButton.clicked.connect(self.onOpenReportButton)
+        self.ui.jobsTable.itemSelectionChanged.connect(self._updateJobButtons)
+        self.ui.refreshJobsButton.clicked.connect(self.updatePastJobs)
+        self.ui.reopenJobButton.clicked.connect(self.onReopenJobButton)
+        self.ui.resumeJobButton.clicked.connect(self.onResumeJobButton)
+        self.ui.deleteJobButton.clicked.connect(self.onDeleteJobButton)
 
         self.initializeParameterNode()
 
@@ -254,6 +262,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.initializeParameterNode()
         self.updateInputs()
+        self.updatePastJobs()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -393,6 +402,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onJobsFolderChanged(self, path: str) -> None:
         if self._parameterNode:
             self._parameterNode.jobsFolder = path
+            self.updatePastJobs()
 
     def onImportWeightsButton(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Import SAM weights"), "",
@@ -429,6 +439,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         trainedModel = lastJob is not None and lastJob.run.vnet_weights.is_file()
         self.ui.applyButton.enabled = not running and trainedModel and self._parameterNode.applyVolume is not None
         self.ui.openReportButton.enabled = lastJob is not None and lastJob.run.report.is_file()
+        self._updateJobButtons()
 
     def _lastJob(self) -> Optional[TrainingJob]:
         """The job whose model Apply uses, if its folder is still a readable job folder."""
@@ -503,6 +514,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise
         self.ui.statusLabel.text = _("Started; job folder: {folder}").format(folder=self._run.job.folder)
         self._updateButtons()
+        self.updatePastJobs()
 
     def _jobsFolder(self) -> Optional[Path]:
         return Path(self._parameterNode.jobsFolder) if self._parameterNode.jobsFolder else None
@@ -592,11 +604,76 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self._showStatus(_("Done: '{name}' created.").format(name=run.results.GetName()))
         self._updateButtons()
+        self.updatePastJobs()
 
     def onOpenReportButton(self) -> None:
         job = self._lastJob()
         if job is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(job.run.report)))
+
+    # Past jobs
+
+    def updatePastJobs(self) -> None:
+        """List the job folders of the jobs folder in the past jobs table."""
+        if not self._parameterNode:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to list the past jobs."), waitCursor=True):
+            self._showPastJobs(self.logic.pastJobs(self._jobsFolder()))
+
+    def _showPastJobs(self, pastJobs: List[JobSummary]) -> None:
+        self._pastJobs = pastJobs
+        table = self.ui.jobsTable
+        table.clearSelection()
+        table.setRowCount(len(pastJobs))
+        for row, job in enumerate(pastJobs):
+            cells = [time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created)),
+                     _("{count}: {names}").format(count=len(job.volumes), names=", ".join(job.volumes)),
+                     Path(job.model).name if job.model else _("none"), job.method, jobStateTitle(job.state),
+                     formatSize(job.size_bytes)]
+            toolTip = "\n".join(line for line in (str(job.folder), job.message) if line)
+            for column, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(toolTip)
+                table.setItem(row, column, item)
+        self._updateJobButtons()
+
+    def _selectedJob(self) -> Optional[JobSummary]:
+        rows = {index.row() for index in self.ui.jobsTable.selectionModel().selectedRows()}
+        return self._pastJobs[rows.pop()] if len(rows) == 1 else None
+
+    def _updateJobButtons(self) -> None:
+        job = self._selectedJob()
+        running = self._run is not None and not self._run.finished
+        self.ui.reopenJobButton.enabled = job is not None and job.state == JobState.FINISHED
+        self.ui.resumeJobButton.enabled = not running and job is not None and job.state in jobs.RESUMABLE
+        self.ui.deleteJobButton.enabled = job is not None and job.state != JobState.RUNNING
+
+    def onReopenJobButton(self) -> None:
+        job = self._selectedJob()
+        with slicer.util.tryWithErrorDisplay(_("Failed to reopen the job."), waitCursor=True):
+            results = self.logic.reopen(job.folder)
+            self._parameterNode.lastJob = str(job.folder)
+            self._showStatus(_("Reopened {folder}: {count} segmentation(s).").format(
+                folder=job.folder, count=len(results.segmentations)))
+
+    def onResumeJobButton(self) -> None:
+        job = self._selectedJob()
+        with slicer.util.tryWithErrorDisplay(_("Failed to resume the job."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            self._startRun(lambda: self.logic.resume(job.folder, **self._followRun()))
+
+    def onDeleteJobButton(self) -> None:
+        job = self._selectedJob()
+        question = _("Delete the job folder {folder} ({size}) with everything in it: its copy of the volumes, its "
+                     "checkpoints, its model and its results?").format(folder=job.folder,
+                                                                        size=formatSize(job.size_bytes))
+        if not slicer.util.confirmOkCancelDisplay(question):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to delete the job."), waitCursor=True):
+            self.logic.deleteJob(job.folder)
+            if self._parameterNode.lastJob and Path(self._parameterNode.lastJob) == job.folder:
+                self._parameterNode.lastJob = ""
+        self.updatePastJobs()
 
 
 class DownloadCancelled(Exception):
@@ -617,6 +694,27 @@ def stageTitle(stage: str) -> str:
         "evaluate": _("Evaluating"),
         "report": _("Writing the report"),
     }.get(stage, stage)
+
+
+def jobStateTitle(state: JobState) -> str:
+    """The title of a job's state in the past jobs table."""
+    return {
+        JobState.RUNNING: _("Running"),
+        JobState.FINISHED: _("Finished"),
+        JobState.CANCELLED: _("Cancelled"),
+        JobState.FAILED: _("Failed"),
+        JobState.INTERRUPTED: _("Interrupted"),
+        JobState.DAMAGED: _("Damaged"),
+    }[state]
+
+
+def formatSize(size: int) -> str:
+    """A short human size on disk: '820 KB', '12.5 MB', '1.4 GB'."""
+    if size >= 1e9:
+        return _("{size:.1f} GB").format(size=size / 1e9)
+    if size >= 1e6:
+        return _("{size:.1f} MB").format(size=size / 1e6)
+    return _("{size:.0f} KB").format(size=size / 1e3)
 
 
 def formatDuration(seconds: float) -> str:
