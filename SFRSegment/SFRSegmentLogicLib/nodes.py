@@ -29,10 +29,12 @@ from vtk.util import numpy_support
 
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
+    vtkMRMLNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLScene,
     vtkMRMLSegmentationNode,
     vtkMRMLSegmentationStorageNode,
+    vtkMRMLStorageNode,
     vtkMRMLTableNode,
     vtkMRMLVolumeArchetypeStorageNode,
     vtkSegmentation,
@@ -234,14 +236,21 @@ def _remove_with_display_nodes(scene: vtkMRMLScene, node: vtkMRMLLabelMapVolumeN
 
 def load_volume(scene: vtkMRMLScene, path: Path, name: str) -> vtkMRMLScalarVolumeNode:
     """Load a volume file (as :func:`write_volume` writes it) as a new scalar volume node named ``name``."""
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
-    storage = vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(volume):
-        scene.RemoveNode(volume)
-        raise OSError(f"{path}: could not read the volume")
+    volume = _read_node(scene, "vtkMRMLScalarVolumeNode", vtkMRMLVolumeArchetypeStorageNode(), path, name, "volume")
     volume.CreateDefaultDisplayNodes()
     return volume
+
+
+def _read_node(scene: vtkMRMLScene, node_class: str, storage: vtkMRMLStorageNode, path: Path, name: str,
+               what: str) -> vtkMRMLNode:
+    """A new node of ``node_class`` named ``name`` (made unique in the scene) read from ``path`` by ``storage``;
+    nothing is left in the scene when the file cannot be read."""
+    node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name))
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise OSError(f"{path}: could not read the {what}")
+    return node
 
 
 def load_segmentation(
@@ -257,12 +266,8 @@ def load_segmentation(
     the file lacks becomes an empty segment, so every result has the same segments. The node references ``volume``
     (as Segment Editor and DICOM export expect), sits under the volume's transform, and is marked as a prediction.
     """
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
-    storage = vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(segmentation):
-        scene.RemoveNode(segmentation)
-        raise OSError(f"{path}: could not read the segmentation")
+    segmentation = _read_node(scene, "vtkMRMLSegmentationNode", vtkMRMLSegmentationStorageNode(), path, name,
+                              "segmentation")
     _name_segments_by_class(segmentation.GetSegmentation(), classes)
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segmentation.SetAttribute(PREDICTION_ATTRIBUTE, "1")
