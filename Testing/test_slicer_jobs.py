@@ -8,6 +8,7 @@ applied with progress events, and cancelled.
 """
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -89,11 +90,19 @@ def test_a_damaged_job_folder_is_listed_as_such_and_can_be_deleted(scene, tmp_pa
     with pytest.raises(InputError) as error:
         TrainingJob.load(job.folder)
     message = str(error.value)
-    assert message.startswith(f"{job.folder}: this job folder is damaged: its job.json or config.json cannot be read")
-    assert message.endswith("Delete it (Past jobs, Delete) and run again.")
+    assert message.startswith(f"{job.folder}: this job folder is damaged: its job.json cannot be read (")
+    assert message.endswith("). Delete it (Past jobs, Delete) and run again.")
+    assert "Error" not in message  # words, not an exception's type
     runner = job_runner(scene)
     [summary] = history.list_jobs(tmp_path / "jobs", runner.is_running)
     assert (summary.state, summary.message, summary.volumes) == (JobState.DAMAGED, message, [])
+    (job.folder / jobs.JOB_FILE).write_text(json.dumps({"classes": [], "cases": {}}), encoding="utf-8")
+    job.config.unlink()
+    with pytest.raises(InputError, match=r"damaged: its config.json cannot be read \(\[Errno 2\] No such file"):
+        TrainingJob.load(job.folder)
+    job.config.write_text(json.dumps({"preset": "small"}), encoding="utf-8")
+    with pytest.raises(InputError, match=r"damaged: its config.json cannot be read \(retrain is missing\)"):
+        TrainingJob.load(job.folder)
     history.delete_job(job.folder, runner.is_running)
     assert not job.folder.exists()
 

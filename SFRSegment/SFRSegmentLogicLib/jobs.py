@@ -21,6 +21,7 @@ matches, reopens and deletes job folders, :mod:`runs` runs the engine on them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -29,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from slicer import (
     vtkMRMLScalarVolumeNode,
@@ -69,6 +70,7 @@ working spacing: a patch size set in the module is then the V-Net's only."""
 PRESET_PARAMETER = "preset"
 """The name of the preset in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.preset``)."""
 JOB_FILE = "job.json"
+CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 RUN_FOLDER = "run"
 """The engine's run folder inside a job folder."""
@@ -246,7 +248,7 @@ class TrainingJob:
 
     @property
     def config(self) -> Path:
-        return self.folder / "config.json"
+        return self.folder / CONFIG_FILE
 
     @property
     def run(self) -> RunFolder:
@@ -279,19 +281,13 @@ class TrainingJob:
         """
         folder = Path(folder)
         require_job_folder(folder)
-        try:
+        with _damaged_unless_readable(folder, JOB_FILE):
             description = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
-            job = cls(
-                folder,
-                [SegmentClass(int(c["value"]), str(c["name"]), tuple(c["color"])) for c in description["classes"]],
-                {name: CaseRecord(**record) for name, record in description["cases"].items()},
-                json.loads((folder / "config.json").read_text(encoding="utf-8")),
-            )
-            job.preset, job.method, job.model  # noqa: B018 (read now: a damaged config.json is found here)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise InputError(f"this job folder is damaged: its {JOB_FILE} or config.json cannot be read "
-                             f"({type(error).__name__}: {error}). Delete it (Past jobs, Delete) and run again.",
-                             folder) from error
+            classes = [SegmentClass(int(c["value"]), str(c["name"]), tuple(c["color"])) for c in description["classes"]]
+            cases = {name: CaseRecord(**record) for name, record in description["cases"].items()}
+        with _damaged_unless_readable(folder, CONFIG_FILE):
+            job = cls(folder, classes, cases, json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+            job.preset, job.method, job.model  # noqa: B018 (read now, so that a damaged config.json is found here)
         return job
 
     @property
@@ -309,12 +305,32 @@ class TrainingJob:
             return JobState(recorded["state"]), str(recorded["message"])
         except FileNotFoundError:
             return JobState.INTERRUPTED, "the engine was never started"
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            return JobState.DAMAGED, f"{self.state_file} cannot be read ({type(error).__name__}: {error})"
+        except READ_ERRORS as error:
+            return JobState.DAMAGED, f"its {STATE_FILE} cannot be read ({_reason(error)})"
 
     def ended(self, outcome: Outcome) -> None:
         """Record how the engine's run ended (finished, cancelled, or failed with its message)."""
         self.record_state(_OUTCOME_STATES[outcome.status], outcome.message)
+
+
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+"""What reading a job folder's JSON files raises when they are damaged (missing, cut short, edited)."""
+
+
+@contextlib.contextmanager
+def _damaged_unless_readable(folder: Path, name: str) -> Iterator[None]:
+    """Turn an error reading the job folder's file ``name`` into the InputError that says the folder is damaged and
+    what to do."""
+    try:
+        yield
+    except READ_ERRORS as error:
+        raise InputError(f"this job folder is damaged: its {name} cannot be read ({_reason(error)}). Delete it "
+                         "(Past jobs, Delete) and run again.", folder) from error
+
+
+def _reason(error: Exception) -> str:
+    """Why a file could not be read, in words rather than an exception's type."""
+    return f"{error.args[0]} is missing" if isinstance(error, KeyError) else str(error)
 
 
 def require_job_folder(folder: Path) -> None:
