@@ -60,8 +60,8 @@ class EngineRun:
             return True
         if not self.engine.poll():
             return False
-        self.job.ended(self.engine.outcome)
         try:
+            self.job.ended(self.engine.outcome)
             self.engine.raise_for_outcome()
             self.results = self.import_results()
         except Exception as error:  # reported to the caller through run.error, raised by wait()
