@@ -31,6 +31,7 @@ from .process import ChildProcessRunner, EngineJob, ProgressEvent
 
 OnProgress = Optional[Callable[[ProgressEvent], None]]
 OnLog = Optional[Callable[[str], None]]
+OnFinished = Optional[Callable[["EngineRun"], None]]
 
 
 @dataclass
@@ -40,7 +41,7 @@ class EngineRun:
     job: Union[TrainingJob, ApplyJob]
     engine: EngineJob
     import_results: Callable[[], Any]
-    on_finished: Optional[Callable[["EngineRun"], None]] = None
+    on_finished: OnFinished = None
     results: Union[TrainingResults, vtkMRMLSegmentationNode, None] = None
     error: Optional[Exception] = None
     """Why it did not succeed: the engine's failure (EngineFailed), a cancellation (EngineCancelled), or an import
@@ -92,7 +93,7 @@ class JobRunner:
         self._runs: List[EngineRun] = []
 
     def train(self, job: TrainingJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
-              on_log: OnLog = None, on_finished: Optional[Callable[[EngineRun], None]] = None) -> EngineRun:
+              on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
         """Run (or resume: the engine continues from the folder's checkpoints) a training job; its results are
         imported for the volumes of ``job.volume_ids``. A job that is running already is refused."""
         if self.is_running(job.folder):
@@ -103,7 +104,7 @@ class JobRunner:
         return run
 
     def apply(self, job: ApplyJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
-              on_log: OnLog = None, on_finished: Optional[Callable[[EngineRun], None]] = None) -> EngineRun:
+              on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
         """Segment an apply job's volume; the result is imported as a segmentation."""
         return self._start(job, job.command(python), environment, lambda: import_apply_result(self.scene, job),
                            on_progress, on_log, on_finished)
@@ -118,7 +119,7 @@ class JobRunner:
 
     def _start(self, job: Union[TrainingJob, ApplyJob], command: List[str], environment: Mapping[str, str],
                import_results: Callable[[], Any], on_progress: OnProgress, on_log: OnLog,
-               on_finished: Optional[Callable[[EngineRun], None]]) -> EngineRun:
+               on_finished: OnFinished) -> EngineRun:
         process = self.process_runner.start(command, environment, self.working_directory)
         run = EngineRun(job, EngineJob(process, on_progress=on_progress, on_log=on_log), import_results, on_finished)
         self._runs = [other for other in self._runs if not other.finished] + [run]
