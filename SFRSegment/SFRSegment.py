@@ -15,7 +15,7 @@ import enum
 import importlib.util
 import shutil
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional, Sequence, Union
 
@@ -42,15 +42,16 @@ import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib import choices  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, hardware, jobs, nodes  # noqa: E402
-from SFRSegmentLogicLib.jobs import ApplyJob, CaseInput, RunSettings, TrainingJob, TrainingResults  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
+from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
     ChildProcessRunner,
     EngineCancelled,
-    EngineJob,
     ProgressEvent,
     engine_environment,
 )
+from SFRSegmentLogicLib.runs import EngineRun, JobRunner  # noqa: E402
 
 ENGINE_ROOT = Path(SFRSegmentLib.__file__).resolve().parent.parent
 """The folder holding ``SFRSegmentLib/`` and ``Resources/``."""
@@ -181,6 +182,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runWarning = ""
         """The last warning of the current run: it stays under the status until the next run starts."""
         self._inputsUpdatePending = False
+        self._pastJobs: List[JobSummary] = []
+        """The rows of the past jobs table."""
 
     def setup(self) -> None:
         """Build the GUI. No installs, downloads or dialogs here: the generic module test builds it headless."""
@@ -209,6 +212,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.runButton.clicked.connect(self.onRunButton)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.openReportButton.clicked.connect(self.onOpenReportButton)
+        self.ui.jobsTable.itemSelectionChanged.connect(self._updateJobButtons)
+        self.ui.refreshJobsButton.clicked.connect(self.updatePastJobs)
+        self.ui.reopenJobButton.clicked.connect(self.onReopenJobButton)
+        self.ui.resumeJobButton.clicked.connect(self.onResumeJobButton)
+        self.ui.deleteJobButton.clicked.connect(self.onDeleteJobButton)
 
         self.initializeParameterNode()
 
@@ -221,6 +229,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.initializeParameterNode()
         self.updateInputs()
+        self.updatePastJobs()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -360,6 +369,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onJobsFolderChanged(self, path: str) -> None:
         if self._parameterNode:
             self._parameterNode.jobsFolder = path
+            self.updatePastJobs()
 
     def onImportWeightsButton(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Import SAM weights"), "",
@@ -396,17 +406,22 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         trainedModel = lastJob is not None and lastJob.run.vnet_weights.is_file()
         self.ui.applyButton.enabled = not running and trainedModel and self._parameterNode.applyVolume is not None
         self.ui.openReportButton.enabled = lastJob is not None and lastJob.run.report.is_file()
+        self._updateJobButtons()
 
     def _lastJob(self) -> Optional[TrainingJob]:
-        folder = Path(self._parameterNode.lastJob) if self._parameterNode.lastJob else None
-        if folder is None or not (folder / jobs.JOB_FILE).is_file():
+        """The job whose model Apply uses, if its folder is still a readable job folder."""
+        if not self._parameterNode.lastJob:
             return None
-        return TrainingJob.load(folder)
+        try:
+            return TrainingJob.load(Path(self._parameterNode.lastJob))
+        except InputError:  # deleted or damaged since: Apply and Open report are disabled
+            return None
 
     def onRunButton(self) -> None:
         if self._run is not None and not self._run.finished:
             self._run.cancel()
-            self._showStatus(_("Cancelling: the engine is saving its checkpoint…"))
+            training = isinstance(self._run.job, TrainingJob)
+            self._showStatus(_("Cancelling: the engine saves its checkpoint…") if training else _("Cancelling…"))
             self.ui.runButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
@@ -415,16 +430,41 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
                 return
             inputs = self._inputs()
-            self._startRun(lambda: self.logic.run(
-                inputs, self._segmentNames(inputs), settings, jobsFolder=self._jobsFolder(), wait=False,
-                onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished))
+            segmentNames = self._segmentNames(inputs)
+            unfinished = self.logic.unfinishedJob(inputs, segmentNames, settings, self._jobsFolder())
+            carryOn = False if unfinished is None else self._askToContinue(unfinished)
+            if carryOn is None:
+                return
+            if carryOn:
+                self._startRun(lambda: self.logic.resume(unfinished, **self._followRun()))
+            else:
+                self._startRun(lambda: self.logic.run(inputs, segmentNames, settings, jobsFolder=self._jobsFolder(),
+                                                      resume=False, **self._followRun()))
+
+    def _askToContinue(self, job: TrainingJob) -> Optional[bool]:
+        """Ask whether to continue ``job`` (the default) or start afresh; None when the user cancels."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(_("SFRSegment"))
+        box.setIcon(qt.QMessageBox.Question)
+        box.setText(_("An unfinished job was made from these same volumes, labels and settings:\n{folder}\n\n"
+                      "Continue it from its checkpoints, or start afresh in a new job folder?").format(
+            folder=job.folder))
+        continueButton = box.addButton(_("Continue"), qt.QMessageBox.AcceptRole)
+        afreshButton = box.addButton(_("Start afresh"), qt.QMessageBox.ActionRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(continueButton)
+        box.exec_()
+        return {continueButton: True, afreshButton: False}.get(box.clickedButton())
+
+    def _followRun(self) -> dict:
+        """The arguments with which the Logic's run, resume and applyModel report to this widget."""
+        return dict(wait=False, onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished)
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting the volume."), waitCursor=True):
             self.logic.setupPythonRequirements()
             self._startRun(lambda: self.logic.applyModel(
-                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), wait=False,
-                onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished))
+                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), **self._followRun()))
 
     def _startRun(self, start: Callable[[], "EngineRun"]) -> None:
         self.ui.logTextEdit.clear()
@@ -441,6 +481,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise
         self.ui.statusLabel.text = _("Started; job folder: {folder}").format(folder=self._run.job.folder)
         self._updateButtons()
+        self.updatePastJobs()
 
     def _jobsFolder(self) -> Optional[Path]:
         return Path(self._parameterNode.jobsFolder) if self._parameterNode.jobsFolder else None
@@ -515,8 +556,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRunFinished(self, run: "EngineRun") -> None:
         self.ui.progressBar.setRange(0, 1000)
         self.ui.progressBar.value = 1000 if run.error is None else 0
-        if isinstance(run.error, EngineCancelled):
-            self._showStatus(_("Cancelled. What was finished is kept in {folder}.").format(folder=run.job.folder))
+        if isinstance(run.error, EngineCancelled) and isinstance(run.job, TrainingJob):
+            self._showStatus(_("Cancelled. What was finished is kept in {folder}; Run continues it.").format(
+                folder=run.job.folder))
+        elif isinstance(run.error, EngineCancelled):
+            self._showStatus(_("Cancelled."))
         elif run.error is not None:
             self._showStatus(_("Failed; see the log."))
             slicer.util.errorDisplay(_("The run failed."), detailedText=str(run.error))
@@ -527,11 +571,76 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self._showStatus(_("Done: '{name}' created.").format(name=run.results.GetName()))
         self._updateButtons()
+        self.updatePastJobs()
 
     def onOpenReportButton(self) -> None:
         job = self._lastJob()
         if job is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(job.run.report)))
+
+    # Past jobs
+
+    def updatePastJobs(self) -> None:
+        """List the job folders of the jobs folder in the past jobs table."""
+        if not self._parameterNode:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to list the past jobs."), waitCursor=True):
+            self._showPastJobs(self.logic.pastJobs(self._jobsFolder()))
+
+    def _showPastJobs(self, pastJobs: List[JobSummary]) -> None:
+        self._pastJobs = pastJobs
+        table = self.ui.jobsTable
+        table.clearSelection()
+        table.setRowCount(len(pastJobs))
+        for row, job in enumerate(pastJobs):
+            cells = [time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created)),
+                     _("{count}: {names}").format(count=len(job.volumes), names=", ".join(job.volumes)),
+                     Path(job.model).name if job.model else _("none"), job.method, jobStateTitle(job.state),
+                     formatSize(job.size_bytes)]
+            toolTip = "\n".join(line for line in (str(job.folder), job.message) if line)
+            for column, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(toolTip)
+                table.setItem(row, column, item)
+        self._updateJobButtons()
+
+    def _selectedJob(self) -> Optional[JobSummary]:
+        rows = {index.row() for index in self.ui.jobsTable.selectionModel().selectedRows()}
+        return self._pastJobs[rows.pop()] if len(rows) == 1 else None
+
+    def _updateJobButtons(self) -> None:
+        job = self._selectedJob()
+        running = self._run is not None and not self._run.finished
+        self.ui.reopenJobButton.enabled = job is not None and job.state == JobState.FINISHED
+        self.ui.resumeJobButton.enabled = not running and job is not None and job.state in jobs.RESUMABLE
+        self.ui.deleteJobButton.enabled = job is not None and job.state != JobState.RUNNING
+
+    def onReopenJobButton(self) -> None:
+        job = self._selectedJob()
+        with slicer.util.tryWithErrorDisplay(_("Failed to reopen the job."), waitCursor=True):
+            results = self.logic.reopen(job.folder)
+            self._parameterNode.lastJob = str(job.folder)
+            self._showStatus(_("Reopened {folder}: {count} segmentation(s).").format(
+                folder=job.folder, count=len(results.segmentations)))
+
+    def onResumeJobButton(self) -> None:
+        job = self._selectedJob()
+        with slicer.util.tryWithErrorDisplay(_("Failed to resume the job."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            self._startRun(lambda: self.logic.resume(job.folder, **self._followRun()))
+
+    def onDeleteJobButton(self) -> None:
+        job = self._selectedJob()
+        question = _("Delete the job folder {folder} ({size}) with everything in it: its copy of the volumes, its "
+                     "checkpoints, its model and its results?").format(folder=job.folder,
+                                                                        size=formatSize(job.size_bytes))
+        if not slicer.util.confirmOkCancelDisplay(question):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to delete the job."), waitCursor=True):
+            self.logic.deleteJob(job.folder)
+            if self._parameterNode.lastJob and Path(self._parameterNode.lastJob) == job.folder:
+                self._parameterNode.lastJob = ""
+        self.updatePastJobs()
 
 
 class DownloadCancelled(Exception):
@@ -541,6 +650,27 @@ class DownloadCancelled(Exception):
 def stageTitle(stage: str) -> str:
     """The title of an engine stage (SFRSegmentLib.choices.STAGE_TITLES); other stages show their name."""
     return _(choices.STAGE_TITLES[stage]) if stage in choices.STAGE_TITLES else stage
+
+
+def jobStateTitle(state: JobState) -> str:
+    """The title of a job's state in the past jobs table."""
+    return {
+        JobState.RUNNING: _("Running"),
+        JobState.FINISHED: _("Finished"),
+        JobState.CANCELLED: _("Cancelled"),
+        JobState.FAILED: _("Failed"),
+        JobState.INTERRUPTED: _("Interrupted"),
+        JobState.DAMAGED: _("Damaged"),
+    }[state]
+
+
+def formatSize(size: int) -> str:
+    """A short human size on disk: '820 KB', '12.5 MB', '1.4 GB'."""
+    if size >= 1e9:
+        return _("{size:.1f} GB").format(size=size / 1e9)
+    if size >= 1e6:
+        return _("{size:.1f} MB").format(size=size / 1e6)
+    return _("{size:.0f} KB").format(size=size / 1e3)
 
 
 def formatDuration(seconds: float) -> str:
@@ -560,24 +690,10 @@ def formatDuration(seconds: float) -> str:
 #
 
 
-@dataclass
-class EngineRun:
-    """A started engine job: its folder, its process, and once it has finished, its results or its error."""
-
-    job: Union[TrainingJob, ApplyJob]
-    engine: EngineJob
-    results: Union[TrainingResults, vtkMRMLSegmentationNode, None] = None
-    error: Optional[Exception] = None
-    finished: bool = False
-    timer: Optional[qt.QTimer] = None
-
-    def cancel(self) -> None:
-        """Stop the engine and everything it started; ``error`` becomes an EngineCancelled."""
-        self.engine.cancel()
-
-
 class SFRSegmentLogic(ScriptedLoadableModuleLogic):
-    """Exports the inputs, runs the engine in a child process, and imports its results. No numerics here.
+    """Exports the inputs, runs the engine in a child process, and imports its results; lists, resumes, reopens and
+    deletes past jobs. No numerics here, and little else: the work is in ``SFRSegmentLogicLib`` (tested outside
+    Slicer), this class adds Slicer's scene, interpreter, cache folder and Qt timer.
 
     Works without the widget, from the Python console or ``Slicer --no-main-window --python-script``::
 
@@ -598,7 +714,7 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
     def __init__(self, processRunner: Optional[ChildProcessRunner] = None,
                  hasCudaGpu: Optional[Callable[[], bool]] = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.processRunner = processRunner or ChildProcessRunner()
+        self.jobRunner = JobRunner(slicer.mrmlScene, processRunner or ChildProcessRunner(), ENGINE_ROOT)
         self.hasCudaGpu = hasCudaGpu or hardware.has_cuda_gpu
 
     def getParameterNode(self) -> SFRSegmentParameterNode:
@@ -669,6 +785,7 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress: Optional[Callable[[ProgressEvent], None]] = None,
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
+        resume: bool = True,
     ) -> EngineRun:
         """Train on the labeled ``inputs`` and segment the others; results become segmentation nodes.
 
@@ -679,14 +796,45 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         :param wait: block until the engine has finished (scripts), instead of polling with a Qt timer (GUI).
         :param onProgress: called with each progress event; ``onLog`` with each other line of output.
         :param onFinished: called with the run once its results are imported or it failed (``run.error``).
+        :param resume: continue the unfinished job these inputs and settings made before, if there is one
+            (:meth:`unfinishedJob`), instead of starting a new job folder.
         :return: the run; with ``wait``, finished, and its error raised if it failed.
         """
         python = self.enginePython()
-        job = jobs.prepare_training_job(Path(jobsFolder) if jobsFolder else self.defaultJobsFolder(), inputs,
-                                        segmentNames, settings)
-        return self._start(job, job.command(python, settings.preset),
-                           lambda: jobs.import_training_results(slicer.mrmlScene, job),
-                           wait, onProgress, onLog, onFinished)
+        job = self.unfinishedJob(inputs, segmentNames, settings, jobsFolder) if resume else None
+        if job is None:
+            job = jobs.prepare_training_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings)
+        return self._follow(self.jobRunner.train(job, python, self.engineEnvironment(), onProgress, onLog,
+                                                 onFinished), wait)
+
+    def unfinishedJob(
+        self,
+        inputs: Sequence[CaseInput],
+        segmentNames: Sequence[str],
+        settings: RunSettings = RunSettings(),
+        jobsFolder: Optional[Path] = None,
+    ) -> Optional[TrainingJob]:
+        """The newest cancelled, failed or interrupted job made from these same inputs (their voxels, geometry and
+        labels) and settings, ready for :meth:`resume`; None if there is none. Arguments as in :meth:`run`."""
+        return history.unfinished_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings,
+                                      self.jobRunner.is_running)
+
+    def resume(
+        self,
+        job: Union[TrainingJob, Path, str],
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """Continue an unfinished job from its checkpoints: the engine reruns in its folder. ``job`` is what
+        :meth:`unfinishedJob` found, or a job folder (its volumes are found in the scene by their fingerprints, or
+        loaded from the job). Other arguments as in :meth:`run`."""
+        if not isinstance(job, TrainingJob) or not job.volume_ids:
+            folder = job.folder if isinstance(job, TrainingJob) else Path(job)
+            job = history.resumable_job(slicer.mrmlScene, folder, self.jobRunner.is_running)
+        return self._follow(self.jobRunner.train(job, self.enginePython(), self.engineEnvironment(), onProgress,
+                                                 onLog, onFinished), wait)
 
     def applyModel(
         self,
@@ -697,35 +845,20 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
     ) -> EngineRun:
-        """Segment ``volume`` with the model the job in ``jobFolder`` trained; other arguments as in :meth:`run`."""
+        """Segment ``volume`` with the model the job in ``jobFolder`` trained; other arguments as in :meth:`run`
+        (one progress event per volume; cancelling removes the apply folder)."""
         job = jobs.prepare_apply_job(TrainingJob.load(Path(jobFolder)), volume)
-        return self._start(job, job.command(self.enginePython()),
-                           lambda: jobs.import_apply_result(slicer.mrmlScene, job),
-                           wait, onProgress, onLog, onFinished)
+        return self._follow(self.jobRunner.apply(job, self.enginePython(), self.engineEnvironment(), onProgress,
+                                                 onLog, onFinished), wait)
 
-    def _start(
-        self,
-        job: Union[TrainingJob, ApplyJob],
-        command: List[str],
-        importResults: Callable[[], object],
-        wait: bool,
-        onProgress: Optional[Callable[[ProgressEvent], None]],
-        onLog: Optional[Callable[[str], None]],
-        onFinished: Optional[Callable[[EngineRun], None]],
-    ) -> EngineRun:
-        """Start the engine for ``job``; import its results with ``importResults`` once it has succeeded."""
-        process = self.processRunner.start(command, self.engineEnvironment(), ENGINE_ROOT)
-        run = EngineRun(job, EngineJob(process, on_progress=onProgress, on_log=onLog))
+    def _follow(self, run: EngineRun, wait: bool) -> EngineRun:
+        """Wait for ``run`` (keeping the application painting), or poll it with a Qt timer until it has finished."""
         if wait:
-            run.engine.wait(between_polls=slicer.app.processEvents)
-            self._finish(run, importResults, onFinished)
-            if run.error is not None:
-                raise run.error
-            return run
+            return run.wait(between_polls=slicer.app.processEvents)
 
         def poll() -> None:
-            if run.engine.poll():
-                self._finish(run, importResults, onFinished)
+            if run.poll():
+                run.timer.stop()
 
         run.timer = qt.QTimer()
         run.timer.setInterval(self.POLL_INTERVAL_MS)
@@ -733,19 +866,21 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         run.timer.start()
         return run
 
-    @staticmethod
-    def _finish(run: EngineRun, importResults: Callable[[], object],
-                onFinished: Optional[Callable[[EngineRun], None]]) -> None:
-        if run.timer is not None:
-            run.timer.stop()
-        try:
-            run.engine.raise_for_outcome()
-            run.results = importResults()
-        except Exception as error:  # reported to the caller through run.error, raised by wait=True
-            run.error = error
-        run.finished = True
-        if onFinished is not None:
-            onFinished(run)
+    # Past jobs
+
+    def pastJobs(self, jobsFolder: Optional[Path] = None) -> List[JobSummary]:
+        """The job folders in ``jobsFolder`` (default: the cache's), newest first: their volumes, model, method, state
+        and size on disk."""
+        return history.list_jobs(self._jobsRoot(jobsFolder), self.jobRunner.is_running)
+
+    def reopen(self, jobFolder: Path) -> TrainingResults:
+        """Load a finished job's results into the scene: a segmentation per predicted volume, the review table, and
+        the volumes themselves where the scene lacks them (from the job's copy; labeled ones with their labels)."""
+        return history.reopen(slicer.mrmlScene, Path(jobFolder), self.jobRunner.is_running)
+
+    def deleteJob(self, jobFolder: Path) -> None:
+        """Delete a job folder with everything in it (refused while it is running)."""
+        history.delete_job(Path(jobFolder), self.jobRunner.is_running)
 
     # What needs the application: the interpreter, its environment, a folder for jobs
 
@@ -766,6 +901,9 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
     def defaultJobsFolder() -> Path:
         """``jobs/`` in the engine's cache folder: outside the extension, so updates keep trained models."""
         return weights.cache_dir() / "jobs"
+
+    def _jobsRoot(self, jobsFolder: Optional[Path]) -> Path:
+        return Path(jobsFolder) if jobsFolder else self.defaultJobsFolder()
 
 
 #

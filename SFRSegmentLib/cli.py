@@ -107,11 +107,13 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import load_vnet, predict_to_folder, resolve_device
+    from .progress import make_reporter
 
     config = _stage_config(args, "inference")
     model, info = load_vnet(args.model, resolve_device(config.device))
-    for path in predict_to_folder(model, info, args.images, args.out, config):
-        print(f"wrote {path}")
+    out = sys.stderr if args.progress == "jsonl" else sys.stdout
+    for path in predict_to_folder(model, info, args.images, args.out, config, make_reporter(args.progress)):
+        print(f"wrote {path}", file=out)
     return 0
 
 
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage_options(p, "inference", {
         "--patch": "inference.patch_size", "--stride-xy": "inference.stride_xy", "--stride-z": "inference.stride_z",
         "--sw-batch-size": "inference.sw_batch_size", "--largest-component": "inference.largest_component",
-        "--device": "device", "--precision": "inference.precision"}, progress=False)
+        "--device": "device", "--precision": "inference.precision"})
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD of predictions against truth, per case and class")

@@ -75,6 +75,22 @@ class RunFolder:
                 shutil.rmtree(leftover, ignore_errors=True)
             yield self  # the lock ends when the file is closed
 
+    def in_use(self) -> bool:
+        """Whether a process holds the folder's lock now (see :meth:`exclusive`), without waiting or writing.
+
+        A free lock is taken for an instant and released, so a process that tries to take it in that instant is
+        refused as if the folder were in use; a folder without ``.lock`` is not in use.
+        """
+        try:
+            lock_file = open(self.root / ".lock", "r+", encoding="utf-8")
+        except FileNotFoundError:
+            return False
+        with lock_file:
+            if not _try_lock(lock_file):
+                return True
+            _unlock(lock_file)
+            return False
+
     # run level
     @property
     def config(self) -> Path:
@@ -172,6 +188,19 @@ def _lock_holder(lock_path: Path) -> str:
         return lock_path.read_text(encoding="utf-8").strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def _unlock(lock_file) -> None:
+    """Release the lock :func:`_try_lock` took (Windows wants it released before the file is closed)."""
+    if os.name == "nt":
+        import msvcrt
+
+        lock_file.seek(0)
+        msvcrt.locking(lock_file.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
 def _try_lock(lock_file) -> bool:

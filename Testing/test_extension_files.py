@@ -174,8 +174,10 @@ def test_scripting_example_uses_only_what_the_module_offers():
     module = ast.parse((MODULE_DIR / "SFRSegment.py").read_text(encoding="utf-8"))
     classes = {node.name: node for node in module.body if isinstance(node, ast.ClassDef)}
     logic_methods = {f.name for f in classes["SFRSegmentLogic"].body if isinstance(f, ast.FunctionDef)}
-    run_fields = {s.target.id for s in classes["EngineRun"].body if isinstance(s, ast.AnnAssign)}
-    run_fields |= {f.name for f in classes["EngineRun"].body if isinstance(f, ast.FunctionDef)}
+    runs_module = ast.parse((MODULE_DIR / "SFRSegmentLogicLib" / "runs.py").read_text(encoding="utf-8"))
+    engine_run = next(node for node in runs_module.body if isinstance(node, ast.ClassDef) and node.name == "EngineRun")
+    run_fields = {s.target.id for s in engine_run.body if isinstance(s, ast.AnnAssign)}
+    run_fields |= {f.name for f in engine_run.body if isinstance(f, ast.FunctionDef)}
     jobs_module = ast.parse((MODULE_DIR / "SFRSegmentLogicLib" / "jobs.py").read_text(encoding="utf-8"))
     jobs_classes = {node.name: node for node in jobs_module.body if isinstance(node, ast.ClassDef)}
     settings_fields = {s.target.id for s in jobs_classes["RunSettings"].body if isinstance(s, ast.AnnAssign)}

@@ -17,6 +17,7 @@ import torch
 from SFRSegmentLib.config import InferenceConfig
 from SFRSegmentLib.data import zscore
 from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.events import parse_progress_line
 from SFRSegmentLib.inference import (
     VNetInfo,
     keep_largest_components,
@@ -252,6 +253,15 @@ def test_cli_predict_and_evaluate(tmp_path: Path) -> None:
         np.testing.assert_array_equal(segmentation.array, nifti.array)
         assert [(s.value, s.name) for s in segmentation.segments] == [(1, "organ 1")]
         assert nifti.shape == read_volume(case.image).shape
+
+    # The Slicer module's protocol: only JSON lines on stdout, one event per case as it is written.
+    result = cli("predict", "--model", str(tmp_path / "run"), "--images", *unlabeled, "--out", str(tmp_path / "again"),
+                 "--stride-xy", "16", "--stride-z", "8", "--device", "cpu", "--progress", "jsonl")
+    assert result.returncode == 0, result.stderr
+    events = [parse_progress_line(line) for line in result.stdout.splitlines()]
+    assert [(e.stage, e.step, e.total) for e in events] == [("predict", 1, 2), ("predict", 2, 2)]
+    assert sorted(e.message for e in events) == sorted(f"predicted {case.name}" for case in cohort.unlabeled)
+    assert "wrote" in result.stderr
 
     result = cli("evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(cohort.root / TRUTH_FOLDER),
                  "--out", str(tmp_path / "metrics.csv"))

@@ -60,6 +60,21 @@ def test_a_second_process_is_refused_while_the_first_runs_and_admitted_after_it_
         assert (run / ".lock").read_text(encoding="utf-8").strip() == str(os.getpid())
 
 
+def test_whether_a_folder_is_in_use_is_asked_without_taking_its_lock(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    assert not run.in_use() and not run.root.exists()  # nothing is created
+    holder = start_holder(run.root)
+    try:
+        assert run.in_use() and run.in_use()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not run.in_use()
+    with run.exclusive():  # the probe released what it took
+        assert run.in_use()  # another open file of this process is refused too, as another process would be
+    assert not run.in_use()
+
+
 def test_the_lock_is_released_when_the_body_ends_even_by_an_error(tmp_path):
     run = RunFolder(tmp_path / "run")
     with pytest.raises(RuntimeError, match="stage failed"):

@@ -35,7 +35,8 @@ from SFRSegmentLib.io import Segment, Volume, read_volume, write_volume  # noqa:
 from SFRSegmentLib.runfolder import RunFolder  # noqa: E402
 from SFRSegmentLogicLib import jobs, nodes  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, RunSettings  # noqa: E402
-from SFRSegmentLogicLib.process import ChildProcessRunner, EngineJob, Status, engine_environment  # noqa: E402
+from SFRSegmentLogicLib.process import ChildProcessRunner, engine_environment  # noqa: E402
+from SFRSegmentLogicLib.runs import JobRunner  # noqa: E402
 from test_slicer_launcher import run_with_packages_blocked  # noqa: E402
 
 RED, GREEN, BLUE = (0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.2, 0.3, 0.9)
@@ -503,10 +504,14 @@ def test_training_job_folder_is_a_cohort_the_engine_accepts(scene, tmp_path):
         np.testing.assert_allclose(read_volume(case.image).ijk_to_ras, _ijk_to_ras(volume), atol=1e-6)
     assert json.loads(job.config.read_text()) == jobs.run_config(settings)
     described = json.loads((job.folder / jobs.JOB_FILE).read_text())
-    assert described["cases"] == {"Patient_0_CT": "Patient 0 CT", "Patient_1_CT": "Patient 1 CT",
-                                  "Patient_2_CT": "Patient 2 CT"}
-    assert jobs.TrainingJob.load(job.folder).classes == job.classes
-    assert job.command("python", "small") == [
+    assert {case: record["volume"] for case, record in described["cases"].items()} == {
+        "Patient_0_CT": "Patient 0 CT", "Patient_1_CT": "Patient 1 CT", "Patient_2_CT": "Patient 2 CT"}
+    # The inputs' identities: what was exported, whatever the nodes are called later.
+    assert [record["image"] for record in described["cases"].values()] == [nodes.fingerprint(v) for v in volumes]
+    assert [record["label"] is not None for record in described["cases"].values()] == [True, False, False]
+    loaded = jobs.TrainingJob.load(job.folder)
+    assert (loaded.classes, loaded.cases, loaded.overrides) == (job.classes, job.cases, job.overrides)
+    assert job.command("python") == [
         "python", "-m", "SFRSegmentLib", "run", "--cohort", str(job.cohort), "--out", str(job.folder / "run"),
         "--preset", "small", "--config", str(job.config), "--progress", "jsonl"]
 
@@ -595,7 +600,7 @@ def test_applying_a_trained_model_to_one_more_volume(scene, tmp_path):
 
     assert apply.command("python") == ["python", "-m", "SFRSegmentLib", "predict", "--model", str(job.run.root),
                                        "--images", str(apply.image), "--out", str(apply.prediction.parent),
-                                       "--preset", "paper"]
+                                       "--preset", "paper", "--progress", "jsonl"]
     np.testing.assert_allclose(read_volume(apply.image).ijk_to_ras, _ijk_to_ras(volumes[2]), atol=1e-6)
     with pytest.raises(InputError, match="without writing the expected prediction"):
         jobs.import_apply_result(scene, apply)
@@ -677,11 +682,9 @@ def test_the_scripting_example_end_to_end_with_a_stand_in_engine(scene, tmp_path
     settings = RunSettings(preset="small", device="cpu", retrain_iterations=500)
     job = jobs.prepare_training_job(tmp_path / "jobs", inputs, names, settings)
     events, log = [], []
-    process = runner.start(job.command(sys.executable, settings.preset), engine_environment({}, ROOT), ROOT)
-    engine = EngineJob(process, on_progress=events.append, on_log=log.append)
-    outcome = engine.wait(interval_s=0.05)
-    assert outcome.status == Status.SUCCEEDED, outcome.message
-    results = jobs.import_training_results(scene, job)
+    run = JobRunner(scene, runner, ROOT).train(job, sys.executable, engine_environment({}, ROOT), events.append,
+                                               log.append)
+    results = run.wait().results
 
     assert [e.message for e in events] == ["Patient_1_CT", "Patient_2_CT"]
     assert any(f"config: {json.dumps(jobs.run_config(settings), sort_keys=True)}" == line for line in log)

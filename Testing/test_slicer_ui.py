@@ -350,3 +350,59 @@ def test_an_engine_warning_stays_in_the_status_line_and_opens_the_log(loaded_ui,
     assert log == ["[Checking the inputs] 2 cases", f"[Checking the inputs] WARNING: {MISSING_SAM_WARNING}"]
     assert view.ui.logCollapsibleButton.collapsed is False
     assert view.ui.progressBar.value == 500
+
+
+def test_the_past_jobs_table_shows_each_job_and_offers_what_its_state_allows(loaded_ui, tmp_path):
+    """The widget's own code fills the .ui's jobs table from job summaries and enables the buttons for the selected
+    job: reopen a finished job, resume an unfinished one (not while a run is going), delete any but a running one."""
+    import time
+    from typing import List, Optional
+
+    from SFRSegmentLogicLib import jobs
+    from SFRSegmentLogicLib.history import JobSummary
+    from SFRSegmentLogicLib.jobs import JobState
+
+    widget, QtWidgets = loaded_ui
+    qt = types.SimpleNamespace(QTableWidgetItem=QtWidgets.QTableWidgetItem)
+    parts = module_code(functions=["jobStateTitle", "formatSize"],
+                        widget_methods=["_showPastJobs", "_selectedJob", "_updateJobButtons"], qt=qt, time=time,
+                        Path=Path, JobState=JobState, JobSummary=JobSummary, jobs=jobs, List=List, Optional=Optional)
+    view = parts.Widget()
+    view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name)) for name in (
+        "jobsTable", "reopenJobButton", "resumeJobButton", "deleteJobButton")})
+    view._run = None
+    created = time.mktime((2026, 5, 1, 14, 25, 30, 0, 0, -1))
+
+    def summary(name, state, model=None, message="", size=0):
+        return JobSummary(tmp_path / name, created, ["CT 1", "CT 2"], model, "sfr_mt", "cpu", state, message, size)
+
+    view._showPastJobs([summary("finished", JobState.FINISHED, "sam_vit_b", size=1_234_000_000),
+                        summary("failed", JobState.FAILED, message="The engine stopped with exit code 1.",
+                                size=56_700_000),
+                        summary("running", JobState.RUNNING, str(tmp_path / "my_sam.pth"), size=820_000)])
+
+    table = view.ui.jobsTable.widget
+    headers = [table.horizontalHeaderItem(column).text() for column in range(table.columnCount())]
+    assert headers == ["Date", "Volumes", "Model", "Method", "State", "Size"]
+    rows = [[table.item(row, column).text() for column in range(table.columnCount())]
+            for row in range(table.rowCount())]
+    assert rows == [
+        ["2026-05-01 14:25", "2: CT 1, CT 2", "sam_vit_b", "sfr_mt", "Finished", "1.2 GB"],
+        ["2026-05-01 14:25", "2: CT 1, CT 2", "none", "sfr_mt", "Failed", "56.7 MB"],
+        ["2026-05-01 14:25", "2: CT 1, CT 2", "my_sam.pth", "sfr_mt", "Running", "820 KB"]]
+    assert table.item(1, 4).toolTip() == f"{tmp_path / 'failed'}\nThe engine stopped with exit code 1."
+    assert table.editTriggers() == QtWidgets.QAbstractItemView.NoEditTriggers
+
+    def offered(row=None, running=None):
+        view._run = running
+        table.clearSelection() if row is None else table.selectRow(row)
+        view._updateJobButtons()
+        return [name for name in ("reopenJobButton", "resumeJobButton", "deleteJobButton")
+                if getattr(view.ui, name).enabled]
+
+    assert offered() == [] and view._selectedJob() is None
+    assert offered(0) == ["reopenJobButton", "deleteJobButton"]
+    assert offered(1) == ["resumeJobButton", "deleteJobButton"]
+    assert offered(1, running=types.SimpleNamespace(finished=False)) == ["deleteJobButton"]
+    assert offered(2) == []
+    assert view._selectedJob().folder == tmp_path / "running"

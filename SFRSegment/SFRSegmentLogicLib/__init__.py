@@ -2,7 +2,11 @@
 
 * :mod:`.process`: the engine's child process, its JSON-lines progress, cancel (standard library only);
 * :mod:`.nodes`: Slicer nodes ↔ files and scene queries (MRML classes, VTK, numpy: runs under ``slicer-core``);
-* :mod:`.jobs`: job folders, the run configuration, the engine's command lines, importing results (as ``nodes``);
+* :mod:`.jobs`: job folders, the run configuration, the engine's command lines, a job's state, importing results
+  (as ``nodes``);
+* :mod:`.runs`: starting the engine on a job folder, following it to its end, recording how it ended (as ``nodes``);
+* :mod:`.history`: past jobs: listing them, finding the unfinished one the scene would make again, reopening,
+  deleting (as ``nodes``);
 * :mod:`.dependencies`: installing the engine's packages (needs the Slicer application).
 * :mod:`.hardware`: whether the computer has a CUDA GPU, which the preset of a new parameter node follows (standard
   library only).

@@ -3,8 +3,10 @@
 A training job folder::
 
     JOB/
-      job.json                  the classes (label value, segment name, colour) and which volume each case is
+      job.json                  the classes (label value, segment name, colour) and each case's volume: its name
+                                and the fingerprints of its image and label (:class:`CaseRecord`)
       config.json               the run configuration (see :func:`run_config`)
+      state.json                running, finished, cancelled or failed (with the message): :class:`JobState`
       cohort/classes.json       {"1": "<segment name>", ...}
       cohort/<case>/image.nrrd  every input volume
       cohort/<case>/label.nrrd  labeled volumes only: the chosen segments on the volume's grid
@@ -12,17 +14,23 @@ A training job folder::
       apply/<stamp>/            "Apply model" jobs: images/<case>.nrrd in, predictions/ out
 
 The engine is started as ``<python> -m SFRSegmentLib run --cohort JOB/cohort --out JOB/run --preset P --config
-JOB/config.json --progress jsonl``. Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths.
+JOB/config.json --progress jsonl``; the same command in the same folder resumes an unfinished job from its
+checkpoints. Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists,
+matches, reopens and deletes job folders, :mod:`runs` runs the engine on them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from slicer import (
     vtkMRMLScalarVolumeNode,
@@ -42,6 +50,8 @@ from SFRSegmentLib.runfolder import RunFolder
 
 from .nodes import (
     SegmentClass,
+    fingerprint,
+    label_fingerprint,
     load_confidence_table,
     load_segmentation,
     segment_classes,
@@ -49,10 +59,15 @@ from .nodes import (
     write_volume,
 )
 from .nodes import segment_names as segment_names_of
+from .process import Outcome, Status
 
 PRESET_PARAMETER = "preset"
 """The name of the preset in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.preset``)."""
 JOB_FILE = "job.json"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+RUN_FOLDER = "run"
+"""The engine's run folder inside a job folder."""
 RESULT_SUFFIX = " segmentation"
 """A result is named after its volume: '<volume name> segmentation'."""
 
@@ -166,66 +181,193 @@ def case_names(volume_names: Sequence[str]) -> List[str]:
 # Training jobs
 
 
+class JobState(enum.Enum):
+    """Where a training job is (:meth:`TrainingJob.recorded_state`, and :mod:`history` for the state it is in now)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    """Recorded as running, but no engine runs it: Slicer was closed or crashed during the run. A job whose engine
+    never started (no state recorded) is interrupted too."""
+    DAMAGED = "damaged"
+    """Its job.json or config.json cannot be read: it can only be deleted."""
+
+
+RESUMABLE = (JobState.CANCELLED, JobState.FAILED, JobState.INTERRUPTED)
+"""The states of an unfinished job: rerunning its engine continues from its checkpoints."""
+_OUTCOME_STATES = {Status.SUCCEEDED: JobState.FINISHED, Status.CANCELLED: JobState.CANCELLED,
+                   Status.FAILED: JobState.FAILED}
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """What a job folder records of one case: its volume's name and the fingerprints (:func:`nodes.fingerprint`)
+    of the image and of the label map that were exported, so that the scene's volumes can be recognised."""
+
+    volume: str
+    image: str
+    label: Optional[str] = None
+
+
 @dataclass
 class TrainingJob:
     """A training job folder, and which scene volume each of its cases is."""
 
     folder: Path
     classes: List[SegmentClass]
+    cases: Dict[str, CaseRecord]
+    """Case name → its record, in the cohort's order."""
+    overrides: Dict[str, Any]
+    """The run configuration the job was made with (config.json, :func:`run_config`)."""
     volume_ids: Dict[str, str] = field(default_factory=dict)
-    """Case name → ID of its volume node."""
+    """Case name → ID of its volume node (not kept on disk: see :func:`history.attach`)."""
 
     @property
     def cohort(self) -> Path:
         return self.folder / "cohort"
 
+    def image(self, case: str) -> Path:
+        return self.cohort / case / f"{IMAGE_STEM}.nrrd"
+
+    def label(self, case: str) -> Path:
+        return self.cohort / case / f"{LABEL_STEM}.nrrd"
+
     @property
     def config(self) -> Path:
-        return self.folder / "config.json"
+        return self.folder / CONFIG_FILE
 
     @property
     def run(self) -> RunFolder:
-        return RunFolder(self.folder / "run")
+        return RunFolder(self.folder / RUN_FOLDER)
 
-    def command(self, python: str, preset: str) -> List[str]:
-        """The engine's command line for this job."""
+    @property
+    def preset(self) -> str:
+        return self.overrides["preset"]
+
+    @property
+    def method(self) -> str:
+        return self.overrides["retrain"]["method"]
+
+    @property
+    def model(self) -> Optional[str]:
+        """The SAM checkpoint the run was given; None when it uses none (see :attr:`RunSettings.uses_checkpoint`)."""
+        return self.overrides["finetune"].get("base_checkpoint")
+
+    def command(self, python: str) -> List[str]:
+        """The engine's command line for this job; run again in the same folder, it resumes."""
         return [python, "-m", "SFRSegmentLib", "run", "--cohort", str(self.cohort), "--out", str(self.run.root),
-                "--preset", preset, "--config", str(self.config), "--progress", "jsonl"]
+                "--preset", self.preset, "--config", str(self.config), "--progress", "jsonl"]
 
     @classmethod
     def load(cls, folder: Path) -> "TrainingJob":
-        """The job in ``folder`` as written by :func:`prepare_training_job` (volume IDs are not kept on disk)."""
-        description = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
-        classes = [SegmentClass(int(c["value"]), c["name"], tuple(c["color"])) for c in description["classes"]]
-        return cls(folder, classes)
+        """The job in ``folder`` as written by :func:`prepare_training_job` (volume IDs are not kept on disk).
+
+        A folder without job.json, or whose job.json or config.json cannot be read, is an :class:`InputError`
+        that says so and what to do.
+        """
+        folder = Path(folder)
+        require_job_folder(folder)
+        with _damaged_unless_readable(folder, JOB_FILE):
+            description = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+            classes = [SegmentClass(int(c["value"]), str(c["name"]), tuple(c["color"])) for c in description["classes"]]
+            cases = {name: CaseRecord(**record) for name, record in description["cases"].items()}
+        with _damaged_unless_readable(folder, CONFIG_FILE):
+            job = cls(folder, classes, cases, json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+            job.preset, job.method, job.model  # noqa: B018 (read now, so that a damaged config.json is found here)
+        return job
+
+    @property
+    def state_file(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def record_state(self, state: JobState, message: str = "") -> None:
+        """Write the job's state (and for a failure, its message) into the folder, where it survives Slicer."""
+        _write_json(self.state_file, {"state": state.value, "message": message})
+
+    def recorded_state(self) -> Tuple[JobState, str]:
+        """The state last recorded and its message; INTERRUPTED when none was (the engine never started)."""
+        try:
+            recorded = json.loads(self.state_file.read_text(encoding="utf-8"))
+            return JobState(recorded["state"]), str(recorded["message"])
+        except FileNotFoundError:
+            return JobState.INTERRUPTED, "the engine was never started"
+        except READ_ERRORS as error:
+            return JobState.DAMAGED, f"its {STATE_FILE} cannot be read ({_reason(error)})"
+
+    def ended(self, outcome: Outcome) -> None:
+        """Record how the engine's run ended (finished, cancelled, or failed with its message)."""
+        self.record_state(_OUTCOME_STATES[outcome.status], outcome.message)
+
+
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+"""What reading a job folder's JSON files raises when they are damaged (missing, cut short, edited)."""
+
+
+@contextlib.contextmanager
+def _damaged_unless_readable(folder: Path, name: str) -> Iterator[None]:
+    """Turn an error reading the job folder's file ``name`` into the InputError that says the folder is damaged and
+    what to do."""
+    try:
+        yield
+    except READ_ERRORS as error:
+        raise InputError(f"this job folder is damaged: its {name} cannot be read ({_reason(error)}). Delete it "
+                         "(Past jobs, Delete) and run again.", folder) from error
+
+
+def _reason(error: Exception) -> str:
+    """Why a file could not be read, in words rather than an exception's type."""
+    return f"{error.args[0]} is missing" if isinstance(error, KeyError) else str(error)
+
+
+def require_job_folder(folder: Path) -> None:
+    """Raise an :class:`InputError` that says what to do unless ``folder`` is a job folder (it holds a job.json)."""
+    if not (folder / JOB_FILE).is_file():
+        raise InputError(f"this is not an SFRSegment job folder: it has no {JOB_FILE}. Choose a folder that Run "
+                         "created (Past jobs lists them).", folder)
 
 
 def prepare_training_job(
     jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str], settings: RunSettings
 ) -> TrainingJob:
     """Check the inputs, then write a new job folder under ``jobs_root``: cohort (images, labels, classes), job
-    description and configuration. Nothing is created when the inputs are wrong."""
-    _check_inputs(inputs, segment_names)
+    description (with the inputs' fingerprints) and configuration. Nothing is created when the inputs are wrong."""
+    check_inputs(inputs, segment_names)
     config = run_config(settings)
-    folder = new_job_folder(jobs_root)
     labeled = [item.segmentation for item in inputs if item.segmentation is not None]
     classes = segment_classes(list(segment_names), labeled)
     names = case_names([item.volume.GetName() for item in inputs])
-    job = TrainingJob(folder, classes, {name: item.volume.GetID() for name, item in zip(names, inputs)})
+    records = {name: CaseRecord(item.volume.GetName(), *fingerprints)
+               for name, item, fingerprints in zip(names, inputs, input_fingerprints(inputs, classes))}
+    job = TrainingJob(new_job_folder(jobs_root), classes, records, config,
+                      {name: item.volume.GetID() for name, item in zip(names, inputs)})
     for name, item in zip(names, inputs):
-        write_volume(item.volume, job.cohort / name / f"{IMAGE_STEM}.nrrd")
+        write_volume(item.volume, job.image(name))
         if item.segmentation is not None:
-            write_label_map(item.segmentation, classes, item.volume, job.cohort / name / f"{LABEL_STEM}.nrrd")
+            write_label_map(item.segmentation, classes, item.volume, job.label(name))
     _write_json(job.cohort / CLASSES_FILE, {str(c.value): c.name for c in classes})
-    _write_json(folder / JOB_FILE, {
+    _write_json(job.folder / JOB_FILE, {
         "classes": [{"value": c.value, "name": c.name, "color": list(c.color)} for c in classes],
-        "cases": {name: item.volume.GetName() for name, item in zip(names, inputs)},
+        "cases": {name: dataclasses.asdict(record) for name, record in records.items()},
     })
     _write_json(job.config, config)
     return job
 
 
-def _check_inputs(inputs: Sequence[CaseInput], segment_names: Sequence[str]) -> None:
+Fingerprints = Tuple[str, Optional[str]]
+"""A case's image fingerprint and its label's (None for an unlabeled case)."""
+
+
+def input_fingerprints(inputs: Sequence[CaseInput], classes: Sequence[SegmentClass]) -> List[Fingerprints]:
+    """The fingerprints of each input's volume and of its label map for ``classes``, as a job folder records them."""
+    return [(fingerprint(item.volume),
+             None if item.segmentation is None else label_fingerprint(item.segmentation, classes, item.volume))
+            for item in inputs]
+
+
+def check_inputs(inputs: Sequence[CaseInput], segment_names: Sequence[str]) -> None:
+    """Raise the :class:`InputError` that says what to fix when the inputs cannot make a job."""
     if not inputs:
         raise InputError("No input volumes. Load the volumes to segment into the scene.")
     if not any(item.segmentation is not None for item in inputs):
@@ -259,10 +401,14 @@ class TrainingResults:
     segmentations: Dict[str, vtkMRMLSegmentationNode]
     """Case name → its result."""
     confidence_table: Optional[vtkMRMLTableNode]
+    """The review table: the unlabeled volumes, least confident first (runs with SAM's pseudo-labels only)."""
+    report: Optional[Path]
+    """The run's HTML report, if it was written."""
 
 
 def import_training_results(scene: vtkMRMLScene, job: TrainingJob) -> TrainingResults:
-    """Load each case's prediction as a segmentation named after its volume, and the confidence table if present.
+    """Load each case's prediction as a segmentation named after its volume, and the confidence table if present;
+    the report is named.
 
     Only cases with a prediction file are loaded (the engine predicts the unlabeled ones); a case whose volume has
     left the scene is skipped.
@@ -281,7 +427,7 @@ def import_training_results(scene: vtkMRMLScene, job: TrainingJob) -> TrainingRe
     table = None
     if job.run.confidence_table.is_file():
         table = load_confidence_table(scene, job.run.confidence_table, "SFRSegment confidence", volume_names)
-    return TrainingResults(segmentations, table)
+    return TrainingResults(segmentations, table, job.run.report if job.run.report.is_file() else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,11 +452,17 @@ class ApplyJob:
         return self.folder / "predictions" / f"{self.case}.seg.nrrd"
 
     def command(self, python: str) -> List[str]:
-        """The engine's command line: ``predict --model RUN --images IMAGE --out DIR --preset P``, with the training
-        job's preset, so that the volume is predicted as the run predicted its own."""
+        """The engine's command line: ``predict --model RUN --images IMAGE --out DIR --preset P --progress jsonl``,
+        with the training job's preset, so that the volume is predicted as the run predicted its own."""
         preset_name = json.loads(self.training.config.read_text(encoding="utf-8"))["preset"]
         return [python, "-m", "SFRSegmentLib", "predict", "--model", str(self.training.run.root),
-                "--images", str(self.image), "--out", str(self.prediction.parent), "--preset", preset_name]
+                "--images", str(self.image), "--out", str(self.prediction.parent), "--preset", preset_name,
+                "--progress", "jsonl"]
+
+    def ended(self, outcome: Outcome) -> None:
+        """A cancelled apply job leaves nothing behind: its folder (the exported volume) is removed."""
+        if outcome.status == Status.CANCELLED:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode) -> ApplyJob:

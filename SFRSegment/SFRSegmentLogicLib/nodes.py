@@ -4,7 +4,10 @@ Uses nothing but Slicer's MRML classes, VTK and numpy, so it runs both inside Sl
 wheels (tests). Geometry is never converted by hand: volumes are written by Slicer's own NRRD storage node (the file
 gets the node's IJK-to-RAS, direction matrix included, in LPS as NRRD expects), labels are resampled onto the volume's
 grid by ``vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode``, and results are read by Slicer's
-segmentation storage node.
+segmentation storage node (volumes by its volume storage node).
+
+A volume's identity is its :func:`fingerprint` (a hash of its voxels and geometry), so that a job folder can tell
+whether the scene's inputs are still the ones it was made from, under any node names.
 
 Which segmentation labels which volume is what Slicer itself records: the segmentation's reference-image-geometry
 node reference (set by Segment Editor when a source volume is chosen). The module's own results carry
@@ -13,19 +16,25 @@ node reference (set by Segment Editor when a source volume is chosen). The modul
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import vtk
+from vtk.util import numpy_support
 
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
+    vtkMRMLNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLScene,
     vtkMRMLSegmentationNode,
     vtkMRMLSegmentationStorageNode,
+    vtkMRMLStorageNode,
     vtkMRMLTableNode,
     vtkMRMLVolumeArchetypeStorageNode,
     vtkSegmentation,
@@ -127,13 +136,35 @@ def write_volume(volume: vtkMRMLScalarVolumeNode, path: Path) -> Path:
     return path
 
 
-def write_label_map(
+GEOMETRY_DECIMALS = 6
+"""A fingerprint's IJK-to-RAS is rounded to a micrometre: a volume written to NRRD and read back (origin and
+directions in LPS, in decimal) may differ by 1e-14 mm."""
+
+
+def fingerprint(volume: vtkMRMLScalarVolumeNode) -> str:
+    """The SHA-256 of a volume's voxels (type, dimensions, values) and IJK-to-RAS geometry: the same for the same
+    data, loaded again from the same file, written and read back, or exported again, whatever the node's name."""
+    image = volume.GetImageData()
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    elements = [matrix.GetElement(row, column) for row in range(4) for column in range(4)]
+    geometry = np.round(elements, GEOMETRY_DECIMALS) + 0.0  # + 0.0: -0.0 becomes 0.0
+    digest = hashlib.sha256()
+    digest.update(f"{image.GetScalarTypeAsString()} {image.GetNumberOfScalarComponents()} "
+                  f"{image.GetDimensions()}".encode())
+    digest.update(geometry.tobytes())
+    digest.update(memoryview(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())).cast("B"))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exported_label_map(
     segmentation: vtkMRMLSegmentationNode,
     classes: Sequence[SegmentClass],
     reference_volume: vtkMRMLScalarVolumeNode,
-    path: Path,
-) -> Path:
-    """Write the segments named by ``classes`` as one label map (segment → class value) on the volume's grid.
+) -> Iterator[vtkMRMLLabelMapVolumeNode]:
+    """The segments named by ``classes`` as one temporary label map node (segment → class value) on the volume's
+    grid, removed from the scene again when the block ends.
 
     Each class's segment is looked up by name; a missing one is an error rather than silently unlabeled voxels. Where
     segments overlap, the later class wins.
@@ -158,9 +189,30 @@ def write_label_map(
         )
         if not exported:
             raise OSError(f"could not export the segments of '{segmentation.GetName()}' to a label map")
-        return write_volume(label_map, path)
+        yield label_map
     finally:
         _remove_with_display_nodes(scene, label_map)
+
+
+def write_label_map(
+    segmentation: vtkMRMLSegmentationNode,
+    classes: Sequence[SegmentClass],
+    reference_volume: vtkMRMLScalarVolumeNode,
+    path: Path,
+) -> Path:
+    """Write the segments named by ``classes`` as one label map on the volume's grid (:func:`exported_label_map`)."""
+    with exported_label_map(segmentation, classes, reference_volume) as label_map:
+        return write_volume(label_map, path)
+
+
+def label_fingerprint(
+    segmentation: vtkMRMLSegmentationNode,
+    classes: Sequence[SegmentClass],
+    reference_volume: vtkMRMLScalarVolumeNode,
+) -> str:
+    """The :func:`fingerprint` of the label map :func:`write_label_map` would write."""
+    with exported_label_map(segmentation, classes, reference_volume) as label_map:
+        return fingerprint(label_map)
 
 
 def _check_consecutive(classes: Sequence[SegmentClass]) -> None:
@@ -182,6 +234,25 @@ def _remove_with_display_nodes(scene: vtkMRMLScene, node: vtkMRMLLabelMapVolumeN
 # Files to nodes
 
 
+def load_volume(scene: vtkMRMLScene, path: Path, name: str) -> vtkMRMLScalarVolumeNode:
+    """Load a volume file (as :func:`write_volume` writes it) as a new scalar volume node named ``name``."""
+    volume = _read_node(scene, "vtkMRMLScalarVolumeNode", vtkMRMLVolumeArchetypeStorageNode(), path, name, "volume")
+    volume.CreateDefaultDisplayNodes()
+    return volume
+
+
+def _read_node(scene: vtkMRMLScene, node_class: str, storage: vtkMRMLStorageNode, path: Path, name: str,
+               what: str) -> vtkMRMLNode:
+    """A new node of ``node_class`` named ``name`` (made unique in the scene) read from ``path`` by ``storage``;
+    nothing is left in the scene when the file cannot be read."""
+    node = scene.AddNewNodeByClass(node_class, scene.GenerateUniqueName(name))
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise OSError(f"{path}: could not read the {what}")
+    return node
+
+
 def load_segmentation(
     scene: vtkMRMLScene,
     path: Path,
@@ -195,12 +266,8 @@ def load_segmentation(
     the file lacks becomes an empty segment, so every result has the same segments. The node references ``volume``
     (as Segment Editor and DICOM export expect), sits under the volume's transform, and is marked as a prediction.
     """
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
-    storage = vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(segmentation):
-        scene.RemoveNode(segmentation)
-        raise OSError(f"{path}: could not read the segmentation")
+    segmentation = _read_node(scene, "vtkMRMLSegmentationNode", vtkMRMLSegmentationStorageNode(), path, name,
+                              "segmentation")
     _name_segments_by_class(segmentation.GetSegmentation(), classes)
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segmentation.SetAttribute(PREDICTION_ATTRIBUTE, "1")

@@ -1,0 +1,126 @@
+"""Running the engine on a job folder and following it to its end, without the application.
+
+:class:`JobRunner` starts the engine's child process for a training job (``run``, which resumes what the folder
+holds) or an apply job (``predict``), records a training job's state in its folder (running, then finished,
+cancelled or failed), and knows which jobs it runs. Each start gives an :class:`EngineRun`: :meth:`EngineRun.poll`
+(from a GUI timer) or :meth:`EngineRun.wait` (scripts) dispatches the engine's progress events and log lines, and once
+the engine has ended records how, imports the results into the scene and calls ``on_finished``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Mapping, Optional, Union
+
+from slicer import vtkMRMLScene, vtkMRMLSegmentationNode
+
+from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.runfolder import RunFolder
+
+from .jobs import (
+    RUN_FOLDER,
+    ApplyJob,
+    JobState,
+    TrainingJob,
+    TrainingResults,
+    import_apply_result,
+    import_training_results,
+)
+from .process import ChildProcessRunner, EngineJob, ProgressEvent
+
+OnProgress = Optional[Callable[[ProgressEvent], None]]
+OnLog = Optional[Callable[[str], None]]
+OnFinished = Optional[Callable[["EngineRun"], None]]
+
+
+@dataclass
+class EngineRun:
+    """A started engine job: its folder, its process, and once it has finished, its results or its error."""
+
+    job: Union[TrainingJob, ApplyJob]
+    engine: EngineJob
+    import_results: Callable[[], Any]
+    on_finished: OnFinished = None
+    results: Union[TrainingResults, vtkMRMLSegmentationNode, None] = None
+    error: Optional[Exception] = None
+    """Why it did not succeed: the engine's failure (EngineFailed), a cancellation (EngineCancelled), or an import
+    error."""
+    finished: bool = False
+    timer: Any = None
+    """The GUI's poll timer (a qt.QTimer), kept with the run it polls."""
+
+    def cancel(self) -> None:
+        """Stop the engine and everything it started; ``error`` becomes an EngineCancelled."""
+        self.engine.cancel()
+
+    def poll(self) -> bool:
+        """Dispatch the engine's output; once it has ended, finish the run (see the module docstring). True once
+        finished."""
+        if self.finished:
+            return True
+        if not self.engine.poll():
+            return False
+        try:
+            self.job.ended(self.engine.outcome)
+            self.engine.raise_for_outcome()
+            self.results = self.import_results()
+        except Exception as error:  # reported to the caller through run.error, raised by wait()
+            self.error = error
+        self.finished = True
+        if self.on_finished is not None:
+            self.on_finished(self)
+        return True
+
+    def wait(self, between_polls: Optional[Callable[[], None]] = None) -> "EngineRun":
+        """Block until the run has finished (``between_polls`` runs between polls, e.g. to keep a GUI painting); raise
+        its error if it did not succeed."""
+        self.engine.wait(between_polls)
+        self.poll()
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+class JobRunner:
+    """Starts the engine on job folders in ``scene``'s name, through ``process_runner``, in ``working_directory``
+    (the folder holding the engine), and knows the jobs it runs."""
+
+    def __init__(self, scene: vtkMRMLScene, process_runner: ChildProcessRunner, working_directory: Path) -> None:
+        self.scene = scene
+        self.process_runner = process_runner
+        self.working_directory = working_directory
+        self._runs: List[EngineRun] = []
+
+    def train(self, job: TrainingJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
+              on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
+        """Run (or resume: the engine continues from the folder's checkpoints) a training job; its results are
+        imported for the volumes of ``job.volume_ids``. A job that is running already is refused."""
+        if self.is_running(job.folder):
+            raise InputError("this job is running already; wait for it to finish, or cancel it.", job.folder)
+        run = self._start(job, job.command(python), environment, lambda: import_training_results(self.scene, job),
+                          on_progress, on_log, on_finished)
+        job.record_state(JobState.RUNNING)
+        return run
+
+    def apply(self, job: ApplyJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
+              on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
+        """Segment an apply job's volume; the result is imported as a segmentation."""
+        return self._start(job, job.command(python), environment, lambda: import_apply_result(self.scene, job),
+                           on_progress, on_log, on_finished)
+
+    def is_running(self, folder: Path) -> bool:
+        """Whether an engine works in the job folder ``folder`` now: one this runner started (also while it has not
+        yet taken the run folder's lock, or applies the job's model), or another process holding that lock."""
+        folder = Path(folder).resolve()
+        mine = any(not run.finished and folder in (run.job.folder.resolve(), *run.job.folder.resolve().parents)
+                   for run in self._runs)
+        return mine or RunFolder(folder / RUN_FOLDER).in_use()
+
+    def _start(self, job: Union[TrainingJob, ApplyJob], command: List[str], environment: Mapping[str, str],
+               import_results: Callable[[], Any], on_progress: OnProgress, on_log: OnLog,
+               on_finished: OnFinished) -> EngineRun:
+        process = self.process_runner.start(command, environment, self.working_directory)
+        run = EngineRun(job, EngineJob(process, on_progress=on_progress, on_log=on_log), import_results, on_finished)
+        self._runs = [other for other in self._runs if not other.finished] + [run]
+        return run
