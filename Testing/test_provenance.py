@@ -43,7 +43,7 @@ def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     other.write_bytes(b"more")
     assert stale_reason([output, other], inputs).startswith("it has no provenance record")
     assert identity_of(output) == "sha256:" + file_sha256(output)
-    identity = write_record(output, inputs)
+    identity = write_record([output], inputs)
     assert identity_of(output) == identity == read_record(output)["id"] and len(identity) == 32
     assert stale_reason([output, other], inputs) is None
     assert stale_reason([output, other], Inputs({"a": (1, 3)}, {"image of case x": "abc"})) == "options changed: a"
@@ -51,7 +51,7 @@ def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     assert stale_reason([output, other], inputs) == MISSING
     record_path(output).write_text("{not json")
     assert read_record(output) is None and identity_of(output).startswith("sha256:")
-    assert write_record(output, inputs) != identity  # a recomputed output is a new one
+    assert write_record([output], inputs) != identity  # a recomputed output is a new one
 
 
 def test_file_digest_follows_edits(tmp_path):
