@@ -27,7 +27,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.inference import MODEL_FORMAT, load_vnet
 from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.sam.finetune import load_finetuned_sam
+from SFRSegmentLib.sfrplus import _previous_sam_weights
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,3 +311,47 @@ def test_a_run_killed_at_each_point_ends_as_an_uninterrupted_one(finished, tmp_p
     cohort, reference = finished
     _kill_and_finish(cohort, tmp_path / "run", [point])
     _assert_equal_outputs(tmp_path / "run", reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers of engine files a user can also give by hand (trained weights, SFR+ round records)
+
+
+def _load_sam(run: Path) -> None:
+    load_finetuned_sam(RunFolder(run).sam_weights)
+
+
+def _load_round(run: Path) -> None:
+    _previous_sam_weights(RunFolder(run), 2)
+
+
+READERS: Tuple[Tuple[str, Callable[[Path], None]], ...] = (
+    ("retrain/vnet.pt", lambda run: load_vnet(RunFolder(run).vnet_weights)),
+    ("finetune/sam_trainable.pt", _load_sam),
+    ("finetune/sam_trainable.json", _load_sam),
+    ("sfrplus/round1/round.json", _load_round),
+)
+"""File → the engine function that reads it outside the pipeline's own checks."""
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("reader", READERS, ids=lambda reader: reader[0])
+def test_readers_name_a_damaged_file(finished, tmp_path, reader, damage):
+    path, read = reader
+    run = tmp_path / "run"
+    shutil.copytree(finished[1], run)
+    round_record = run / READERS[-1][0]
+    round_record.parent.mkdir(parents=True)
+    round_record.write_text(json.dumps({"sam_weights": str(RunFolder(run).sam_weights)}))
+    DAMAGES[damage](run / path)
+    with pytest.raises(InputError) as raised:
+        read(run)
+    assert raised.value.path == run / path
+
+
+def test_a_v_net_file_of_the_right_format_but_wrong_content_is_named(tmp_path):
+    path = tmp_path / "vnet.pt"
+    torch.save({"format": MODEL_FORMAT, "info": {"classes": {}}, "state_dict": {}}, path)
+    with pytest.raises(InputError, match="re-train it") as raised:
+        load_vnet(path)
+    assert raised.value.path == path
