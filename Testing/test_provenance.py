@@ -54,6 +54,22 @@ def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     assert write_record([output], inputs) != identity  # a recomputed output is a new one
 
 
+def test_an_output_changed_after_its_record_is_stale_and_named(tmp_path):
+    output, other = tmp_path / "out.nrrd", tmp_path / "out.npy"
+    output.write_bytes(b"volume")
+    other.write_bytes(b"probabilities")
+    inputs = Inputs({"a": 1})
+    write_record([output, other], inputs)
+    assert stale_reason([output, other], inputs) is None
+    other.write_bytes(b"probabil")  # cut short by a copy
+    assert stale_reason([output, other], inputs) == (f"{other} is damaged or was changed after it was written (its "
+                                                     "SHA-256 is not the recorded one)")
+    record = read_record(output)
+    del record["outputs"]
+    record_path(output).write_text(json.dumps(record))
+    assert "no SHA-256 of the output" in stale_reason([output], inputs)
+
+
 def test_file_digest_follows_edits(tmp_path):
     path = tmp_path / "label.nrrd"
     path.write_bytes(b"one")
