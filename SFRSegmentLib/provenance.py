@@ -71,7 +71,8 @@ class Inputs:
     def changes_from(self, recorded: Optional[Mapping[str, Any]]) -> List[str]:
         """What differs between ``recorded`` (an :meth:`as_dict` read back) and these inputs, in words; empty when
         equal."""
-        if not isinstance(recorded, Mapping):
+        sections = ("options", "files", "upstream")
+        if not isinstance(recorded, Mapping) or not all(isinstance(recorded.get(s) or {}, Mapping) for s in sections):
             return ["no record of its inputs"]
         now = self.as_dict()
         options = _changed_fields(recorded.get("options") or {}, now["options"])

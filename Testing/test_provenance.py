@@ -33,6 +33,7 @@ def test_inputs_name_what_changed(tmp_path):
         "label of case a changed"]
     assert before.changes_from(json.loads(json.dumps(before.as_dict()))) == []
     assert after.changes_from(None) == ["no record of its inputs"]
+    assert after.changes_from({"options": 5, "files": []}) == ["no record of its inputs"]
 
 
 def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
