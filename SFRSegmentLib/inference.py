@@ -166,8 +166,20 @@ def load_vnet(path: PathLike, device: Optional[torch.device] = None) -> Tuple[VN
         raise InputError(f"cannot read the model file: {exc}", path) from exc
     if not isinstance(stored, dict) or stored.get("format") != MODEL_FORMAT:
         raise InputError(f"not a V-Net file of this engine (expected format {MODEL_FORMAT!r})", path, "format")
-    record = stored["info"]
-    info = VNetInfo(
+    try:
+        info = _stored_info(stored["info"])
+        model = info.build_model()
+        model.load_state_dict(stored["state_dict"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # fields missing or mismatched
+        raise InputError(f"a V-Net file of this engine's format whose content does not fit it "
+                         f"({type(exc).__name__}: {exc}); re-train it (in a run folder: rerun with --redo retrain)",
+                         path, "info") from exc
+    return model.to(device or torch.device("cpu")).eval(), info
+
+
+def _stored_info(record: Mapping[str, Any]) -> VNetInfo:
+    """The :class:`VNetInfo` that :func:`_info_record` stored."""
+    return VNetInfo(
         classes={int(value): name for value, name in record["classes"].items()},
         patch_size=tuple(record["patch_size"]),
         n_filters=record["n_filters"],
@@ -175,9 +187,6 @@ def load_vnet(path: PathLike, device: Optional[torch.device] = None) -> Tuple[VN
         spacing=tuple(record["spacing"]) if record.get("spacing") else None,
         training=record["training"],
     )
-    model = info.build_model()
-    model.load_state_dict(stored["state_dict"])
-    return model.to(device or torch.device("cpu")).eval(), info
 
 
 # ---------------------------------------------------------------------------------------------------------------

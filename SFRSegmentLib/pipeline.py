@@ -332,7 +332,7 @@ def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig
         return
     model, info = load_vnet(vnet, resolve_device(config.device))
     predict_cases(model, info, pending, out_dir, config.inference, progress,
-                  on_written=lambda name: write_record(_prediction_files(out_dir, name)[0], inputs[name]))
+                  on_written=lambda name: write_record(_prediction_files(out_dir, name), inputs[name]))
 
 
 _PREDICTION_EXECUTION_ONLY = ("device", "sw_batch_size")

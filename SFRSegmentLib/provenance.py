@@ -7,6 +7,8 @@ beside it, ``<output>.provenance.json``, written after the output itself (its pr
   outputs by it, so recomputing an output (even to the same bytes) makes everything computed from it stale;
 * ``inputs`` (:class:`Inputs`): the stage's options that change the output, the SHA-256 of every input file it
   read (images, labels, checkpoints), and the identities of the upstream outputs it used.
+* ``outputs``: file name → SHA-256 of each file of the output as written, so that a file damaged or replaced
+  afterwards (cut short by a copy, overwritten, garbage) counts as stale and is recomputed instead of being read.
 
 On a rerun a stage compares the recorded inputs with the current ones (:func:`stale_reason`); an output is reused
 only when they are equal, otherwise it is recomputed and the progress stream says why ("SAM weights changed",
@@ -69,7 +71,8 @@ class Inputs:
     def changes_from(self, recorded: Optional[Mapping[str, Any]]) -> List[str]:
         """What differs between ``recorded`` (an :meth:`as_dict` read back) and these inputs, in words; empty when
         equal."""
-        if not isinstance(recorded, Mapping):
+        sections = ("options", "files", "upstream")
+        if not isinstance(recorded, Mapping) or not all(isinstance(recorded.get(s) or {}, Mapping) for s in sections):
             return ["no record of its inputs"]
         now = self.as_dict()
         options = _changed_fields(recorded.get("options") or {}, now["options"])
@@ -103,11 +106,13 @@ def read_record(output: PathLike) -> Optional[Dict[str, Any]]:
     return record
 
 
-def write_record(output: PathLike, inputs: Inputs) -> str:
-    """Record that ``output`` (already written) was computed from ``inputs``; returns its new identity."""
+def write_record(outputs: Sequence[PathLike], inputs: Inputs) -> str:
+    """Record that ``outputs`` (the files of one output, already written; the record goes beside the first) were
+    computed from ``inputs``, with the SHA-256 of each file; returns the output's new identity."""
     identity = uuid.uuid4().hex
-    record = {"format": FORMAT, "id": identity, "output": Path(output).name, "inputs": inputs.as_dict()}
-    atomic_write_text(record_path(output), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record = {"format": FORMAT, "id": identity, "output": Path(outputs[0]).name, "inputs": inputs.as_dict(),
+              "outputs": {Path(path).name: file_digest(path) for path in outputs}}
+    atomic_write_text(record_path(outputs[0]), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return identity
 
 
@@ -132,9 +137,20 @@ def stale_reason(outputs: Sequence[PathLike], inputs: Inputs) -> Optional[str]:
         return MISSING
     record = read_record(outputs[0])
     if record is None:
-        return "it has no provenance record (made by an older version, or interrupted)"
-    changes = inputs.changes_from(record.get("inputs"))
+        return (f"it has no provenance record ({record_path(outputs[0]).name} is missing or unreadable: made by an "
+                "older version, interrupted or damaged)")
+    changes = _damaged(outputs, record) + inputs.changes_from(record.get("inputs"))
     return "; ".join(changes) if changes else None
+
+
+def _damaged(outputs: Sequence[PathLike], record: Mapping[str, Any]) -> List[str]:
+    """The files of ``outputs`` whose SHA-256 differs from the one their record holds, in words (a record from before
+    output digests, without ``outputs``, cannot vouch for them)."""
+    written = record.get("outputs")
+    if not isinstance(written, Mapping):
+        return ["its record holds no SHA-256 of the output (made by an older version)"]
+    return [f"{path} is damaged or was changed after it was written (its SHA-256 is not the recorded one)"
+            for path in map(Path, outputs) if written.get(path.name, file_digest(path)) != file_digest(path)]
 
 
 def case_files(cases: Iterable[Any], labels: bool = True) -> Dict[str, str]:

@@ -368,7 +368,7 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
     _save_checkpoint(trainer, run, inputs)
     if ranks().is_main:
         save_vnet(run.vnet_weights, trainer.student, info)
-        write_record(run.vnet_weights, inputs)
+        write_record([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs)
     barrier()
     return run.vnet_weights
 

@@ -24,7 +24,8 @@
       .lock                            held by the process that runs in this folder (see RunFolder.exclusive)
 
 Beside each stage output (``sam_trainable.pt``, ``<case>.label.nrrd``, ``vnet.pt``, ``<case>.seg.nrrd``) its
-provenance record ``<output>.provenance.json`` says what it was computed from (:mod:`SFRSegmentLib.provenance`).
+provenance record ``<output>.provenance.json`` says what it was computed from and holds the SHA-256 of each of its
+files (:mod:`SFRSegmentLib.provenance`): an output damaged afterwards (cut short, emptied, overwritten) is recomputed.
 Every file is written atomically (see :mod:`SFRSegmentLib.atomic`): a file that exists is complete.
 """
 

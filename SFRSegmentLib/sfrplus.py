@@ -118,7 +118,12 @@ def _previous_sam_weights(run: RunFolder, round_index: int) -> Path:
     record = round_folder(run, round_index - 1).root / ROUND_RECORD
     if not record.is_file():
         raise InputError(f"round {round_index - 1} has not finished; run it before round {round_index}", record)
-    return Path(json.loads(record.read_text(encoding="utf-8"))["sam_weights"])
+    try:
+        return Path(json.loads(record.read_text(encoding="utf-8"))["sam_weights"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:  # damaged, or another format
+        raise InputError(f"not a readable record of round {round_index - 1} ({type(error).__name__}: {error}); "
+                         f"run round {round_index - 1} again (delete its folder, or rerun with --redo sfrplus)",
+                         record, "sam_weights") from error
 
 
 def _write_confidence_table(path: Path, confidences: Mapping[str, float], confident: Sequence[str]) -> None:

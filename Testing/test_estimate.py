@@ -115,7 +115,7 @@ def _make_outputs(outputs: Sequence[Path], inputs: Inputs) -> None:
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
-    write_record(outputs[0], inputs)
+    write_record(outputs, inputs)
 
 
 def test_current_outputs_are_left_out_and_stale_ones_count_with_everything_after_them(cohort, tmp_path):

@@ -33,6 +33,7 @@ def test_inputs_name_what_changed(tmp_path):
         "label of case a changed"]
     assert before.changes_from(json.loads(json.dumps(before.as_dict()))) == []
     assert after.changes_from(None) == ["no record of its inputs"]
+    assert after.changes_from({"options": 5, "files": []}) == ["no record of its inputs"]
 
 
 def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
@@ -43,7 +44,7 @@ def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     other.write_bytes(b"more")
     assert stale_reason([output, other], inputs).startswith("it has no provenance record")
     assert identity_of(output) == "sha256:" + file_sha256(output)
-    identity = write_record(output, inputs)
+    identity = write_record([output], inputs)
     assert identity_of(output) == identity == read_record(output)["id"] and len(identity) == 32
     assert stale_reason([output, other], inputs) is None
     assert stale_reason([output, other], Inputs({"a": (1, 3)}, {"image of case x": "abc"})) == "options changed: a"
@@ -51,7 +52,23 @@ def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     assert stale_reason([output, other], inputs) == MISSING
     record_path(output).write_text("{not json")
     assert read_record(output) is None and identity_of(output).startswith("sha256:")
-    assert write_record(output, inputs) != identity  # a recomputed output is a new one
+    assert write_record([output], inputs) != identity  # a recomputed output is a new one
+
+
+def test_an_output_changed_after_its_record_is_stale_and_named(tmp_path):
+    output, other = tmp_path / "out.nrrd", tmp_path / "out.npy"
+    output.write_bytes(b"volume")
+    other.write_bytes(b"probabilities")
+    inputs = Inputs({"a": 1})
+    write_record([output, other], inputs)
+    assert stale_reason([output, other], inputs) is None
+    other.write_bytes(b"probabil")  # cut short by a copy
+    assert stale_reason([output, other], inputs) == (f"{other} is damaged or was changed after it was written (its "
+                                                     "SHA-256 is not the recorded one)")
+    record = read_record(output)
+    del record["outputs"]
+    record_path(output).write_text(json.dumps(record))
+    assert "no SHA-256 of the output" in stale_reason([output], inputs)
 
 
 def test_file_digest_follows_edits(tmp_path):

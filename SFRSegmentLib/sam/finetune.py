@@ -146,15 +146,25 @@ def weights_info_path(weights: PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+_INFO_FIELDS = ("sam_config", "base_checkpoint", "init_seed", "weights_sha256")
+"""The fields of ``sam_trainable.json`` that loading the weights reads."""
+
+
 def read_weights_info(weights: PathLike) -> Optional[Dict[str, Any]]:
     """The JSON beside a trainable-weights file as a dict, or None when there is none (fine-tuning unfinished)."""
     path = weights_info_path(weights)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"not valid JSON: {error}", path) from None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"not valid JSON ({error}); fine-tune again (in a run folder: rerun with --redo finetune)",
+                         path) from None
+    missing = [name for name in _INFO_FIELDS if not isinstance(info, dict) or name not in info]
+    if missing:
+        raise InputError(f"not the description of fine-tuned SAM weights (no {', '.join(missing)}); fine-tune again "
+                         "(in a run folder: rerun with --redo finetune)", path, missing[0])
+    return info
 
 
 def load_finetuned_sam(weights: PathLike, device: torch.device = torch.device("cpu")
@@ -456,4 +466,4 @@ def _write_files(training: _Training, run: RunFolder, base: Optional[Dict[str, s
         "weights_sha256": file_digest(run.sam_weights),
     }
     atomic_write_text(run.sam_weights_info, json.dumps(info, indent=2) + "\n")
-    write_record(run.sam_weights, training.inputs)
+    write_record([run.sam_weights, run.sam_weights_info], training.inputs)

@@ -136,7 +136,7 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
         nonlocal computed
         record_path(run.pseudo_label(case.name)).unlink(missing_ok=True)
         labeler.write(case, result)
-        write_record(run.pseudo_label(case.name), inputs[case.name])
+        write_record(run.pseudo_label_files(case.name), inputs[case.name])
         computed += 1
         record(case, "computed")
 
