@@ -22,7 +22,7 @@ SFR_PREFIX = "sfr"
 """``sfr`` is self-training (supervised + SAM pseudo-labels); ``sfr_<method>`` is ``<method>`` plus pseudo-labels."""
 
 BASE_METHODS = ("mt", "uamt", "acmt", "supervised")
-"""The semi-supervised methods without SAM (:mod:`SFRSegmentLib.ssl` registers one class for each)."""
+"""The semi-supervised methods without SAM (:mod:`SFRSegmentLib.semisupervised` registers one class for each)."""
 
 METHODS = (tuple(f"{SFR_PREFIX}_{name}" for name in BASE_METHODS if name != "supervised") + (SFR_PREFIX,)
            + BASE_METHODS)
@@ -46,7 +46,7 @@ accepted wherever ``cuda`` is (:func:`SFRSegmentLib.config.check_device`)."""
 DEVICE_TITLES = {"auto": "Automatic (GPU if there is one)", "cuda": "GPU (CUDA)", "cpu": "CPU (slow)"}
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16_if_native")
-"""How networks run (:func:`SFRSegmentLib.inference.autocast_context` applies it)."""
+"""How networks run (:func:`SFRSegmentLib.device.autocast_context` applies it)."""
 
 PRECISION_DESCRIPTIONS = {
     "auto": "bf16 autocast on CUDA, float32 on the CPU",

@@ -28,7 +28,7 @@ EXIT_CANCELLED = 130
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .io import read_volume
+    from .volumes import read_volume
     from .validation import check_image, check_label
 
     image = read_volume(args.image)
@@ -106,7 +106,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import load_vnet, predict_to_folder, resolve_device
+    from .device import resolve_device
+    from .inference import predict_to_folder
+    from .vnet import load_vnet
     from .progress import make_reporter
 
     config = _stage_config(args, "inference")
@@ -187,7 +189,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .runfolder import RunFolder
-    from .sam.finetune import finetune
+    from .finetune import finetune
 
     cohort = discover_cohort(args.cohort)
     random_init = {"finetune": {"base_checkpoint": None, "allow_random_init": True}} if args.random_init else {}
@@ -204,7 +206,7 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
     from .distributed import on_main_rank
     from .progress import Cancellation, make_reporter
     from .runfolder import RunFolder
-    from .sam.pseudolabel import pseudolabel
+    from .pseudolabel import pseudolabel
 
     cohort = discover_cohort(args.cohort)
     config = _stage_config(args, "pseudolabel")
@@ -224,7 +226,7 @@ def _stage_config(args: argparse.Namespace, section: str, n_classes: Optional[in
     it (``n_classes``: the cohort's foreground classes). Its device is checked on this machine at once."""
     from .config import preset
     from .config_io import load_overrides, with_overrides
-    from .inference import resolve_device
+    from .device import resolve_device
 
     config = preset(args.preset)
     if args.config:

@@ -112,7 +112,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Optio
 def check_device(name: Any, field: str = "device") -> str:
     """``name`` if it names a device (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); InputError naming ``field``
     otherwise. Whether this machine has it is checked where the device is used
-    (:func:`SFRSegmentLib.inference.resolve_device`)."""
+    (:func:`SFRSegmentLib.device.resolve_device`)."""
     if isinstance(name, str) and (name in DEVICES or re.fullmatch(r"cuda:\d+", name)):
         return name
     raise InputError(f"{field} must be one of {', '.join(DEVICES)} or cuda:N (N: the GPU's number), got {name!r}",
@@ -277,7 +277,7 @@ class SamConfig(_Options):
 
 @dataclass(frozen=True)
 class FinetuneConfig(_Options):
-    """Every setting of stage F; the defaults are the paper's code (:mod:`SFRSegmentLib.sam.finetune`)."""
+    """Every setting of stage F; the defaults are the paper's code (:mod:`SFRSegmentLib.finetune`)."""
 
     iterations: int = option(6000, "fine-tuning iterations")
     batch_size: int = option(2, "patches per iteration (per process under torchrun)")
@@ -293,7 +293,7 @@ class FinetuneConfig(_Options):
     bezier_p: float = option(0.0, "per-slice Bézier intensity probability (the official code uses 0.5; it clips "
                                   "intensities and is not applied when pseudo-labelling, hence off)")
     dice_counts_ignored: bool = option(False, "count gutter and empty-tile pixels in the Dice as the official code "
-                                              "does (SFRSegmentLib.sam.losses)")
+                                              "does (SFRSegmentLib.losses)")
     depth_padding: str = option("centre", "where a mosaic's empty tiles go: centre (the official code) or end (the "
                                           "paper's text)", choices=DEPTH_PADDINGS)
     seed: int = option(1337, "seed of the data order, the augmentation and SAM's freshly initialised parts")
@@ -355,7 +355,7 @@ class PseudoLabelConfig(_Options):
 
 @dataclass(frozen=True)
 class SSLConfig(_Options):
-    """The semi-supervised hyper-parameters; defaults are the references' LA recipes (:mod:`SFRSegmentLib.ssl`)."""
+    """The semi-supervised hyper-parameters; defaults are the references' LA recipes (:mod:`SFRSegmentLib.semisupervised`)."""
 
     consistency: float = option(0.1, "final weight of the consistency term")
     consistency_rampup: float = option(40.0, "length of the sigmoid ramp-up of the consistency weight, in \"epochs\" "

@@ -3,7 +3,7 @@
 Cohort layouts that :func:`discover_cohort` recognises
 ------------------------------------------------------
 * **Case folders** (``source = "case-folders"``): ``<root>/<case>/image.<ext>`` with an optional
-  ``<root>/<case>/label.<ext>`` (any ending :mod:`SFRSegmentLib.io` reads, ``label.seg.nrrd`` included), cases
+  ``<root>/<case>/label.<ext>`` (any ending :mod:`SFRSegmentLib.volumes` reads, ``label.seg.nrrd`` included), cases
   sorted by folder name. A subfolder holding no volume file directly inside it (for example the ``truth/`` folder of
   :func:`SFRSegmentLib.synthetic.make_synthetic_cohort`, whose held-out labels sit one level deeper) is not a case: it
   is listed in :attr:`Cohort.ignored`. A subfolder that holds volume files but no ``image.<ext>`` is an error, so
@@ -56,7 +56,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from .errors import InputError, PathLike
-from .io import IMAGE_SUFFIXES, Volume, default_segments, file_suffix, read_volume
+from .volumes import IMAGE_SUFFIXES, Volume, default_segments, file_suffix, read_volume
 from .validation import check_image, check_label
 
 CLASSES_FILE = "classes.json"

@@ -33,16 +33,17 @@ import torch
 from .config import InferenceConfig, PseudoLabelConfig, RetrainConfig, RunConfig
 from .data import Case, Cohort
 from .distributed import any_rank, ranks
-from .inference import resolve_device, sliding_window_probabilities, window_starts
-from .io import Volume, read_volume
+from .device import resolve_device
+from .inference import sliding_window_probabilities, window_starts
+from .volumes import Volume, read_volume
 from .progress import Progress, ProgressEvent, ignore_progress
 from .provenance import Inputs
 from .resample import working_shape
 from .retrain import Trainer, TrainingCase, draw_batch, trained_vnet_info
-from .sam.finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
+from .finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
 from .sam.lora import merge_lora
 from .sam.model import SFRSam
-from .sam.pseudolabel import predict_probabilities
+from .pseudolabel import predict_probabilities
 
 STAGE = "estimate"
 LONG_STEP_S = 10.0

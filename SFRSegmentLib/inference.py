@@ -23,170 +23,33 @@ reference's ``getLargestCC`` with skimage's default); it is off by default, as i
 ``scipy.ndimage.label``: MONAI's ``KeepLargestConnectedComponent`` computes the same but needs scikit-image, which
 is not a dependency of the engine.
 
-Model files: :func:`save_vnet` writes the weights with everything needed to rebuild and apply the model
-(:class:`VNetInfo`) into one ``.pt`` file and the same information, readable, into a ``.json`` beside it;
-:func:`load_vnet` reads the ``.pt`` (or a run folder's ``retrain/vnet.pt``).
+The model file (:func:`SFRSegmentLib.vnet.load_vnet`) and the device and precision
+(:mod:`SFRSegmentLib.device`) are decided elsewhere.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from .atomic import atomic_path, atomic_write_text
-from .choices import PRECISIONS
-from .config import InferenceConfig, check_device
-from .config_io import to_dict
+from .config import InferenceConfig
 from .data import Case, discover_cohort, zscore
+from .device import autocast_context, resolve_device
 from .distributed import map_cases
 from .errors import InputError, PathLike
-from .io import Volume, default_segments, file_suffix, read_volume, write_volume
 from .progress import Progress, ProgressEvent, ignore_progress
 from .resample import to_native_grid, to_working_grid
-from .runfolder import RunFolder
 from .validation import check_image
-from .vnet import VNet, fold_batchnorm
+from .vnet import MEMORY_FORMAT, VNetInfo, fold_batchnorm
+from .volumes import Volume, default_segments, file_suffix, read_volume, write_volume
 
-MODEL_FORMAT = "sfrsegment-vnet/1"
 PREDICTION_SUFFIXES = (".seg.nrrd", ".nii.gz")
 """Every prediction is written as a Slicer segmentation and as NIfTI."""
-
-
-@dataclass(frozen=True)
-class VNetInfo:
-    """What a trained V-Net file records besides its weights: how to rebuild it and what its channels mean."""
-
-    classes: Dict[int, str]
-    """Foreground class value → name; output channel c (1 … K) is the c-th smallest value, channel 0 background."""
-    patch_size: Tuple[int, int, int]
-    """The training patch, the default sliding window."""
-    n_filters: int = 16
-    normalization: str = "batchnorm"
-    spacing: Optional[Tuple[float, float, float]] = None
-    """The working voxel size (mm) the model was trained at; prediction resamples each image to it and the
-    probabilities back (:mod:`SFRSegmentLib.resample`). None: each image's own grid."""
-    training: Dict[str, Any] = field(default_factory=dict)
-    """The re-training configuration (for the record)."""
-
-    @property
-    def class_values(self) -> Tuple[int, ...]:
-        return tuple(sorted(self.classes))
-
-    def build_model(self) -> VNet:
-        """An untrained V-Net of this architecture (K+1 outputs)."""
-        return VNet(n_channels=1, n_classes=len(self.classes) + 1, n_filters=self.n_filters,
-                    normalization=self.normalization, has_dropout=True)
-
-
-MEMORY_FORMAT = torch.channels_last_3d
-"""Models and their inputs run channels-last: the same numbers (to float rounding), faster convolutions on CPU
-(oneDNN) and with bf16."""
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is about twice as fast as
-    float32 for the V-Net; elsewhere it is emulated and slower."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast_context(device: torch.device, precision: str) -> ContextManager:
-    """The context the networks' forward passes run in: bf16 autocast or nothing (see
-    :data:`~SFRSegmentLib.choices.PRECISIONS`). The one place where the engine's precision is decided."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", field="precision")
-    bf16 = {"bf16": True, "fp32": False, "auto": device.type == "cuda",
-            "bf16_if_native": device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())}[precision]
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``name`` (:func:`SFRSegmentLib.config.check_device`) on this machine: ``auto`` is CUDA when
-    available, else the CPU; ``cuda`` or ``cuda:N`` without CUDA (or without GPU N) is an InputError that says so."""
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name} was asked for, but CUDA is not available on this machine (no CUDA GPU, "
-                             "or a torch without CUDA); use device auto or cpu", field="device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {name} was asked for, but this machine has {torch.cuda.device_count()} CUDA "
-                             f"GPU(s), numbered from 0", field="device")
-    return device
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model files
-
-
-def vnet_info_path(weights: PathLike) -> Path:
-    """The JSON that describes a V-Net file: ``vnet.pt`` → ``vnet.json``."""
-    return Path(weights).with_suffix(".json")
-
-
-def save_vnet(path: PathLike, model: torch.nn.Module, info: VNetInfo) -> Path:
-    """Write the weights and ``info`` to ``path`` (.pt) and ``info`` to the ``.json`` beside it, atomically."""
-    path = Path(path)
-    record = _info_record(info)
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": MODEL_FORMAT, "info": record, "state_dict": state}, tmp)
-    atomic_write_text(vnet_info_path(path), json.dumps(record, indent=2) + "\n")
-    return path
-
-
-def _info_record(info: VNetInfo) -> Dict[str, Any]:
-    record = to_dict(info)
-    record["classes"] = {str(value): name for value, name in sorted(info.classes.items())}
-    return record
-
-
-def load_vnet(path: PathLike, device: Optional[torch.device] = None) -> Tuple[VNet, VNetInfo]:
-    """The trained V-Net (in eval mode) and its :class:`VNetInfo`, from a ``.pt`` written by :func:`save_vnet` or
-    a run folder (its ``retrain/vnet.pt``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = RunFolder(path).vnet_weights
-    if not path.is_file():
-        raise InputError("no trained V-Net here (run the retrain stage first)", path)
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for files that are not its archives
-        raise InputError(f"cannot read the model file: {exc}", path) from exc
-    if not isinstance(stored, dict) or stored.get("format") != MODEL_FORMAT:
-        raise InputError(f"not a V-Net file of this engine (expected format {MODEL_FORMAT!r})", path, "format")
-    try:
-        info = _stored_info(stored["info"])
-        model = info.build_model()
-        model.load_state_dict(stored["state_dict"])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # fields missing or mismatched
-        raise InputError(f"a V-Net file of this engine's format whose content does not fit it "
-                         f"({type(exc).__name__}: {exc}); re-train it (in a run folder: rerun with --redo retrain)",
-                         path, "info") from exc
-    return model.to(device or torch.device("cpu")).eval(), info
-
-
-def _stored_info(record: Mapping[str, Any]) -> VNetInfo:
-    """The :class:`VNetInfo` that :func:`_info_record` stored."""
-    return VNetInfo(
-        classes={int(value): name for value, name in record["classes"].items()},
-        patch_size=tuple(record["patch_size"]),
-        n_filters=record["n_filters"],
-        normalization=record["normalization"],
-        spacing=tuple(record["spacing"]) if record.get("spacing") else None,
-        training=record["training"],
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from .atomic import atomic_write_text
 from .errors import InputError, PathLike
-from .io import IMAGE_SUFFIXES, Volume, read_volume
+from .volumes import IMAGE_SUFFIXES, Volume, read_volume
 from .validation import check_same_geometry
 
 logger = logging.getLogger(__name__)

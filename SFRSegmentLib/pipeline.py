@@ -40,8 +40,9 @@ from .data import Case, Cohort, discover_cohort, validate_cohort
 from .errors import InputError, PathLike
 from .distributed import barrier, on_main_rank, ranks
 from .estimate import StageWork, estimate_run
-from .inference import (PREDICTION_SUFFIXES, InferenceConfig, load_vnet, predict_cases, resolve_device,
-                        vnet_info_path)
+from .device import resolve_device
+from .inference import PREDICTION_SUFFIXES, InferenceConfig, predict_cases
+from .vnet import load_vnet, vnet_info_path
 from .metrics import (SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT, evaluate_cases, find_label_files,
                       summarise_splits, write_metrics_csv)
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
@@ -49,8 +50,8 @@ from .provenance import (MISSING, Inputs, case_files, file_digest, forget, ident
                          stale_reason, write_record)
 from .retrain import retrain, retrain_inputs
 from .runfolder import RunFolder
-from .sam.finetune import finetune, finetune_inputs, resolve_base_checkpoint
-from .sam.pseudolabel import case_inputs, pseudolabel
+from .finetune import finetune, finetune_inputs, resolve_base_checkpoint
+from .pseudolabel import case_inputs, pseudolabel
 from .sam.weights import available_offline
 from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 

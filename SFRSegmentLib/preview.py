@@ -10,8 +10,8 @@ import numpy as np
 from .config import PATCH_SIZE
 from .data import center_crop_start, crop, pad_to_shape, zscore
 from .errors import PathLike
-from .io import read_volume
-from .stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, save_png, stitch_image, stitch_label
+from .volumes import read_volume
+from .sam.stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, save_png, stitch_image, stitch_label
 from .validation import check_image, check_label
 
 

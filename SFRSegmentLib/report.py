@@ -40,12 +40,12 @@ from scipy import ndimage
 from .atomic import atomic_write_text
 from .config import PATCH_SIZE
 from .data import Cohort, center_crop_start, crop, load_case, pad_to_shape, zscore
-from .io import SEGMENTATION_SUFFIX, read_volume
+from .volumes import SEGMENTATION_SUFFIX, read_volume
 from .metrics import (CSV_COLUMNS, METRIC_NAMES, SPLIT_COLUMN, SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT,
                       split_rank)
 from .runfolder import RunFolder
 from .sfrplus import ROUNDS_FOLDER
-from .stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, stitch_image, stitch_label
+from .sam.stitching import DEFAULT_CANVAS, mosaic_layout, render_mosaic, stitch_image, stitch_label
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Spacing
-from .io import Volume
+from .volumes import Volume
 
 
 def working_shape(volume: Volume, spacing: Spacing) -> Tuple[int, int, int]:

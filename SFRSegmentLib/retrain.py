@@ -11,7 +11,7 @@ The loop follows the reference recipe (SFR's ``train_retraining.py``, UA-MT's LA
   together, with the same rotation, flip and corner, from the whole-volume pseudo-label that stage P cached in the
   run folder. The official code runs SAM on every crop instead; the result is the same kind of target, without a
   SAM forward per iteration (see ``benchmarks/bench_retrain.py``).
-* **Loss** = ½(CE + Dice) on the labeled crops + the method's terms (:mod:`SFRSegmentLib.ssl`), minimised by SGD
+* **Loss** = ½(CE + Dice) on the labeled crops + the method's terms (:mod:`SFRSegmentLib.semisupervised`), minimised by SGD
   (lr 0.01, momentum 0.9, weight decay 1e-4), lr ×0.1 every 2,500 iterations (``step``) for 6,000 iterations, or,
   as AC-MT's own script schedules ``acmt`` and ``sfr_acmt``, (1 − it/T)^0.9 (``poly``) for 8,000
   (:func:`SFRSegmentLib.config.method_recipe`); seed 1337.
@@ -48,13 +48,14 @@ from .data import Case, Cohort, load_case, sample_patch, zscore
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
                           rank_slice, ranks)
 from .errors import InputError
-from .inference import MEMORY_FORMAT, VNetInfo, autocast_context, resolve_device, save_vnet, vnet_info_path
-from .io import read_volume
+from .device import autocast_context, resolve_device
+from .vnet import MEMORY_FORMAT, VNetInfo, save_vnet, vnet_info_path
+from .volumes import read_volume
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from .provenance import Inputs, case_files, identity_of, write_record
 from .resample import to_working_grid
 from .runfolder import RunFolder
-from .ssl import Step, build_method, learns_from_unlabeled, segmentation_loss
+from .semisupervised import Step, build_method, learns_from_unlabeled, segmentation_loss
 from .validation import check_same_geometry
 
 STAGE = "retrain"

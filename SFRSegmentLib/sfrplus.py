@@ -41,8 +41,10 @@ from .config import InferenceConfig, SFRPlusConfig
 from .data import Case, Cohort
 from .distributed import broadcast_from_main, map_cases, ranks
 from .errors import InputError
-from .inference import load_vnet, predict_volume, resolve_device
-from .io import Volume, read_volume, write_volume
+from .device import resolve_device
+from .inference import predict_volume
+from .vnet import load_vnet
+from .volumes import Volume, read_volume, write_volume
 from .progress import Progress, ProgressEvent, ignore_progress
 from .runfolder import RunFolder
 

@@ -31,7 +31,7 @@ from scipy import ndimage
 from .atomic import atomic_write_text
 from .data import CLASSES_FILE, Cohort, discover_cohort
 from .errors import InputError, PathLike
-from .io import Volume, write_volume
+from .volumes import Volume, write_volume
 
 TRUTH_FOLDER = "truth"
 PARAMETERS_FILE = "synthetic.json"

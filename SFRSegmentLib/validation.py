@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .errors import InputError
-from .io import Volume
+from .volumes import Volume
 
 # Tolerances follow what Slicer and ITK treat as "the same geometry" for resampling-free overlay.
 SPACING_RTOL = 1e-4

@@ -1,4 +1,4 @@
-"""The V-Net of the semi-supervised segmentation literature (UA-MT's ``networks/vnet.py``).
+"""The V-Net of the semi-supervised segmentation literature (UA-MT's ``networks/vnet.py``), and its file.
 
 UA-MT, DTC, SASSNet, MC-Net, SS-Net, BCP and SFR all re-train this network, so results are comparable only with
 it: 9,448,866 parameters for 1 input and 2 output channels with BatchNorm or GroupNorm (9,443,266 without
@@ -31,15 +31,22 @@ have to fault in again. :func:`fold_batchnorm` folds eval-mode BatchNorm into th
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .atomic import atomic_path, atomic_write_text
 from .choices import NORMALIZATIONS
 from .config import INPUT_MULTIPLE
+from .config_io import to_dict
+from .errors import InputError, PathLike
+from .runfolder import RunFolder
 
 GROUPNORM_GROUPS = 16
 """Groups of the reference's GroupNorm; every width (multiples of n_filters) must be divisible by it."""
@@ -211,3 +218,99 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 sequence[index - 1] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose3d))
                 del sequence[index]
     return folded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The V-Net file: weights and what they mean
+
+MODEL_FORMAT = "sfrsegment-vnet/1"
+
+
+@dataclass(frozen=True)
+class VNetInfo:
+    """What a trained V-Net file records besides its weights: how to rebuild it and what its channels mean."""
+
+    classes: Dict[int, str]
+    """Foreground class value → name; output channel c (1 … K) is the c-th smallest value, channel 0 background."""
+    patch_size: Tuple[int, int, int]
+    """The training patch, the default sliding window."""
+    n_filters: int = 16
+    normalization: str = "batchnorm"
+    spacing: Optional[Tuple[float, float, float]] = None
+    """The working voxel size (mm) the model was trained at; prediction resamples each image to it and the
+    probabilities back (:mod:`SFRSegmentLib.resample`). None: each image's own grid."""
+    training: Dict[str, Any] = field(default_factory=dict)
+    """The re-training configuration (for the record)."""
+
+    @property
+    def class_values(self) -> Tuple[int, ...]:
+        return tuple(sorted(self.classes))
+
+    def build_model(self) -> VNet:
+        """An untrained V-Net of this architecture (K+1 outputs)."""
+        return VNet(n_channels=1, n_classes=len(self.classes) + 1, n_filters=self.n_filters,
+                    normalization=self.normalization, has_dropout=True)
+
+
+MEMORY_FORMAT = torch.channels_last_3d
+"""Models and their inputs run channels-last: the same numbers (to float rounding), faster convolutions on CPU
+(oneDNN) and with bf16."""
+
+
+def vnet_info_path(weights: PathLike) -> Path:
+    """The JSON that describes a V-Net file: ``vnet.pt`` → ``vnet.json``."""
+    return Path(weights).with_suffix(".json")
+
+
+def save_vnet(path: PathLike, model: torch.nn.Module, info: VNetInfo) -> Path:
+    """Write the weights and ``info`` to ``path`` (.pt) and ``info`` to the ``.json`` beside it, atomically."""
+    path = Path(path)
+    record = _info_record(info)
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"format": MODEL_FORMAT, "info": record, "state_dict": state}, tmp)
+    atomic_write_text(vnet_info_path(path), json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _info_record(info: VNetInfo) -> Dict[str, Any]:
+    record = to_dict(info)
+    record["classes"] = {str(value): name for value, name in sorted(info.classes.items())}
+    return record
+
+
+def load_vnet(path: PathLike, device: Optional[torch.device] = None) -> Tuple[VNet, VNetInfo]:
+    """The trained V-Net (in eval mode) and its :class:`VNetInfo`, from a ``.pt`` written by :func:`save_vnet` or
+    a run folder (its ``retrain/vnet.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunFolder(path).vnet_weights
+    if not path.is_file():
+        raise InputError("no trained V-Net here (run the retrain stage first)", path)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for files that are not its archives
+        raise InputError(f"cannot read the model file: {exc}", path) from exc
+    if not isinstance(stored, dict) or stored.get("format") != MODEL_FORMAT:
+        raise InputError(f"not a V-Net file of this engine (expected format {MODEL_FORMAT!r})", path, "format")
+    try:
+        info = _stored_info(stored["info"])
+        model = info.build_model()
+        model.load_state_dict(stored["state_dict"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # fields missing or mismatched
+        raise InputError(f"a V-Net file of this engine's format whose content does not fit it "
+                         f"({type(exc).__name__}: {exc}); re-train it (in a run folder: rerun with --redo retrain)",
+                         path, "info") from exc
+    return model.to(device or torch.device("cpu")).eval(), info
+
+
+def _stored_info(record: Mapping[str, Any]) -> VNetInfo:
+    """The :class:`VNetInfo` that :func:`_info_record` stored."""
+    return VNetInfo(
+        classes={int(value): name for value, name in record["classes"].items()},
+        patch_size=tuple(record["patch_size"]),
+        n_filters=record["n_filters"],
+        normalization=record["normalization"],
+        spacing=tuple(record["spacing"]) if record.get("spacing") else None,
+        training=record["training"],
+    )

@@ -22,11 +22,11 @@ from SFRSegmentLib.data import discover_cohort
 from SFRSegmentLib.distributed import process_group
 from SFRSegmentLib.retrain import Trainer, retrain
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam import pseudolabel as pseudolabel_module
-from SFRSegmentLib.sam import finetune as finetune_module
-from SFRSegmentLib.sam.finetune import finetune
+from SFRSegmentLib import pseudolabel as pseudolabel_module
+from SFRSegmentLib import finetune as finetune_module
+from SFRSegmentLib.finetune import finetune
 from SFRSegmentLib.sam.lora import trainable_state_dict
-from SFRSegmentLib.sam.pseudolabel import pseudolabel
+from SFRSegmentLib.pseudolabel import pseudolabel
 
 FINETUNE = dict(patch_size=(32, 32, 16), iterations=3, checkpoint_every=2, device="cpu")
 PSEUDOLABEL = dict(device="cpu")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.io import Volume, read_volume, write_volume
+from SFRSegmentLib.volumes import Volume, read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 1024
@@ -54,7 +54,7 @@ def test_a_full_disk_keeps_the_previous_volume_and_leaves_no_partial(tmp_path, s
     before = folder_bytes(tmp_path)
     result = run_with_full_disk(f"""
         import numpy as np
-        from SFRSegmentLib.io import Volume, write_volume
+        from SFRSegmentLib.volumes import Volume, write_volume
         rng = np.random.default_rng(0)
         array = rng.integers(0, 200, (96, 96, 96)).astype(np.uint8)  # random: compresses to far more than the limit
         #FULL_DISK

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from SFRSegmentLib.io import Segment, Volume, read_volume, write_volume
-from SFRSegmentLib.stitching import NON_SLICE_GREY
+from SFRSegmentLib.volumes import Segment, Volume, read_volume, write_volume
+from SFRSegmentLib.sam.stitching import NON_SLICE_GREY
 
 REPO = Path(__file__).resolve().parents[1]
 LA_CASE = REPO.parent / "shared" / "data" / "LA" / "06SR5RBREL16DQ6M8LWS"

@@ -15,8 +15,9 @@ import torch
 
 from SFRSegmentLib.choices import PRESETS
 from SFRSegmentLib.config import CPU_SPACING, InferenceConfig, preset
-from SFRSegmentLib.inference import VNetInfo, load_vnet, predict_volume, save_vnet
-from SFRSegmentLib.io import Volume, read_volume
+from SFRSegmentLib.inference import predict_volume
+from SFRSegmentLib.vnet import VNetInfo, load_vnet, save_vnet
+from SFRSegmentLib.volumes import Volume, read_volume
 from SFRSegmentLib.pipeline import _without_missing_sam
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 

@@ -24,7 +24,7 @@ from SFRSegmentLib.data import (
     zscore,
 )
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import Segment, Volume, write_volume
+from SFRSegmentLib.volumes import Segment, Volume, write_volume
 
 LA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LA"
 """The shared LA cases beside the repository: case folders plus ``train.list`` and ``README.md``."""

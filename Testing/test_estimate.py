@@ -20,12 +20,12 @@ from SFRSegmentLib.data import Case, Cohort
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.estimate import StageWork, StepTimes, estimate_run, estimate_stages, format_duration
 from SFRSegmentLib.inference import PREDICTION_SUFFIXES, monai_overlap
-from SFRSegmentLib.io import read_volume
+from SFRSegmentLib.volumes import read_volume
 from SFRSegmentLib.pipeline import prediction_inputs, remaining_work
 from SFRSegmentLib.provenance import Inputs, write_record
 from SFRSegmentLib.retrain import retrain_inputs
-from SFRSegmentLib.sam.finetune import finetune_inputs
-from SFRSegmentLib.sam.pseudolabel import case_inputs
+from SFRSegmentLib.finetune import finetune_inputs
+from SFRSegmentLib.pseudolabel import case_inputs
 from SFRSegmentLib.progress import JsonLinesReporter
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.synthetic import make_synthetic_cohort

@@ -201,3 +201,32 @@ def test_scripting_example_uses_only_what_the_module_offers():
     assert used["settings"] and used["settings"] <= settings_fields
     imports = {(n.module, a.name) for n in ast.walk(example) if isinstance(n, ast.ImportFrom) for a in n.names}
     assert imports == {("SFRSegment", "SFRSegmentLogic"), ("SFRSegmentLogicLib.jobs", "RunSettings")}
+
+
+STAGE_MODULES = {"finetune", "pseudolabel", "losses", "retrain", "sfrplus", "inference", "pipeline", "estimate",
+                 "reproduce", "report", "metrics", "cli"}
+
+
+def _engine_imports(path: Path) -> set:
+    """The SFRSegmentLib modules that ``path`` imports (relative imports resolved from its package)."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return {name.split(".")[1] for name in names if name.startswith("SFRSegmentLib.") and name.count(".") >= 1}
+
+
+def test_the_sam_package_imports_no_stage():
+    for path in sorted((ROOT / "SFRSegmentLib" / "sam").glob("*.py")):
+        assert not _engine_imports(path) & STAGE_MODULES, path
+
+
+def test_no_engine_module_shadows_the_standard_library():
+    import sys
+
+    modules = {path.stem for path in (ROOT / "SFRSegmentLib").rglob("*.py")}
+    assert not modules & set(sys.stdlib_module_names)

@@ -28,9 +28,9 @@ import SimpleITK as sitk
 import torch
 
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.inference import MODEL_FORMAT, load_vnet
+from SFRSegmentLib.vnet import MODEL_FORMAT, load_vnet
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.finetune import load_finetuned_sam
+from SFRSegmentLib.finetune import load_finetuned_sam
 from SFRSegmentLib.sfrplus import _previous_sam_weights
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 

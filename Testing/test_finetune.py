@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-import SFRSegmentLib.sam.finetune as finetune_module
+import SFRSegmentLib.finetune as finetune_module
 from SFRSegmentLib.config import FinetuneConfig, preset
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
 from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.finetune import (
+from SFRSegmentLib.finetune import (
     RANDOM_INIT_MESSAGE,
     MosaicBatches,
     bezier_slices,
@@ -35,7 +35,7 @@ from SFRSegmentLib.sam.finetune import (
     training_layout,
 )
 from SFRSegmentLib.sam.lora import LoRAQKV
-from SFRSegmentLib.sam.losses import SFRLoss
+from SFRSegmentLib.losses import SFRLoss
 from SFRSegmentLib.sam.weights import file_sha256
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 

@@ -18,17 +18,9 @@ from SFRSegmentLib.config import InferenceConfig
 from SFRSegmentLib.data import zscore
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.events import parse_progress_line
-from SFRSegmentLib.inference import (
-    VNetInfo,
-    keep_largest_components,
-    load_vnet,
-    monai_overlap,
-    predict_volume,
-    save_vnet,
-    sliding_window_probabilities,
-    window_starts,
-)
-from SFRSegmentLib.io import Volume, read_volume
+from SFRSegmentLib.inference import (keep_largest_components, monai_overlap, predict_volume, sliding_window_probabilities, window_starts)
+from SFRSegmentLib.vnet import VNetInfo, load_vnet, save_vnet
+from SFRSegmentLib.volumes import Volume, read_volume
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 from SFRSegmentLib.vnet import VNet
 

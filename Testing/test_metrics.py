@@ -15,7 +15,7 @@ from medpy.metric import binary as medpy
 from scipy import ndimage
 
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import Volume, read_volume, write_volume
+from SFRSegmentLib.volumes import Volume, read_volume, write_volume
 from SFRSegmentLib.metrics import (
     CSV_COLUMNS,
     SPLIT_COLUMN,

@@ -19,7 +19,7 @@ import torch
 from SFRSegmentLib.config import preset
 from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import read_volume, write_volume
+from SFRSegmentLib.volumes import read_volume, write_volume
 from SFRSegmentLib.metrics import CSV_COLUMNS, SPLIT_COLUMN, case_metrics
 from SFRSegmentLib.sam.weights import file_sha256
 from SFRSegmentLib.synthetic import make_synthetic_cohort

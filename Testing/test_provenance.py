@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from SFRSegmentLib.io import read_volume, write_volume
+from SFRSegmentLib.volumes import read_volume, write_volume
 from SFRSegmentLib.provenance import (MISSING, Inputs, file_digest, identity_of, read_record, record_path,
                                       stale_reason, write_record)
 from SFRSegmentLib.runfolder import RunFolder

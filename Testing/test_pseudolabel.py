@@ -15,16 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-import SFRSegmentLib.sam.pseudolabel as pseudolabel_module
+import SFRSegmentLib.pseudolabel as pseudolabel_module
 from SFRSegmentLib.config import PseudoLabelConfig, preset
 from SFRSegmentLib.data import discover_cohort
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import read_volume
+from SFRSegmentLib.volumes import read_volume
 from SFRSegmentLib.progress import Cancellation, Cancelled
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.finetune import finetune, training_layout
-from SFRSegmentLib.sam.pseudolabel import predict_probabilities, pseudolabel, volume_confidence
-from SFRSegmentLib.stitching import mosaic_layout
+from SFRSegmentLib.finetune import finetune, training_layout
+from SFRSegmentLib.pseudolabel import predict_probabilities, pseudolabel, volume_confidence
+from SFRSegmentLib.sam.stitching import mosaic_layout
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]

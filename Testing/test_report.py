@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from SFRSegmentLib.data import Case
-from SFRSegmentLib.io import read_volume, write_volume
+from SFRSegmentLib.volumes import read_volume, write_volume
 from SFRSegmentLib.report import TRUTH_OUTLINE_RGB, write_report
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort

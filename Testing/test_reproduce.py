@@ -22,7 +22,7 @@ from SFRSegmentLib.config import preset
 from SFRSegmentLib.config_io import to_dict
 from SFRSegmentLib.data import discover_cohort
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import write_volume
+from SFRSegmentLib.volumes import write_volume
 from SFRSegmentLib.paper_results import paper_result
 from SFRSegmentLib.reproduce import (
     CELL_FILE,

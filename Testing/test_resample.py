@@ -6,7 +6,7 @@ import torch
 
 from SFRSegmentLib.config import check_spacing
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import Volume
+from SFRSegmentLib.volumes import Volume
 from SFRSegmentLib.resample import to_native_grid, to_working_grid, working_shape
 
 

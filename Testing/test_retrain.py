@@ -19,8 +19,8 @@ from SFRSegmentLib.config import RetrainConfig, SSLConfig, preset
 from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import Cohort
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.inference import load_vnet
-from SFRSegmentLib.io import read_volume, write_volume
+from SFRSegmentLib.vnet import load_vnet
+from SFRSegmentLib.volumes import read_volume, write_volume
 from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
 from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.retrain import (

@@ -15,8 +15,9 @@ import torch
 from SFRSegmentLib.config import InferenceConfig, SFRPlusConfig
 from SFRSegmentLib.data import Case, Cohort, load_case
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.inference import VNetInfo, predict_volume, save_vnet
-from SFRSegmentLib.io import read_volume, write_volume
+from SFRSegmentLib.inference import predict_volume
+from SFRSegmentLib.vnet import VNetInfo, save_vnet
+from SFRSegmentLib.volumes import read_volume, write_volume
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sfrplus import (
     run_sfrplus,

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from SFRSegmentLib.data import load_case, validate_cohort
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import read_volume
+from SFRSegmentLib.volumes import read_volume
 from SFRSegmentLib.synthetic import make_synthetic_cohort, make_synthetic_volume
 
 SIZES = ((40, 48), (40, 48), (20, 24))

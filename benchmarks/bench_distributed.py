@@ -2,8 +2,8 @@
 batch, for the fine-tuning step (stage F) and the re-training step (stage R), as the engine runs them.
 
 For each process count the script starts ``python -m torch.distributed.run --standalone --nproc_per_node=N`` on
-itself. Every rank builds the stage's real training object (:class:`SFRSegmentLib.sam.finetune._Training` on
-:class:`~SFRSegmentLib.sam.finetune.MosaicBatches`, :class:`SFRSegmentLib.retrain.Trainer` on
+itself. Every rank builds the stage's real training object (:class:`SFRSegmentLib.finetune._Training` on
+:class:`~SFRSegmentLib.finetune.MosaicBatches`, :class:`SFRSegmentLib.retrain.Trainer` on
 :func:`~SFRSegmentLib.retrain.draw_batch`) over a synthetic cohort, runs ``--warmup`` untimed and ``--iterations``
 timed steps, and rank 0 prints the mean step time. With N processes every step trains N times as many samples
 (the global batch), so the printed throughput (samples / s) is the number to compare.
@@ -55,7 +55,7 @@ def time_steps(step, warmup: int, iterations: int) -> float:
 def finetune_step(cohort, device: torch.device, paper: bool):
     """One fine-tuning iteration (sample → forward → loss → backward → AdamW) and the per-rank batch."""
     from SFRSegmentLib.config import preset
-    from SFRSegmentLib.sam.finetune import (MosaicBatches, _Training, build_base_sam, finetune_inputs,
+    from SFRSegmentLib.finetune import (MosaicBatches, _Training, build_base_sam, finetune_inputs,
                                             load_training_volume, training_layout)
 
     config = preset("paper" if paper else "small").resolved(len(cohort.classes)).finetune
@@ -71,7 +71,7 @@ def finetune_step(cohort, device: torch.device, paper: bool):
 def retrain_step(cohort, device: torch.device, paper: bool):
     """One SFR_MT re-training iteration (with cached pseudo-labels: the labels of the 'unlabeled' cases)."""
     from SFRSegmentLib.config import preset
-    from SFRSegmentLib.inference import VNetInfo
+    from SFRSegmentLib.vnet import VNetInfo
     from SFRSegmentLib.retrain import Trainer, draw_batch, load_training_cases
 
     config = dataclasses.replace(preset("paper" if paper else "small").resolved().retrain, method="sfr_mt",

@@ -66,7 +66,7 @@ def training_part(online_sam: bool, precision: str, warmup: int, iterations: int
     """Per-iteration seconds (total, SAM, V-Net) of SFR_MT re-training with cached or online pseudo-labels."""
     from SFRSegmentLib.data import discover_cohort
     from SFRSegmentLib.config import preset
-    from SFRSegmentLib.inference import VNetInfo
+    from SFRSegmentLib.vnet import VNetInfo
     from SFRSegmentLib.retrain import Trainer, draw_batch, load_training_cases
 
     cohort = discover_cohort(LA_DIR)
@@ -102,7 +102,7 @@ def training_part(online_sam: bool, precision: str, warmup: int, iterations: int
 def online_pseudo_labeller(patch_size):
     """The official per-crop pseudo-labelling: stitch → SAM (eval, no grad) → softmax → argmax → un-stitch."""
     from SFRSegmentLib.sam.model import SamConfig, build_sfr_sam
-    from SFRSegmentLib.stitching import mosaic_layout, stitch_image, unstitch
+    from SFRSegmentLib.sam.stitching import mosaic_layout, stitch_image, unstitch
 
     torch.manual_seed(0)
     sam = build_sfr_sam(dataclasses.replace(SamConfig.paper(), efficient_attention=False)).eval()
@@ -123,7 +123,7 @@ def sliding_part(official: bool, precision: str, warmup: int, iterations: int) -
     from SFRSegmentLib.data import zscore
     from SFRSegmentLib.config import PATCH_SIZE, InferenceConfig
     from SFRSegmentLib.inference import sliding_window_probabilities, window_starts
-    from SFRSegmentLib.io import read_volume
+    from SFRSegmentLib.volumes import read_volume
     from SFRSegmentLib.vnet import VNet
 
     image = zscore(read_volume(LA_DIR / SLIDING_CASE / "image.nrrd").array)

@@ -3,7 +3,7 @@ each configuration measured in its own subprocess so that memory peaks do not mi
 
 Parts (``--parts``; the default is small-efficient, small-plain and pseudolabel-small):
 
-* ``small-<variant>``: one fine-tuning iteration of :mod:`SFRSegmentLib.sam.finetune` at the
+* ``small-<variant>``: one fine-tuning iteration of :mod:`SFRSegmentLib.finetune` at the
   small configuration (``SamConfig.small()``, 256² mosaics, batch 2, 64×64×16 patches): data (crop + stitch),
   forward + loss, backward + optimiser step, timed separately. Variants: ``efficient`` = the engine's default,
   :class:`~SFRSegmentLib.sam.attention.EfficientAttention` (blockwise on CPU, SDPA elsewhere); ``checkpointed`` = the
@@ -89,9 +89,9 @@ def finetune_config(part: str):
 
 
 def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, float]:
-    from SFRSegmentLib.sam.finetune import (MosaicBatches, apply_gradients, build_base_sam, compute_loss,
+    from SFRSegmentLib.finetune import (MosaicBatches, apply_gradients, build_base_sam, compute_loss,
                                             training_layout)
-    from SFRSegmentLib.sam.losses import SFRLoss
+    from SFRSegmentLib.losses import SFRLoss
 
     config = finetune_config(part)
     rng = np.random.default_rng(0)
@@ -132,9 +132,9 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
 
 def run_pseudolabel_part(scale: str, warmup: int, iterations: int) -> Dict[str, float]:
     from SFRSegmentLib.config import PseudoLabelConfig, SamConfig
-    from SFRSegmentLib.sam.finetune import build_base_sam, training_layout
+    from SFRSegmentLib.finetune import build_base_sam, training_layout
     from SFRSegmentLib.sam.lora import merge_lora
-    from SFRSegmentLib.sam.pseudolabel import predict_probabilities
+    from SFRSegmentLib.pseudolabel import predict_probabilities
 
     config = PseudoLabelConfig()
     model = merge_lora(build_base_sam(SamConfig.small() if scale == "small" else SamConfig.paper(), None, 0)).eval()

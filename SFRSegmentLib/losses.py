@@ -1,6 +1,6 @@
 """The SAM fine-tuning loss of SFR: L = ½(CE + Dice) on the class logits of a mosaic (method spec §2, Eq. 5).
 
-Both terms see the mosaic's label, in which gutters and empty tiles carry :data:`~SFRSegmentLib.stitching.IGNORE_LABEL`
+Both terms see the mosaic's label, in which gutters and empty tiles carry :data:`~SFRSegmentLib.sam.stitching.IGNORE_LABEL`
 (255):
 
 * **CE** is ``cross_entropy(..., ignore_index=255)``: the mean over the slice pixels only.
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
-from ..distributed import gather_batch
-from ..stitching import IGNORE_LABEL
+from .distributed import gather_batch
+from .sam.stitching import IGNORE_LABEL
 
 DICE_SMOOTH = 1e-10
 """ε of the official soft Dice, in numerator and denominator."""

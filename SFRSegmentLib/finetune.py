@@ -7,11 +7,11 @@ Recipe (defaults = the paper's code, ``train_finetuning.py`` with ``train.sh``'s
   single labeled case simply gives several patches of itself), then the 3D ``RandomRotFlip``, a random crop of
   ``patch_size`` (zero-padded first where the volume is smaller), optionally the per-slice Bézier intensity map
   (``bezier_p``; the code's default 0.5 is **off** here, see below), stitching into mosaics (the torch path of
-  :mod:`SFRSegmentLib.stitching`, whole batch at once) and, with ``mosaic_rot_flip`` (the code's ``--rdmrotflip``),
+  :mod:`SFRSegmentLib.sam.stitching`, whole batch at once) and, with ``mosaic_rot_flip`` (the code's ``--rdmrotflip``),
   a rot90 + flip of each whole mosaic and its label.
 * Model: :func:`~SFRSegmentLib.sam.model.build_sfr_sam` from a SAM checkpoint (catalog id or file), LoRA rank 4 on q
   and v, prompt encoder and mask decoder trained. The K+1 logits are upsampled to the full mosaic and the loss is
-  :class:`~SFRSegmentLib.sam.losses.SFRLoss` there, as in the paper.
+  :class:`~SFRSegmentLib.losses.SFRLoss` there, as in the paper.
 * Optimiser: AdamW (lr 1e-3, betas (0.9, 0.999), weight decay 0.1) on the trainable parameters; the learning rate
   of iteration ``it`` (0-based) is ``lr·(1 − it/T)^0.9``, updated after every step (torch's ``PolynomialLR``).
 * 6,000 iterations, batch 2, seed 1337.
@@ -46,22 +46,22 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import PolynomialLR
 
-from ..atomic import atomic_path, atomic_write_text
-from ..checkpoint import load_checkpoint, reuse_trained, save_checkpoint, write_log
-from ..config import FinetuneConfig, SamConfig
-from ..config_io import to_dict, with_overrides
-from ..data import Case, Cohort, load_case, sample_patch, zscore
-from ..distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
-from ..errors import InputError, PathLike
-from ..inference import autocast_context, resolve_device
-from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
-from ..provenance import Inputs, case_files, file_digest, identity_of, write_record
-from ..runfolder import RunFolder
-from ..stitching import MosaicLayout, mosaic_layout, stitch_image, stitch_label
-from .lora import load_trainable_state_dict, trainable_state_dict
+from .atomic import atomic_path, atomic_write_text
+from .checkpoint import load_checkpoint, reuse_trained, save_checkpoint, write_log
+from .config import FinetuneConfig, SamConfig
+from .config_io import to_dict, with_overrides
+from .data import Case, Cohort, load_case, sample_patch, zscore
+from .distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
+from .errors import InputError, PathLike
+from .device import autocast_context, resolve_device
+from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from .provenance import Inputs, case_files, file_digest, identity_of, write_record
+from .runfolder import RunFolder
+from .sam.stitching import MosaicLayout, mosaic_layout, stitch_image, stitch_label
+from .sam.lora import load_trainable_state_dict, trainable_state_dict
 from .losses import SFRLoss
-from .model import SFRSam, build_sfr_sam
-from .weights import DownloadError, load_state_dict, resolve_checkpoint
+from .sam.model import SFRSam, build_sfr_sam
+from .sam.weights import DownloadError, load_state_dict, resolve_checkpoint
 
 STAGE = "finetune"
 FORMAT_VERSION = 1

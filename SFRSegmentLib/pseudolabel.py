@@ -33,21 +33,21 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from ..atomic import atomic_path, atomic_write_text
-from ..config import PseudoLabelConfig
-from ..data import Case, Cohort, load_case, zscore
-from ..distributed import barrier, map_cases, ranks
-from ..errors import InputError, PathLike
-from ..io import Volume, write_volume
-from ..config_io import to_dict
-from ..progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
-from ..provenance import MISSING, Inputs, case_files, identity_of, record_path, stale_reason, write_record
-from ..runfolder import PROBABILITY_SCALE, RunFolder
-from ..stitching import MosaicLayout, stitch_image, unstitch
-from ..inference import autocast_context, resolve_device
+from .atomic import atomic_path, atomic_write_text
+from .config import PseudoLabelConfig
+from .data import Case, Cohort, load_case, zscore
+from .distributed import barrier, map_cases, ranks
+from .errors import InputError, PathLike
+from .volumes import Volume, write_volume
+from .config_io import to_dict
+from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
+from .provenance import MISSING, Inputs, case_files, identity_of, record_path, stale_reason, write_record
+from .runfolder import PROBABILITY_SCALE, RunFolder
+from .sam.stitching import MosaicLayout, stitch_image, unstitch
+from .device import autocast_context, resolve_device
 from .finetune import load_finetuned_sam, training_layout, weights_info_path
-from .lora import merge_lora
-from .model import SFRSam
+from .sam.lora import merge_lora
+from .sam.model import SFRSam
 
 STAGE = "pseudolabel"
 CONFIDENCE_HEADER = "case,confidence\n"

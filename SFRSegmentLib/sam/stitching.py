@@ -1,7 +1,7 @@
 """Stitching: lay a 3D patch out slice by slice as tiles of 2D mosaics for SAM, and take it back exactly.
 
 SFR (Li et al., IEEE TMI 2025) feeds SAM one 2D image per 3D patch: the slices along the third array axis (the
-slice axis of :class:`SFRSegmentLib.io.Volume`) are laid out as tiles of a ``canvas``×``canvas`` mosaic at their
+slice axis of :class:`SFRSegmentLib.volumes.Volume`) are laid out as tiles of a ``canvas``×``canvas`` mosaic at their
 native in-plane resolution. The geometry follows the official code's formulas (docs/sfr-method.md §1.2):
 
 * A patch has shape (H, W, D). The grid comes from the in-plane size: ``n_rows = canvas // H``,
@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_path
-from .choices import DEPTH_PADDINGS
-from .errors import PathLike
-from .io import default_segments
+from ..atomic import atomic_path
+from ..choices import DEPTH_PADDINGS
+from ..errors import PathLike
+from ..volumes import default_segments
 
 IGNORE_LABEL = 255
 """Label value of gutters and empty tiles; losses ignore it."""

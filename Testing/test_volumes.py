@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from SFRSegmentLib.atomic import atomic_path
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.io import Segment, Volume, read_volume, write_volume
+from SFRSegmentLib.volumes import Segment, Volume, read_volume, write_volume
 from SFRSegmentLib.validation import check_image, check_label
 
 LA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"

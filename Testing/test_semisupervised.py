@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from SFRSegmentLib import ssl
+from SFRSegmentLib import semisupervised
 from SFRSegmentLib.choices import BASE_METHODS, METHODS
 from SFRSegmentLib.config import SSLConfig, parse_method
 from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.ssl import (
+from SFRSegmentLib.semisupervised import (
     Step,
     build_method,
     consistency_weight,
@@ -222,7 +222,7 @@ def test_teacher_receives_no_gradient() -> None:
 
 def test_method_names_and_parsing() -> None:
     assert set(METHODS) == {"supervised", "mt", "uamt", "acmt", "sfr", "sfr_mt", "sfr_uamt", "sfr_acmt"}
-    assert set(ssl._METHODS) == set(BASE_METHODS)  # every method offered is implemented, and only those
+    assert set(semisupervised._METHODS) == set(BASE_METHODS)  # every method offered is implemented, and only those
     assert parse_method("sfr") == ("supervised", True)
     assert parse_method("sfr_acmt") == ("acmt", True)
     assert parse_method("uamt") == ("uamt", False)
@@ -234,23 +234,23 @@ def test_method_names_and_parsing() -> None:
 def test_registering_a_method_gives_its_sfr_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     from SFRSegmentLib import choices, config
 
-    monkeypatch.setattr(ssl, "_METHODS", dict(ssl._METHODS))
-    monkeypatch.setattr(ssl, "BASE_METHODS", BASE_METHODS + ("entropy_min",))
+    monkeypatch.setattr(semisupervised, "_METHODS", dict(semisupervised._METHODS))
+    monkeypatch.setattr(semisupervised, "BASE_METHODS", BASE_METHODS + ("entropy_min",))
     monkeypatch.setattr(config, "METHODS", METHODS + ("sfr_entropy_min", "entropy_min"))
     assert choices.METHODS == METHODS  # the lists the engine offers stay as they are outside this test
 
-    @ssl.register_method("entropy_min")
-    class EntropyMinimisation(ssl.SSLMethod):
+    @semisupervised.register_method("entropy_min")
+    class EntropyMinimisation(semisupervised.SSLMethod):
         term_names = ("entropy",)
 
         def losses(self, step: Step):
             p = torch.softmax(step.unlabeled_logits, dim=1)
-            return [ssl.LossTerm("entropy", normalised_entropy(p).mean(), 0.5)]
+            return [semisupervised.LossTerm("entropy", normalised_entropy(p).mean(), 0.5)]
 
     method = build_method("sfr_entropy_min", FixedLogits(torch.zeros(2, 1, 1, 1)), CONFIG, 10)
     assert method.term_names == ("entropy", "pseudo_label")
     with pytest.raises(ValueError, match="add it there"):
-        ssl.register_method("sfr_x")
+        semisupervised.register_method("sfr_x")
 
 
 def test_config_rejects_odd_uamt_passes() -> None:
