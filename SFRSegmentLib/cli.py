@@ -138,9 +138,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .metrics import SPLIT_DESCRIPTIONS
     from .pipeline import mean_dice, run_pipeline, scored_split
     from .progress import Cancellation, make_reporter
+    from .update import parent_overrides
 
     overrides = load_overrides(args.config) if args.config else {}
-    config = with_overrides(preset(starting_preset(args.preset, overrides, args.config)), overrides, args.config)
+    if args.parent:  # an update starts from its parent's configuration
+        parent = parent_overrides(args.parent)
+        config = with_overrides(preset(starting_preset(args.preset, parent, args.parent)), parent, args.parent)
+        config = with_overrides(config, overrides, args.config)
+    else:
+        config = with_overrides(preset(starting_preset(args.preset, overrides, args.config)), overrides, args.config)
     config = with_overrides(config, _given_options(args))
     if args.print_config:
         import json
@@ -150,7 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cancellation = Cancellation()
     with cancellation.on_signals():
         result = run_pipeline(args.cohort, args.out, config, progress=make_reporter(args.progress),
-                              cancellation=cancellation, redo=args.redo, test=args.test)
+                              cancellation=cancellation, redo=args.redo, test=args.test, parent=args.parent)
     lines = [f"report: {result.report}"]
     used = result.config
     for method, metrics in ((used.retrain.method, result.metrics), (used.baseline_method, result.baseline_metrics)):
@@ -284,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p, {"--device": "device", "--patch": "patch_size", "--truth": "truth_dir",
                             "--estimate": "estimate"})
     _add_test_option(p)
+    p.add_argument("--from", dest="parent", type=Path, metavar="PARENT_RUN",
+                   help="update this finished run (it is never changed): its configuration, its fine-tuned SAM and "
+                        "V-Net continued on the cohort's new labels with short schedules (update.*_fraction), what "
+                        "did not change taken over")
     p.add_argument("--progress", choices=REPORTER_KINDS, default="bar",
                    help="jsonl: one JSON object per line on stdout (the Slicer module's protocol)")
     p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGES,

@@ -419,6 +419,8 @@ class RetrainConfig(_Options):
                                               "on each image's grid (SFRSegmentLib.resample); null: each volume's "
                                               "own grid, as the references")
     checkpoint_every: int = option(1000, "iterations between resumable checkpoints")
+    init_weights: Optional[str] = option(None, "a V-Net file (vnet.pt) of the same architecture and classes to start "
+                                               "from instead of random weights (an update, run --from, sets it)")
     device: str = _device("re-training")
     precision: str = _precision("auto")
     ssl: SSLConfig = option(factory=SSLConfig, help="the semi-supervised methods' hyper-parameters")
@@ -429,6 +431,8 @@ class RetrainConfig(_Options):
         _at_least(self, 0, "batch_unlabeled", "lr", "momentum", "weight_decay", "lr_gamma", "lr_power")
         self._set("patch_size", _shape(self.patch_size, "patch_size", INPUT_MULTIPLE))
         self._set("spacing", check_spacing(self.spacing, "spacing"))
+        if self.init_weights is not None:
+            self._set("init_weights", str(self.init_weights))
 
     @property
     def uses_pseudo_labels(self) -> bool:
@@ -509,6 +513,21 @@ class InferenceConfig(_Options):
 
 
 @dataclass(frozen=True)
+class UpdateConfig(_Options):
+    """How an update (``run --from PARENT``, :mod:`SFRSegmentLib.update`) shortens the schedules it continues."""
+
+    finetune_fraction: float = option(0.25, "an update fine-tunes SAM, from the parent run's weights, for this "
+                                            "fraction of the full finetune.iterations")
+    retrain_fraction: float = option(0.2, "an update re-trains the V-Net, from the parent run's weights, for this "
+                                          "fraction of the full retrain.iterations")
+
+    def _check(self) -> None:
+        for name in ("finetune_fraction", "retrain_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise InputError(f"{name} must lie in (0, 1], got {getattr(self, name)}", field=name)
+
+
+@dataclass(frozen=True)
 class RunConfig(_Options):
     """Everything a run does (module docstring): the stages' sections and what the run itself decides."""
 
@@ -526,6 +545,7 @@ class RunConfig(_Options):
     sfr_plus: bool = option(False, "run SFR+ rounds after SFR (sfrplus holds their options)")
     sfrplus: SFRPlusConfig = option(factory=SFRPlusConfig, help="the SFR+ rounds")
     inference: InferenceConfig = option(factory=InferenceConfig, help="prediction")
+    update: UpdateConfig = option(factory=UpdateConfig, help="updates of an earlier run (run --from)")
     baseline_method: Optional[str] = option(None, "also re-train this method (e.g. supervised) without "
                                                   "pseudo-labels, with the re-training options above, for a "
                                                   "side-by-side comparison", choices=METHODS)

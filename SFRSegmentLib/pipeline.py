@@ -54,6 +54,8 @@ from .finetune import finetune, finetune_inputs, resolve_base_checkpoint
 from .pseudolabel import case_inputs, pseudolabel
 from .sam.weights import available_offline
 from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
+from .update import UPDATE_KEY, Parent, corrected_summary, prepare_update, read_parent
+from .update import lineage as update_lineage
 
 BASELINE_FOLDER = "baseline"
 
@@ -90,12 +92,14 @@ Truths = Mapping[str, Mapping[str, Path]]
 
 def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
                  cancellation: Optional[Cancellation] = None, redo: Sequence[str] = (),
-                 test: Optional[PathLike] = None) -> PipelineResult:
+                 test: Optional[PathLike] = None, parent: Optional[PathLike] = None) -> PipelineResult:
     """Run (or resume) every stage of SFR on the cohort at ``cohort_path`` into the run folder ``out``.
 
     ``test`` is a folder (or manifest) of held-out labeled cases, added to those a manifest ``cohort_path`` lists
     under ``"test"`` (:func:`SFRSegmentLib.data.discover_cohort`): never trained on, predicted and scored at the end.
     ``config`` is resolved here (:meth:`RunConfig.resolved`); its device is checked first, before any input is read.
+    ``parent`` is a finished run folder to update (:mod:`SFRSegmentLib.update`): SAM and the V-Net continue from its
+    weights with short schedules, and what did not change is taken over from it.
     """
     resolve_device(config.device)  # a device this machine lacks stops the run now, not after validation
     run = RunFolder(out)
@@ -109,22 +113,33 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
                          cohort.root)
     truths = _truths(cohort, config)  # a missing true label stops the run now, not after training
     config = _without_missing_sam(config.resolved(len(cohort.classes)), progress)
+    update = read_parent(parent, out) if parent is not None else None
     if config.preset == "small":
         _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
                                    "--preset cpu without a GPU, --preset paper with one")
     clock.lap("validate")
     # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
     with on_main_rank(run.exclusive()):
-        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock)
+        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock, update)
 
 
 def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
-                cancellation: Optional[Cancellation], redo: Sequence[str], clock: StageClock) -> PipelineResult:
+                cancellation: Optional[Cancellation], redo: Sequence[str], clock: StageClock,
+                parent: Optional[Parent]) -> PipelineResult:
     """Every stage in order, in a run folder this process holds (see :func:`run_pipeline`)."""
     if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
         _remove_outputs(run, redo)
+    barrier()
+    update_section = None
+    if parent is not None:
+        config, update_section = prepare_update(parent, cohort, config, run, adopt=ranks().is_main)
+        _say(progress, "validate", f"updating {parent.run.root}: {corrected_summary(update_section)}")
+    if ranks().is_main:
         atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
-        atomic_write_text(run.manifest, json.dumps(manifest(cohort, config), indent=2) + "\n")
+        record = manifest(cohort, config)
+        if update_section is not None:
+            record[UPDATE_KEY] = update_section
+        atomic_write_text(run.manifest, json.dumps(record, indent=2) + "\n")
     barrier()
     if config.estimate:
         estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
@@ -156,7 +171,7 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
         lineage = provenance_summary(run, cohort, vnet, truths)
         atomic_write_text(run.provenance, json.dumps(lineage, indent=2) + "\n")
         report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config)
-                              + [("Provenance", _provenance_html(lineage))],
+                              + _lineage_section(run) + [("Provenance", _provenance_html(lineage))],
                               truths={name: path for cases in truths.values() for name, path in cases.items()})
         _say(progress, "report", f"report written to {report}")
         clock.lap("report")
@@ -228,6 +243,24 @@ def provenance_summary(run: RunFolder, cohort: Cohort, vnet: Path, truths: Truth
                         for case in predicted_cases(cohort)},
         "true labels": {name: file_digest(path) for cases in truths.values() for name, path in cases.items()},
     }
+
+
+def _lineage_section(run: RunFolder) -> List[tuple]:
+    """The report's table of the runs this one was updated from (none for a run from scratch)."""
+    import html
+
+    chain = update_lineage(run)
+    if len(chain) < 2:
+        return []
+    rows = []
+    for step in chain:
+        metrics = step["run"].metrics
+        dice = f"{mean_dice(metrics):.4f} ({scored_split(metrics)})" if metrics.is_file() else "—"
+        seconds = f"{step['seconds'] / 60:.1f} min" if step["seconds"] is not None else "—"
+        rows.append(f"<tr><td>{html.escape(str(step['run'].root))}</td>"
+                    f"<td>{html.escape(corrected_summary(step['update']))}</td><td>{seconds}</td><td>{dice}</td></tr>")
+    return [("Lineage", "<table><tr><th>run</th><th>changes</th><th>time</th><th>mean Dice</th></tr>"
+                        + "".join(rows) + "</table>")]
 
 
 def _provenance_html(lineage: Mapping[str, object]) -> str:

@@ -49,7 +49,7 @@ from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, g
                           rank_slice, ranks)
 from .errors import InputError
 from .device import autocast_context, resolve_device
-from .vnet import MEMORY_FORMAT, VNetInfo, save_vnet, vnet_info_path
+from .vnet import MEMORY_FORMAT, VNetInfo, load_vnet, save_vnet, vnet_info_path
 from .volumes import read_volume
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from .provenance import Inputs, case_files, identity_of, write_record
@@ -59,8 +59,8 @@ from .semisupervised import Step, build_method, learns_from_unlabeled, segmentat
 from .validation import check_same_geometry
 
 STAGE = "retrain"
-EXECUTION_ONLY = ("checkpoint_every", "device")
-"""Options that do not change the trained V-Net (they may change between an interrupted run and its resumption)."""
+EXECUTION_ONLY = ("checkpoint_every", "device", "init_weights")
+"""Options that do not change the trained V-Net, or (``init_weights``) that its inputs identify by content."""
 
 
 def trained_vnet_info(config: RetrainConfig, classes: Mapping[int, str]) -> VNetInfo:
@@ -241,7 +241,10 @@ class Trainer:
                  device: torch.device) -> None:
         torch.manual_seed(config.seed)
         self.config, self.device = config, device
-        self.student = info.build_model().to(device, memory_format=MEMORY_FORMAT).train()
+        self.student = info.build_model()
+        if config.init_weights is not None:
+            self.student.load_state_dict(_initial_weights(config.init_weights, info))
+        self.student = self.student.to(device, memory_format=MEMORY_FORMAT).train()
         here = ranks()
         if here.is_distributed and device.type == "cuda":
             # Batch statistics over the global batch, as in one process (torch's SyncBatchNorm is GPU-only).
@@ -374,6 +377,17 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
     return run.vnet_weights
 
 
+def _initial_weights(path: str, info: VNetInfo) -> Dict[str, torch.Tensor]:
+    """The weights of the V-Net file ``path``, after checking it is this architecture for these classes."""
+    model, stored = load_vnet(path)
+    mismatch = [name for name in ("classes", "n_filters", "normalization")
+                if getattr(stored, name) != getattr(info, name)]
+    if mismatch:
+        raise InputError(f"this V-Net differs from the one to train in {', '.join(mismatch)}; start from a V-Net "
+                         "trained with the same classes and architecture", path, "retrain.init_weights")
+    return model.state_dict()
+
+
 def retrain_inputs(config: RetrainConfig, cohort: Cohort, pseudo_labels: Mapping[str, Path]) -> Inputs:
     """What determines the trained V-Net (:class:`~SFRSegmentLib.provenance.Inputs`): the options except
     :data:`EXECUTION_ONLY`, the class values and the number of processes (the global batch is the per-process batch
@@ -386,6 +400,8 @@ def retrain_inputs(config: RetrainConfig, cohort: Cohort, pseudo_labels: Mapping
     if learns_from_unlabeled(config.method):
         files.update(case_files(cohort.unlabeled, labels=False))
     upstream = {f"pseudo-label of case {name}": identity_of(path) for name, path in sorted(pseudo_labels.items())}
+    if config.init_weights is not None:
+        upstream["V-Net re-training continues from"] = identity_of(config.init_weights)
     return Inputs(options, files, upstream)
 
 

@@ -1,0 +1,135 @@
+"""Updates (`python -m SFRSegmentLib run --from PARENT`, real subprocesses at the small preset): a new unlabeled case
+takes over the parent's SAM and pseudo-labels; a correction continues SAM and the V-Net from the parent's weights;
+an update of an update works; the parent's files never change."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.provenance import read_record
+from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.update import lineage, read_parent
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = {"finetune": {"iterations": 4, "checkpoint_every": 4},
+          "retrain": {"iterations": 5, "checkpoint_every": 5, "lr_step": 1000},
+          "inference": {"stride_xy": 24, "stride_z": 8}, "estimate": False}
+
+
+def _run(cohort: Path, out: Path, *extra: str) -> List[Dict[str, object]]:
+    config = out.parent / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    command = [sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort), "--out", str(out),
+               "--preset", "small", "--config", str(config), "--progress", "jsonl", "--device", "cpu",
+               "--truth", str(cohort / TRUTH_FOLDER), *extra]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _trained(events: List[Dict[str, object]], stage: str) -> List[int]:
+    return [e["step"] for e in events if e["stage"] == stage and e["loss"] is not None]
+
+
+def _contents(folder: Path) -> Dict[str, tuple]:
+    """Every file under ``folder``: SHA-256 and modification time."""
+    return {str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != ".lock"}
+
+
+def _weights(path: Path) -> Dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lineage_runs(tmp_path_factory):
+    """A parent run on 1 labeled + 3 unlabeled cases; update 1 adds a fourth unlabeled case; update 2 (from update
+    1) labels a formerly unlabeled case with its true label (the correction). The parent's files are recorded
+    before the updates."""
+    root = tmp_path_factory.mktemp("lineage")
+    cohort = root / "cohort"
+    make_synthetic_cohort(cohort, n_cases=5, n_labeled=1, n_classes=1, seed=4,
+                          size_range=((48, 52), (48, 52), (16, 18)))
+    held_back = root / "held_back"
+    shutil.move(str(cohort / "case_004"), held_back)
+    parent = root / "parent"
+    _run(cohort, parent)
+    before = _contents(parent)
+
+    shutil.move(str(held_back), cohort / "case_004")
+    first = root / "first"
+    first_events = _run(cohort, first, "--from", str(parent))
+
+    shutil.copy(cohort / TRUTH_FOLDER / "case_002" / "label.nrrd", cohort / "case_002" / "label.nrrd")
+    second = root / "second"
+    second_events = _run(cohort, second, "--from", str(first))
+    return {"parent": RunFolder(parent), "before": before, "first": RunFolder(first), "first_events": first_events,
+            "second": RunFolder(second), "second_events": second_events}
+
+
+def test_the_parent_run_is_never_changed(lineage_runs):
+    assert _contents(lineage_runs["parent"].root) == lineage_runs["before"]
+
+
+def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage_runs):
+    parent, first, events = lineage_runs["parent"], lineage_runs["first"], lineage_runs["first_events"]
+    assert not _trained(events, "finetune")
+    assert read_record(first.sam_weights)["id"] == read_record(parent.sam_weights)["id"]
+    assert first.sam_weights.stat().st_ino == parent.sam_weights.stat().st_ino  # a link, not a copy
+    for case in ("case_001", "case_002", "case_003"):
+        assert read_record(first.pseudo_label(case))["id"] == read_record(parent.pseudo_label(case))["id"]
+        assert first.pseudo_label(case).stat().st_mtime_ns == parent.pseudo_label(case).stat().st_mtime_ns
+    assert read_record(first.pseudo_label("case_004")) is not None and not parent.pseudo_label("case_004").exists()
+    # The V-Net continues from the parent's for ceil(5 × 0.2) = 1 iteration.
+    assert _trained(events, "retrain") == [1]
+    record = read_record(first.vnet_weights)
+    assert record["inputs"]["upstream"]["V-Net re-training continues from"] == read_record(parent.vnet_weights)["id"]
+    assert record["inputs"]["options"]["iterations"] == 1
+    manifest = json.loads(first.manifest.read_text())["update"]
+    assert manifest["parent"] == str(parent.root.resolve()) and manifest["added"] == ["case_004"]
+    assert manifest["corrected"] == [] and manifest["full_schedule"] == {"finetune": 4, "retrain": 5}
+
+
+def test_a_correction_continues_sam_and_the_v_net_and_an_update_of_an_update_works(lineage_runs):
+    first, second, events = lineage_runs["first"], lineage_runs["second"], lineage_runs["second_events"]
+    assert _trained(events, "finetune") == [1] and _trained(events, "retrain") == [1]  # ceil(4 × .25), ceil(5 × .2)
+    sam = read_record(second.sam_weights)["inputs"]
+    assert sam["upstream"] == {"SAM weights fine-tuning continues from": read_record(first.sam_weights)["id"]}
+    assert "label of case case_002" in sam["files"]
+    old, new = _weights(first.sam_weights), _weights(second.sam_weights)
+    assert any(not torch.equal(old[name], new[name]) for name in old)
+    old, new = _weights(first.vnet_weights)["state_dict"], _weights(second.vnet_weights)["state_dict"]
+    assert any(not torch.equal(old[name], new[name]) for name in old)
+    # SAM changed, so every pseudo-label is new; case_002 is labeled now and has none.
+    assert not second.pseudo_label("case_002").exists()
+    for case in ("case_001", "case_003", "case_004"):
+        assert read_record(second.pseudo_label(case))["id"] != read_record(first.pseudo_label(case))["id"]
+    manifest = json.loads(second.manifest.read_text())["update"]
+    assert manifest["parent"] == str(first.root.resolve()) and manifest["corrected"] == ["case_002"]
+    assert manifest["full_schedule"] == {"finetune": 4, "retrain": 5}  # not shortened twice
+    chain = lineage(second)
+    assert [step["run"].root for step in chain] == [lineage_runs["parent"].root.resolve(), first.root.resolve(),
+                                                     second.root]
+    report = second.report.read_text()
+    assert "Lineage" in report and "corrected: case_002" in report and "added: case_004" in report
+
+
+def test_an_update_needs_a_finished_parent_and_another_folder(lineage_runs, tmp_path):
+    parent = lineage_runs["parent"].root
+    with pytest.raises(InputError, match="another folder than --from"):
+        read_parent(parent, parent)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    with pytest.raises(InputError, match="config.json is missing"):
+        read_parent(unfinished, tmp_path / "new")
