@@ -205,5 +205,6 @@ def _confidence_table(confidences: Sequence[Tuple[str, float]]) -> str:
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+    """Write ``text`` unless ``path`` holds it already (compared as bytes: a damaged file need not be UTF-8)."""
+    if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
         atomic_write_text(path, text)
