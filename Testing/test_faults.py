@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -32,15 +31,10 @@ from SFRSegmentLib.vnet import MODEL_FORMAT, load_vnet
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.finetune import load_finetuned_sam
 from SFRSegmentLib.sfrplus import _previous_sam_weights
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from small_runs import TINY, events, finished_run, run, run_command
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = {
-    "finetune": {"iterations": 3, "checkpoint_every": 1},
-    "retrain": {"iterations": 4, "checkpoint_every": 2, "lr_step": 1000},
-    "inference": {"stride_xy": 24, "stride_z": 8},
-    "estimate": False,
-}
+CONFIG = {**TINY, "finetune": {"iterations": 3, "checkpoint_every": 1}}
 CASE = "case_001"
 """The unlabeled case whose files are damaged."""
 
@@ -143,19 +137,11 @@ def _case_id(case: Tuple[FileKind, str]) -> str:
 
 
 def _command(cohort: Path, out: Path) -> List[str]:
-    config_file = out.parent / f"{out.name}-config.json"
-    config_file.write_text(json.dumps(CONFIG))
-    return [sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort), "--out", str(out), "--preset",
-            "small", "--config", str(config_file), "--progress", "jsonl", "--device", "cpu", "--truth",
-            str(cohort / TRUTH_FOLDER)]
+    return run_command(cohort, out, CONFIG)
 
 
 def _run(cohort: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(cohort, out), cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-def _events(stdout: str) -> List[Event]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return run(cohort, out, CONFIG)
 
 
 def _run_until(cohort: Path, out: Path, point: Callable[[Event], bool]) -> bool:
@@ -177,12 +163,7 @@ def _run_until(cohort: Path, out: Path, point: Callable[[Event], bool]) -> bool:
 def finished(tmp_path_factory) -> Tuple[Path, Path]:
     """(cohort, run folder) of one finished run: one labeled case, three unlabeled ones with true labels."""
     root = tmp_path_factory.mktemp("finished")
-    cohort = root / "cohort"
-    make_synthetic_cohort(cohort, n_cases=4, n_labeled=1, n_classes=1, seed=3,
-                          size_range=((48, 52), (48, 52), (16, 18)))
-    result = _run(cohort, root / "run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cohort, root / "run"
+    return root / "cohort", finished_run(root, CONFIG)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,7 +217,7 @@ def _check_damaged(finished: Tuple[Path, Path], tmp_path: Path, kind: FileKind, 
         return "exit 2"
     assert result.returncode == 0, result.stderr[-3000:]
     if kind.read_back and damage != "missing":
-        messages = " ".join(str(e["message"]) for e in _events(result.stdout) if e["message"])
+        messages = " ".join(str(e["message"]) for e in events(result.stdout) if e["message"])
         assert target.name in messages, f"no progress message names {target.name}: {messages[-2000:]}"
     _assert_equal_outputs(run, reference)
     return "recovered"

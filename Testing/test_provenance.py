@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -18,10 +16,8 @@ from SFRSegmentLib.provenance import (MISSING, Inputs, file_digest, identity_of,
                                       stale_reason, write_record)
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.sam.weights import file_sha256
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
-
-REPO = Path(__file__).resolve().parents[1]
-
+from SFRSegmentLib.synthetic import TRUTH_FOLDER
+from small_runs import TINY, events, finished_run, run
 
 def test_inputs_name_what_changed(tmp_path):
     before = Inputs({"lr": 0.01, "ssl": {"ema": 0.99}}, {"label of case a": "1", "image of case b": "2"},
@@ -83,24 +79,11 @@ def test_file_digest_follows_edits(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Reruns of the whole pipeline
 
-CONFIG = {
-    "finetune": {"iterations": 3, "checkpoint_every": 3},
-    "retrain": {"iterations": 4, "checkpoint_every": 2, "lr_step": 1000},
-    "inference": {"stride_xy": 24, "stride_z": 8},
-    "estimate": False,
-}
-
-
 def _run(cohort: Path, out: Path, config: Dict[str, object]) -> List[Dict[str, object]]:
     """``run`` at the small preset as a user types it; the progress events it printed."""
-    config_file = out.parent / f"{out.name}-config.json"
-    config_file.write_text(json.dumps(config))
-    command = [sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort), "--out", str(out),
-               "--preset", "small", "--config", str(config_file), "--progress", "jsonl", "--device", "cpu",
-               "--truth", str(cohort / TRUTH_FOLDER)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run(cohort, out, config)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return events(result.stdout)
 
 
 def _lineage(run: Path) -> Dict[str, object]:
@@ -123,11 +106,7 @@ def _mtimes(paths: List[Path]) -> List[int]:
 def finished(tmp_path_factory) -> Tuple[Path, Path]:
     """(cohort, run folder) of one finished run: one labeled case, three unlabeled with true labels."""
     root = tmp_path_factory.mktemp("finished")
-    cohort = root / "cohort"
-    make_synthetic_cohort(cohort, n_cases=4, n_labeled=1, n_classes=1, seed=3,
-                          size_range=((48, 52), (48, 52), (16, 18)))
-    _run(cohort, root / "run", CONFIG)
-    return cohort, root / "run"
+    return root / "cohort", finished_run(root)
 
 
 @pytest.fixture()
@@ -153,7 +132,7 @@ def test_a_finished_run_records_every_output_and_a_rerun_redoes_nothing(copy):
     assert read_record(run.prediction(unlabeled[0]))["inputs"]["upstream"] == {"V-Net": before["V-Net"]}
     assert before["true labels"][unlabeled[0]] == file_sha256(cohort / TRUTH_FOLDER / unlabeled[0] / "label.nrrd")
 
-    events = _run(cohort, run.root, CONFIG)
+    events = _run(cohort, run.root, TINY)
     assert not _trained(events, "finetune") and not _trained(events, "retrain")
     assert not [m for m in _messages(events, "predict") if m.startswith("predicted")]
     assert _lineage(run.root) == before
@@ -164,7 +143,7 @@ def test_deleting_finetune_redoes_sam_and_everything_after_it(copy):
     before = _lineage(run.root)
     old_predictions = _mtimes([run.prediction(name) for name in before["predictions"]])
     shutil.rmtree(run.finetune_dir)
-    events = _run(cohort, run.root, CONFIG)
+    events = _run(cohort, run.root, TINY)
     after = _lineage(run.root)
     assert _trained(events, "finetune") == [1, 2, 3] and _trained(events, "retrain") == [1, 2, 3, 4]
     assert after["fine-tuned SAM"] != before["fine-tuned SAM"] and after["V-Net"] != before["V-Net"]
@@ -186,7 +165,7 @@ def test_an_edited_label_redoes_every_stage(copy):
     array = label.array.copy()
     array[tuple(np.argwhere(array > 0)[0])] = 0
     write_volume(label.with_array(array), label_file)
-    events = _run(cohort, run.root, CONFIG)
+    events = _run(cohort, run.root, TINY)
     after = _lineage(run.root)
     case = label_file.parent.name
     assert f"the fine-tuned SAM is stale (label of case {case} changed): fine-tuning again" in \
@@ -204,7 +183,7 @@ def test_an_edited_unlabeled_image_redoes_its_pseudo_label_and_what_reads_every_
     image_file = cohort / edited / "image.nrrd"
     image = read_volume(image_file)
     write_volume(image.with_array(image.array + np.float32(1.0)), image_file)
-    events = _run(cohort, run.root, CONFIG)
+    events = _run(cohort, run.root, TINY)
     after = _lineage(run.root)
     assert not _trained(events, "finetune") and after["fine-tuned SAM"] == before["fine-tuned SAM"]
     assert after["pseudo-labels"][edited] != before["pseudo-labels"][edited]
@@ -224,7 +203,7 @@ def test_changing_only_retrain_iterations_reuses_sam_and_pseudo_labels(copy):
     sam_files = [run.sam_weights, run.sam_weights_info]
     label_files = [path for name in before["pseudo-labels"] for path in run.pseudo_label_files(name)]
     kept = _mtimes(sam_files + label_files)
-    config = {**CONFIG, "retrain": {**CONFIG["retrain"], "iterations": 6}}
+    config = {**TINY, "retrain": {**TINY["retrain"], "iterations": 6}}
     events = _run(cohort, run.root, config)
     after = _lineage(run.root)
     assert _mtimes(sam_files + label_files) == kept
@@ -239,7 +218,7 @@ def test_a_stale_checkpoint_of_an_interrupted_stage_is_not_resumed(copy):
     # As if re-training had been killed after its last checkpoint: the checkpoint is there, the V-Net is not.
     for path in (run.vnet_weights, record_path(run.vnet_weights)):
         path.unlink()
-    config = {**CONFIG, "retrain": {**CONFIG["retrain"], "lr": 0.02}}
+    config = {**TINY, "retrain": {**TINY["retrain"], "lr": 0.02}}
     events = _run(cohort, run.root, config)
     assert _messages(events, "retrain")[0].startswith(f"not resuming {run.retrain_checkpoint}: options changed: lr")
     assert _trained(events, "retrain") == [1, 2, 3, 4]

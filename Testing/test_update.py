@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -20,22 +18,16 @@ from SFRSegmentLib.provenance import read_record
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 from SFRSegmentLib.update import lineage, read_parent
+from small_runs import TINY, events, run
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = {"finetune": {"iterations": 4, "checkpoint_every": 4},
-          "retrain": {"iterations": 5, "checkpoint_every": 5, "lr_step": 1000},
-          "inference": {"stride_xy": 24, "stride_z": 8}, "estimate": False}
+CONFIG = {**TINY, "finetune": {"iterations": 4, "checkpoint_every": 4},
+          "retrain": {"iterations": 5, "checkpoint_every": 5, "lr_step": 1000}}
 
 
 def _run(cohort: Path, out: Path, *extra: str) -> List[Dict[str, object]]:
-    config = out.parent / "config.json"
-    config.write_text(json.dumps(CONFIG))
-    command = [sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort), "--out", str(out),
-               "--preset", "small", "--config", str(config), "--progress", "jsonl", "--device", "cpu",
-               "--truth", str(cohort / TRUTH_FOLDER), *extra]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run(cohort, out, CONFIG, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return events(result.stdout)
 
 
 def _trained(events: List[Dict[str, object]], stage: str) -> List[int]:
