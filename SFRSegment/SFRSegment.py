@@ -42,7 +42,7 @@ import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib import choices  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
@@ -51,6 +51,7 @@ from SFRSegmentLogicLib.process import (  # noqa: E402
     ProgressEvent,
     engine_environment,
 )
+from SFRSegmentLogicLib.review import ReviewRow  # noqa: E402
 from SFRSegmentLogicLib.runs import EngineRun, JobRunner  # noqa: E402
 
 ENGINE_ROOT = Path(SFRSegmentLib.__file__).resolve().parent.parent
@@ -850,6 +851,48 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         job = jobs.prepare_apply_job(TrainingJob.load(Path(jobFolder)), volume)
         return self._follow(self.jobRunner.apply(job, self.enginePython(), self.engineEnvironment(), onProgress,
                                                  onLog, onFinished), wait)
+
+    def update(
+        self,
+        parentJob: Union[TrainingJob, Path, str],
+        inputs: Optional[Sequence[CaseInput]] = None,
+        settings: Optional[RunSettings] = None,
+        jobsFolder: Optional[Path] = None,
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """Update the model of the finished job ``parentJob`` (a job or its folder): a new job that starts from its
+        fine-tuned SAM and V-Net (the engine's ``run --from``) and learns from the labels the scene has now, the
+        predictions used as labels (:meth:`useAsLabels`) among them. The parent job is not modified.
+
+        :param inputs: the volumes and labels (default: :meth:`inputs`, every volume of the scene); the segments are
+            the parent's.
+        :param settings: the run settings (default: the parent's).
+        :return: the run, as :meth:`run`'s. Once it has finished, each volume's unedited prediction is replaced by
+            the new one; a segmentation the user edited or used as labels is kept
+            (see :func:`SFRSegmentLogicLib.jobs.import_training_results`).
+        """
+        parent = parentJob if isinstance(parentJob, TrainingJob) else TrainingJob.load(Path(parentJob))
+        job = jobs.prepare_update_job(self._jobsRoot(jobsFolder), parent, self.inputs() if inputs is None else inputs,
+                                      settings)
+        return self._follow(self.jobRunner.train(job, self.enginePython(), self.engineEnvironment(), onProgress,
+                                                 onLog, onFinished), wait)
+
+    # The review queue
+
+    @staticmethod
+    def reviewQueue(job: TrainingJob) -> List[ReviewRow]:
+        """The review queue of a finished job whose cases are paired with the scene's volumes (``run.results.job``,
+        ``reopen(folder).job``): its predicted volumes, least confident first, with the segmentation to review."""
+        return review.review_queue(slicer.mrmlScene, job)
+
+    @staticmethod
+    def useAsLabels(row: ReviewRow) -> vtkMRMLSegmentationNode:
+        """Make the row's (corrected) prediction its volume's labels for the next run or update; returns it. A
+        prediction is used as labels only through this (or :meth:`setLabelSegmentation`)."""
+        return review.use_as_labels(slicer.mrmlScene, row)
 
     def _follow(self, run: EngineRun, wait: bool) -> EngineRun:
         """Wait for ``run`` (keeping the application painting), or poll it with a Qt timer until it has finished."""
