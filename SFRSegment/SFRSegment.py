@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, List, Optional, Sequence, Union
+from typing import Annotated, Callable, List, Optional, Sequence, TypeVar, Union
 
 import qt
 import vtk
@@ -185,6 +185,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._inputsUpdatePending = False
         self._pastJobs: List[JobSummary] = []
         """The rows of the past jobs table."""
+        self._reviewJob: Optional[TrainingJob] = None
+        """The job whose review queue the review table shows (the last run that finished here, or the job reopened),
+        with its cases paired with the scene's volumes; Update model starts from it."""
+        self._reviewRows: List[ReviewRow] = []
+        """The rows of the review table."""
 
     def setup(self) -> None:
         """Build the GUI. No installs, downloads or dialogs here: the generic module test builds it headless."""
@@ -218,6 +223,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reopenJobButton.clicked.connect(self.onReopenJobButton)
         self.ui.resumeJobButton.clicked.connect(self.onResumeJobButton)
         self.ui.deleteJobButton.clicked.connect(self.onDeleteJobButton)
+        self.ui.reviewTable.itemSelectionChanged.connect(self.onReviewSelectionChanged)
+        self.ui.editSegmentationButton.clicked.connect(self.onEditSegmentationButton)
+        self.ui.useAsLabelsButton.clicked.connect(self.onUseAsLabelsButton)
+        self.ui.updateModelButton.clicked.connect(self.onUpdateModelButton)
 
         self.initializeParameterNode()
 
@@ -240,6 +249,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._reviewJob = None  # its volumes leave with the scene
+        self._showReview([])
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -408,6 +419,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = not running and trainedModel and self._parameterNode.applyVolume is not None
         self.ui.openReportButton.enabled = lastJob is not None and lastJob.run.report.is_file()
         self._updateJobButtons()
+        self._updateReviewButtons()
 
     def _lastJob(self) -> Optional[TrainingJob]:
         """The job whose model Apply uses, if its folder is still a readable job folder."""
@@ -426,9 +438,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.runButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
-            settings = runSettings(self._parameterNode)
-            self.logic.setupPythonRequirements()
-            if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
+            settings = self._readySettings()
+            if settings is None:
                 return
             inputs = self._inputs()
             segmentNames = self._segmentNames(inputs)
@@ -441,6 +452,15 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self._startRun(lambda: self.logic.run(inputs, segmentNames, settings, jobsFolder=self._jobsFolder(),
                                                       resume=False, **self._followRun()))
+
+    def _readySettings(self) -> Optional[RunSettings]:
+        """The panel's run settings, once the engine's packages and the SAM weights they need are installed; None
+        when the user declined something the run cannot do without."""
+        settings = runSettings(self._parameterNode)
+        self.logic.setupPythonRequirements()
+        if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
+            return None
+        return settings
 
     def _askToContinue(self, job: TrainingJob) -> Optional[bool]:
         """Ask whether to continue ``job`` (the default) or start afresh; None when the user cancels."""
@@ -569,6 +589,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode:  # None when the scene was closed during the run
                 self._parameterNode.lastJob = str(run.job.folder)
             self._showStatus(_("Done: {count} volume(s) segmented.").format(count=len(run.results.segmentations)))
+            self._reviewJob = run.results.job
+            self.updateReview()
         else:
             self._showStatus(_("Done: '{name}' created.").format(name=run.results.GetName()))
         self._updateButtons()
@@ -606,8 +628,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateJobButtons()
 
     def _selectedJob(self) -> Optional[JobSummary]:
-        rows = {index.row() for index in self.ui.jobsTable.selectionModel().selectedRows()}
-        return self._pastJobs[rows.pop()] if len(rows) == 1 else None
+        return selectedRow(self.ui.jobsTable, self._pastJobs)
 
     def _updateJobButtons(self) -> None:
         job = self._selectedJob()
@@ -623,6 +644,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.lastJob = str(job.folder)
             self._showStatus(_("Reopened {folder}: {count} segmentation(s).").format(
                 folder=job.folder, count=len(results.segmentations)))
+            self._reviewJob = results.job
+        self.updateReview()
 
     def onResumeJobButton(self) -> None:
         job = self._selectedJob()
@@ -642,6 +665,89 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode.lastJob and Path(self._parameterNode.lastJob) == job.folder:
                 self._parameterNode.lastJob = ""
         self.updatePastJobs()
+
+    # Review: the last run's volumes, least confident first; correct, use as labels, update the model
+
+    def updateReview(self) -> None:
+        """Fill the review table from the job under review."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the review queue."), waitCursor=True):
+            self._showReview([] if self._reviewJob is None else self.logic.reviewQueue(self._reviewJob))
+
+    def _showReview(self, rows: List[ReviewRow]) -> None:
+        self._reviewRows = rows
+        table = self.ui.reviewTable
+        table.clearSelection()
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            for column, text in enumerate([row.volume, f"{row.confidence:.3f}", reviewStateTitle(row)]):
+                table.setItem(index, column, qt.QTableWidgetItem(text))
+        self._updateReviewButtons()
+
+    def _selectedReviewRow(self) -> Optional[ReviewRow]:
+        return selectedRow(self.ui.reviewTable, self._reviewRows)
+
+    def _updateReviewButtons(self) -> None:
+        row = self._selectedReviewRow()
+        running = self._run is not None and not self._run.finished
+        self.ui.editSegmentationButton.enabled = row is not None and row.segmentation_id is not None
+        self.ui.useAsLabelsButton.enabled = row is not None and row.segmentation_id is not None and not row.labeled
+        self.ui.updateModelButton.enabled = (not running and self._reviewJob is not None
+                                             and self._reviewJob.run.vnet_weights.is_file())
+
+    def onReviewSelectionChanged(self) -> None:
+        """Show the selected volume in the slice views with its segmentation."""
+        self._updateReviewButtons()
+        row = self._selectedReviewRow()
+        if row is None:
+            return
+        volume = slicer.mrmlScene.GetNodeByID(row.volume_id)
+        if volume is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        segmentation = slicer.mrmlScene.GetNodeByID(row.segmentation_id or "")
+        if segmentation is not None:
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.GetDisplayNode().SetVisibility(True)
+
+    def onEditSegmentationButton(self) -> None:
+        """Switch to Segment Editor with the selected segmentation and its volume."""
+        row = self._selectedReviewRow()
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(slicer.mrmlScene.GetNodeByID(row.segmentation_id))
+        editor.setSourceVolumeNode(slicer.mrmlScene.GetNodeByID(row.volume_id))
+
+    def onUseAsLabelsButton(self) -> None:
+        row = self._selectedReviewRow()
+        with slicer.util.tryWithErrorDisplay(_("Failed to use the segmentation as labels."), waitCursor=True):
+            self.logic.useAsLabels(row)
+            self._showStatus(_("'{volume}' is labeled by its segmentation from now on.").format(volume=row.volume))
+        self.updateInputs()
+        self.updateReview()
+
+    def onUpdateModelButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the update."), waitCursor=True):
+            settings = self._readySettings()
+            if settings is None:
+                return
+            parent = self._reviewJob
+            self._startRun(lambda: self.logic.update(parent, self._inputs(), settings, jobsFolder=self._jobsFolder(),
+                                                     **self._followRun()))
+
+
+Row = TypeVar("Row")
+
+
+def selectedRow(table: "qt.QTableWidget", rows: Sequence[Row]) -> Optional[Row]:
+    """The item of ``rows`` whose row is selected in ``table`` (one row per item); None unless one is selected."""
+    selected = {index.row() for index in table.selectionModel().selectedRows()}
+    return rows[selected.pop()] if len(selected) == 1 else None
+
+
+def reviewStateTitle(row: ReviewRow) -> str:
+    """What a review table row's segmentation is: the volume's labels, a prediction, or none."""
+    if row.segmentation_id is None:
+        return _("none")
+    return _("Used as labels") if row.labeled else _("Prediction")
 
 
 class DownloadCancelled(Exception):

@@ -17,8 +17,10 @@ A training job folder::
 The engine is started as ``<python> -m SFRSegmentLib run --cohort JOB/cohort --out JOB/run --preset P --config
 JOB/config.json --progress jsonl``; the same command in the same folder resumes an unfinished job from its
 checkpoints. An *update* (:func:`prepare_update_job`) is a training job that starts from a finished job's models:
-its command adds ``--from PARENT/run``, and its results replace the parent's unedited predictions. Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists,
-matches, reopens and deletes job folders, :mod:`runs` runs the engine on them.
+its command adds ``--from PARENT/run``, and its results replace the parent's unedited predictions.
+
+Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists, matches,
+reopens and deletes job folders, :mod:`runs` runs the engine on them, :mod:`review` ranks a job's results.
 """
 
 from __future__ import annotations
