@@ -324,6 +324,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setLabelSegmentation(volume, segmentation)
         self._updateSegmentsList()
         self._updateButtons()
+        self.updateReview()  # a reviewed volume's segmentation may have become its labels
 
     def onInputsTableItemChanged(self, item) -> None:
         volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
