@@ -333,6 +333,12 @@ def _reason(error: Exception) -> str:
     return f"{error.args[0]} is missing" if isinstance(error, KeyError) else str(error)
 
 
+def require_model(job: TrainingJob) -> None:
+    """Raise the :class:`InputError` that says what to do unless ``job`` has trained its V-Net (to apply or update)."""
+    if not job.run.vnet_weights.is_file():
+        raise InputError("This job has no trained model yet; run it to completion first.", job.run.vnet_weights)
+
+
 def require_job_folder(folder: Path) -> None:
     """Raise an :class:`InputError` that says what to do unless ``folder`` is a job folder (it holds a job.json)."""
     if not (folder / JOB_FILE).is_file():
@@ -359,8 +365,7 @@ def prepare_update_job(
     It learns the parent's segments, in the parent's order (the models it starts from have those outputs), with
     ``settings`` or, when None, the parent's configuration. ``parent`` is never modified.
     """
-    if not parent.run.vnet_weights.is_file():
-        raise InputError("This job has no trained model yet; run it to completion first.", parent.run.vnet_weights)
+    require_model(parent)
     segment_names = [segment_class.name for segment_class in parent.classes]
     check_inputs(inputs, segment_names)
     config = parent.overrides if settings is None else run_config(settings)
@@ -512,8 +517,7 @@ class ApplyJob:
 
 def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode) -> ApplyJob:
     """Write ``volume`` into a new apply folder of ``training``; its model must exist."""
-    if not training.run.vnet_weights.is_file():
-        raise InputError("This job has no trained model yet; run it to completion first.", training.run.vnet_weights)
+    require_model(training)
     job = ApplyJob(new_job_folder(training.folder / "apply"), training, case_names([volume.GetName()])[0],
                    volume.GetID())
     write_volume(volume, job.image)
