@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, List, Optional, Sequence, Union
+from typing import Annotated, Callable, List, Optional, Sequence, TypeVar, Union
 
 import qt
 import vtk
@@ -42,7 +42,7 @@ import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib import choices  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
@@ -51,6 +51,7 @@ from SFRSegmentLogicLib.process import (  # noqa: E402
     ProgressEvent,
     engine_environment,
 )
+from SFRSegmentLogicLib.review import ReviewRow  # noqa: E402
 from SFRSegmentLogicLib.runs import EngineRun, JobRunner  # noqa: E402
 
 ENGINE_ROOT = Path(SFRSegmentLib.__file__).resolve().parent.parent
@@ -184,6 +185,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._inputsUpdatePending = False
         self._pastJobs: List[JobSummary] = []
         """The rows of the past jobs table."""
+        self._reviewJob: Optional[TrainingJob] = None
+        """The job whose review queue the review table shows (the last run that finished here, or the job reopened),
+        with its cases paired with the scene's volumes; Update model starts from it."""
+        self._reviewRows: List[ReviewRow] = []
+        """The rows of the review table."""
 
     def setup(self) -> None:
         """Build the GUI. No installs, downloads or dialogs here: the generic module test builds it headless."""
@@ -217,6 +223,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reopenJobButton.clicked.connect(self.onReopenJobButton)
         self.ui.resumeJobButton.clicked.connect(self.onResumeJobButton)
         self.ui.deleteJobButton.clicked.connect(self.onDeleteJobButton)
+        self.ui.reviewTable.itemSelectionChanged.connect(self.onReviewSelectionChanged)
+        self.ui.editSegmentationButton.clicked.connect(self.onEditSegmentationButton)
+        self.ui.useAsLabelsButton.clicked.connect(self.onUseAsLabelsButton)
+        self.ui.updateModelButton.clicked.connect(self.onUpdateModelButton)
 
         self.initializeParameterNode()
 
@@ -239,6 +249,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._reviewJob = None  # its volumes leave with the scene
+        self._showReview([])
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -312,6 +324,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setLabelSegmentation(volume, segmentation)
         self._updateSegmentsList()
         self._updateButtons()
+        self.updateReview()  # a reviewed volume's segmentation may have become its labels
 
     def onInputsTableItemChanged(self, item) -> None:
         volume = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
@@ -407,6 +420,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = not running and trainedModel and self._parameterNode.applyVolume is not None
         self.ui.openReportButton.enabled = lastJob is not None and lastJob.run.report.is_file()
         self._updateJobButtons()
+        self._updateReviewButtons()
 
     def _lastJob(self) -> Optional[TrainingJob]:
         """The job whose model Apply uses, if its folder is still a readable job folder."""
@@ -425,9 +439,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.runButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
-            settings = runSettings(self._parameterNode)
-            self.logic.setupPythonRequirements()
-            if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
+            settings = self._readySettings()
+            if settings is None:
                 return
             inputs = self._inputs()
             segmentNames = self._segmentNames(inputs)
@@ -440,6 +453,15 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self._startRun(lambda: self.logic.run(inputs, segmentNames, settings, jobsFolder=self._jobsFolder(),
                                                       resume=False, **self._followRun()))
+
+    def _readySettings(self) -> Optional[RunSettings]:
+        """The panel's run settings, once the engine's packages and the SAM weights they need are installed; None
+        when the user declined something the run cannot do without."""
+        settings = runSettings(self._parameterNode)
+        self.logic.setupPythonRequirements()
+        if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
+            return None
+        return settings
 
     def _askToContinue(self, job: TrainingJob) -> Optional[bool]:
         """Ask whether to continue ``job`` (the default) or start afresh; None when the user cancels."""
@@ -568,6 +590,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode:  # None when the scene was closed during the run
                 self._parameterNode.lastJob = str(run.job.folder)
             self._showStatus(_("Done: {count} volume(s) segmented.").format(count=len(run.results.segmentations)))
+            self._reviewJob = run.results.job
+            self.updateReview()
         else:
             self._showStatus(_("Done: '{name}' created.").format(name=run.results.GetName()))
         self._updateButtons()
@@ -605,8 +629,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateJobButtons()
 
     def _selectedJob(self) -> Optional[JobSummary]:
-        rows = {index.row() for index in self.ui.jobsTable.selectionModel().selectedRows()}
-        return self._pastJobs[rows.pop()] if len(rows) == 1 else None
+        return selectedRow(self.ui.jobsTable, self._pastJobs)
 
     def _updateJobButtons(self) -> None:
         job = self._selectedJob()
@@ -622,6 +645,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.lastJob = str(job.folder)
             self._showStatus(_("Reopened {folder}: {count} segmentation(s).").format(
                 folder=job.folder, count=len(results.segmentations)))
+            self._reviewJob = results.job
+        self.updateReview()
 
     def onResumeJobButton(self) -> None:
         job = self._selectedJob()
@@ -641,6 +666,89 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode.lastJob and Path(self._parameterNode.lastJob) == job.folder:
                 self._parameterNode.lastJob = ""
         self.updatePastJobs()
+
+    # Review: the last run's volumes, least confident first; correct, use as labels, update the model
+
+    def updateReview(self) -> None:
+        """Fill the review table from the job under review."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to read the review queue."), waitCursor=True):
+            self._showReview([] if self._reviewJob is None else self.logic.reviewQueue(self._reviewJob))
+
+    def _showReview(self, rows: List[ReviewRow]) -> None:
+        self._reviewRows = rows
+        table = self.ui.reviewTable
+        table.clearSelection()
+        table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            for column, text in enumerate([row.volume, f"{row.confidence:.3f}", reviewStateTitle(row)]):
+                table.setItem(index, column, qt.QTableWidgetItem(text))
+        self._updateReviewButtons()
+
+    def _selectedReviewRow(self) -> Optional[ReviewRow]:
+        return selectedRow(self.ui.reviewTable, self._reviewRows)
+
+    def _updateReviewButtons(self) -> None:
+        row = self._selectedReviewRow()
+        running = self._run is not None and not self._run.finished
+        self.ui.editSegmentationButton.enabled = row is not None and row.segmentation_id is not None
+        self.ui.useAsLabelsButton.enabled = row is not None and row.segmentation_id is not None and not row.labeled
+        self.ui.updateModelButton.enabled = (not running and self._reviewJob is not None
+                                             and self._reviewJob.run.vnet_weights.is_file())
+
+    def onReviewSelectionChanged(self) -> None:
+        """Show the selected volume in the slice views with its segmentation."""
+        self._updateReviewButtons()
+        row = self._selectedReviewRow()
+        if row is None:
+            return
+        volume = slicer.mrmlScene.GetNodeByID(row.volume_id)
+        if volume is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        segmentation = slicer.mrmlScene.GetNodeByID(row.segmentation_id or "")
+        if segmentation is not None:
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.GetDisplayNode().SetVisibility(True)
+
+    def onEditSegmentationButton(self) -> None:
+        """Switch to Segment Editor with the selected segmentation and its volume."""
+        row = self._selectedReviewRow()
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(slicer.mrmlScene.GetNodeByID(row.segmentation_id))
+        editor.setSourceVolumeNode(slicer.mrmlScene.GetNodeByID(row.volume_id))
+
+    def onUseAsLabelsButton(self) -> None:
+        row = self._selectedReviewRow()
+        with slicer.util.tryWithErrorDisplay(_("Failed to use the segmentation as labels."), waitCursor=True):
+            self.logic.useAsLabels(row)
+            self._showStatus(_("'{volume}' is labeled by its segmentation from now on.").format(volume=row.volume))
+        self.updateInputs()
+        self.updateReview()
+
+    def onUpdateModelButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the update."), waitCursor=True):
+            settings = self._readySettings()
+            if settings is None:
+                return
+            parent = self._reviewJob
+            self._startRun(lambda: self.logic.update(parent, self._inputs(), settings, jobsFolder=self._jobsFolder(),
+                                                     **self._followRun()))
+
+
+Row = TypeVar("Row")
+
+
+def selectedRow(table: "qt.QTableWidget", rows: Sequence[Row]) -> Optional[Row]:
+    """The item of ``rows`` whose row is selected in ``table`` (one row per item); None unless one is selected."""
+    selected = {index.row() for index in table.selectionModel().selectedRows()}
+    return rows[selected.pop()] if len(selected) == 1 else None
+
+
+def reviewStateTitle(row: ReviewRow) -> str:
+    """What a review table row's segmentation is: the volume's labels, a prediction, or none."""
+    if row.segmentation_id is None:
+        return _("none")
+    return _("Used as labels") if row.labeled else _("Prediction")
 
 
 class DownloadCancelled(Exception):
@@ -851,6 +959,48 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         return self._follow(self.jobRunner.apply(job, self.enginePython(), self.engineEnvironment(), onProgress,
                                                  onLog, onFinished), wait)
 
+    def update(
+        self,
+        parentJob: Union[TrainingJob, Path, str],
+        inputs: Optional[Sequence[CaseInput]] = None,
+        settings: Optional[RunSettings] = None,
+        jobsFolder: Optional[Path] = None,
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """Update the model of the finished job ``parentJob`` (a job or its folder): a new job that starts from its
+        fine-tuned SAM and V-Net (the engine's ``run --from``) and learns from the labels the scene has now, the
+        predictions used as labels (:meth:`useAsLabels`) among them. The parent job is not modified.
+
+        :param inputs: the volumes and labels (default: :meth:`inputs`, every volume of the scene); the segments are
+            the parent's.
+        :param settings: the run settings (default: the parent's).
+        :return: the run, as :meth:`run`'s. Once it has finished, each volume's unedited prediction is replaced by
+            the new one; a segmentation the user edited or used as labels is kept
+            (see :func:`SFRSegmentLogicLib.jobs.import_training_results`).
+        """
+        parent = parentJob if isinstance(parentJob, TrainingJob) else TrainingJob.load(Path(parentJob))
+        job = jobs.prepare_update_job(self._jobsRoot(jobsFolder), parent, self.inputs() if inputs is None else inputs,
+                                      settings)
+        return self._follow(self.jobRunner.train(job, self.enginePython(), self.engineEnvironment(), onProgress,
+                                                 onLog, onFinished), wait)
+
+    # The review queue
+
+    @staticmethod
+    def reviewQueue(job: TrainingJob) -> List[ReviewRow]:
+        """The review queue of a finished job whose cases are paired with the scene's volumes (``run.results.job``,
+        ``reopen(folder).job``): its predicted volumes, least confident first, with the segmentation to review."""
+        return review.review_queue(slicer.mrmlScene, job)
+
+    @staticmethod
+    def useAsLabels(row: ReviewRow) -> vtkMRMLSegmentationNode:
+        """Make the row's (corrected) prediction its volume's labels for the next run or update; returns it. A
+        prediction is used as labels only through this (or :meth:`setLabelSegmentation`)."""
+        return review.use_as_labels(slicer.mrmlScene, row)
+
     def _follow(self, run: EngineRun, wait: bool) -> EngineRun:
         """Wait for ``run`` (keeping the application painting), or poll it with a Qt timer until it has finished."""
         if wait:
@@ -969,6 +1119,9 @@ class SFRSegmentTest(ScriptedLoadableModuleTest):
             segmentation = run.results.segmentations[case.name]
             self.assertEqual(segmentation.GetName(), case.name + jobs.RESULT_SUFFIX)
             self.assertEqual(nodes.segment_names(segmentation), segmentNames)
+        queue = logic.reviewQueue(run.results.job)  # SAM's pseudo-labels ranked, least confident first
+        self.assertEqual(sorted(row.volume for row in queue), sorted(case.name for case in cohort.unlabeled))
+        self.assertEqual([row.confidence for row in queue], sorted(row.confidence for row in queue))
         self.delayDisplay("Test passed")
 
     @staticmethod

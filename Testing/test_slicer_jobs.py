@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
 from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLogicLib import history, jobs, nodes  # noqa: E402
+from SFRSegmentLogicLib import history, jobs, nodes, review  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob  # noqa: E402
 from SFRSegmentLogicLib.process import ChildProcessRunner, EngineCancelled, engine_environment  # noqa: E402
 from SFRSegmentLogicLib.runs import JobRunner  # noqa: E402
@@ -328,6 +328,29 @@ def test_a_cancelled_run_resumes_from_its_saved_iteration_and_its_results_are_im
     [summary] = history.list_jobs(job.folder.parent, resumed_job["runner"].is_running)
     assert (summary.state, summary.volumes, summary.method) == (JobState.FINISHED, ["LA 0", "LA 1", "LA 2"],
                                                                 "sfr_mt")
+
+
+def test_the_review_queue_of_a_real_run_is_its_ranking_and_an_update_starts_from_its_run(resumed_job, tmp_path):
+    job, scene = resumed_job["job"], resumed_job["scene"]
+    results = resumed_job["second"].run.results
+    ranked = [line.split(",") for line in job.run.confidence_table.read_text(encoding="utf-8").splitlines()[1:]]
+
+    rows = review.review_queue(scene, results.job)
+
+    assert [(row.case, row.confidence) for row in rows] == [(case, float(value)) for case, value in ranked]
+    assert [row.confidence for row in rows] == sorted(row.confidence for row in rows)  # least confident first
+    assert sorted(row.volume for row in rows) == ["LA 1", "LA 2"]
+    assert {row.case: row.segmentation_id for row in rows} == {
+        case: segmentation.GetID() for case, segmentation in results.segmentations.items()}
+    assert not any(row.labeled for row in rows)
+
+    corrected = review.use_as_labels(scene, rows[0])  # the least confident one, as corrected
+    update = jobs.prepare_update_job(tmp_path / "jobs", TrainingJob.load(job.folder), inputs_of(scene))
+    assert update.command(sys.executable)[-2:] == ["--from", str(job.run.root)]
+    assert TrainingJob.load(update.folder).parent == job.folder
+    assert {case for case, record in update.cases.items() if record.label is not None} == {
+        list(job.cases)[0], rows[0].case}
+    assert nodes.label_segmentation(scene, scene.GetNodeByID(rows[0].volume_id)) is corrected
 
 
 def test_a_finished_job_reopens_into_a_new_scene_with_its_volumes_labels_and_results(resumed_job):

@@ -577,7 +577,8 @@ def test_results_become_segmentations_named_after_their_volumes(scene, tmp_path)
         np.testing.assert_array_equal(imported["tumour"], predicted[case] == 2)
         assert not imported["vessel"].any()  # a class the result lacks is an empty segment
         assert segmentation.GetNodeReferenceID(nodes.REFERENCE_ROLE) == volume.GetID()
-        assert segmentation.GetAttribute(nodes.PREDICTION_ATTRIBUTE) == "1"
+        assert segmentation.GetAttribute(nodes.PREDICTION_ATTRIBUTE) == nodes.content_fingerprint(segmentation, volume)
+        assert nodes.unedited_prediction(scene, volume) is segmentation
         assert segmentation.GetDisplayNode() is not None
         assert nodes.label_segmentation(scene, volume) is None  # predictions are not labels by default
     assert nodes.label_segmentation(scene, volumes[0]) is labels

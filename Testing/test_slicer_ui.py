@@ -17,7 +17,7 @@ import textwrap
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence, TypeVar
 
 import pytest
 
@@ -158,6 +158,8 @@ def test_the_buttons_the_issue_asks_for_are_there():
     assert texts["runButton"] == "Run"
     assert texts["applyButton"] == "Apply model to selected volume"
     assert texts["openReportButton"] == "Open report"
+    assert (texts["editSegmentationButton"], texts["useAsLabelsButton"], texts["updateModelButton"]) == (
+        "Edit in Segment Editor", "Use as labels", "Update model")
     assert "self.ui.runButton.text = _(\"Cancel\") if running" in MODULE.read_text(encoding="utf-8")
 
 
@@ -356,7 +358,6 @@ def test_the_past_jobs_table_shows_each_job_and_offers_what_its_state_allows(loa
     """The widget's own code fills the .ui's jobs table from job summaries and enables the buttons for the selected
     job: reopen a finished job, resume an unfinished one (not while a run is going), delete any but a running one."""
     import time
-    from typing import List, Optional
 
     from SFRSegmentLogicLib import jobs
     from SFRSegmentLogicLib.history import JobSummary
@@ -364,9 +365,10 @@ def test_the_past_jobs_table_shows_each_job_and_offers_what_its_state_allows(loa
 
     widget, QtWidgets = loaded_ui
     qt = types.SimpleNamespace(QTableWidgetItem=QtWidgets.QTableWidgetItem)
-    parts = module_code(functions=["jobStateTitle", "formatSize"],
+    parts = module_code(functions=["jobStateTitle", "formatSize", "selectedRow"], assignments=["Row"],
                         widget_methods=["_showPastJobs", "_selectedJob", "_updateJobButtons"], qt=qt, time=time,
-                        Path=Path, JobState=JobState, JobSummary=JobSummary, jobs=jobs, List=List, Optional=Optional)
+                        Path=Path, JobState=JobState, JobSummary=JobSummary, jobs=jobs, List=List, Optional=Optional,
+                        Sequence=Sequence, TypeVar=TypeVar)
     view = parts.Widget()
     view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name)) for name in (
         "jobsTable", "reopenJobButton", "resumeJobButton", "deleteJobButton")})
@@ -406,3 +408,50 @@ def test_the_past_jobs_table_shows_each_job_and_offers_what_its_state_allows(loa
     assert offered(1, running=types.SimpleNamespace(finished=False)) == ["deleteJobButton"]
     assert offered(2) == []
     assert view._selectedJob().folder == tmp_path / "running"
+
+
+def test_the_review_table_shows_the_queue_and_offers_what_each_row_allows(loaded_ui, tmp_path):
+    """The widget's own code fills the .ui's review table from review rows (least confident first, as the Logic
+    gives them) and enables its buttons: edit a row that has a segmentation, use it as labels unless it is already,
+    update a finished job's model unless a run is going."""
+    from SFRSegmentLogicLib.review import ReviewRow
+
+    widget, QtWidgets = loaded_ui
+    qt = types.SimpleNamespace(QTableWidgetItem=QtWidgets.QTableWidgetItem)
+    parts = module_code(functions=["selectedRow", "reviewStateTitle"], assignments=["Row"],
+                        widget_methods=["_showReview", "_selectedReviewRow", "_updateReviewButtons"], qt=qt,
+                        List=List, Optional=Optional, Sequence=Sequence, TypeVar=TypeVar, ReviewRow=ReviewRow)
+    view = parts.Widget()
+    names = ("reviewTable", "editSegmentationButton", "useAsLabelsButton", "updateModelButton")
+    view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name))
+                                       for name in names})
+    weights = tmp_path / "run" / "vnet.pt"
+    view._run, view._reviewJob = None, types.SimpleNamespace(run=types.SimpleNamespace(vnet_weights=weights))
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+
+    view._showReview([ReviewRow("CT_2", "CT 2", 0.8123, "vtkMRMLScalarVolumeNode3", "vtkMRMLSegmentationNode2", False),
+                      ReviewRow("CT_1", "CT 1", 0.9, "vtkMRMLScalarVolumeNode2", "vtkMRMLSegmentationNode3", True),
+                      ReviewRow("CT_3", "CT 3", 0.95, "vtkMRMLScalarVolumeNode4", None, False)])
+
+    table = view.ui.reviewTable.widget
+    assert [table.horizontalHeaderItem(column).text() for column in range(3)] == [
+        "Volume", "Confidence", "Segmentation"]
+    assert [[table.item(row, column).text() for column in range(3)] for row in range(table.rowCount())] == [
+        ["CT 2", "0.812", "Prediction"], ["CT 1", "0.900", "Used as labels"], ["CT 3", "0.950", "none"]]
+    assert table.editTriggers() == QtWidgets.QAbstractItemView.NoEditTriggers
+
+    def offered(row=None, running=None):
+        view._run = running
+        table.clearSelection() if row is None else table.selectRow(row)
+        view._updateReviewButtons()
+        return [name for name in names[1:] if getattr(view.ui, name).enabled]
+
+    assert offered() == ["updateModelButton"] and view._selectedReviewRow() is None
+    assert offered(0) == ["editSegmentationButton", "useAsLabelsButton", "updateModelButton"]
+    assert view._selectedReviewRow().segmentation_id == "vtkMRMLSegmentationNode2"
+    assert offered(1) == ["editSegmentationButton", "updateModelButton"]
+    assert offered(2) == ["updateModelButton"]
+    assert offered(0, running=types.SimpleNamespace(finished=False)) == ["editSegmentationButton", "useAsLabelsButton"]
+    weights.unlink()  # no model to start from
+    assert offered() == []

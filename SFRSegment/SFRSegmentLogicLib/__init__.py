@@ -7,6 +7,8 @@
 * :mod:`.runs`: starting the engine on a job folder, following it to its end, recording how it ended (as ``nodes``);
 * :mod:`.history`: past jobs: listing them, finding the unfinished one the scene would make again, reopening,
   deleting (as ``nodes``);
+* :mod:`.review`: the review queue of a finished job, least confident first, with the nodes each row shows (as
+  ``nodes``);
 * :mod:`.dependencies`: installing the engine's packages (needs the Slicer application).
 * :mod:`.hardware`: whether the computer has a CUDA GPU, which the preset of a new parameter node follows (standard
   library only).

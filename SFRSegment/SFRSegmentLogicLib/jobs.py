@@ -3,8 +3,9 @@
 A training job folder::
 
     JOB/
-      job.json                  the classes (label value, segment name, colour) and each case's volume: its name
-                                and the fingerprints of its image and label (:class:`CaseRecord`)
+      job.json                  the classes (label value, segment name, colour), each case's volume: its name
+                                and the fingerprints of its image and label (:class:`CaseRecord`), and for an
+                                update, its parent job's folder
       config.json               the run configuration (see :func:`run_config`)
       state.json                running, finished, cancelled or failed (with the message): :class:`JobState`
       cohort/classes.json       {"1": "<segment name>", ...}
@@ -15,8 +16,11 @@ A training job folder::
 
 The engine is started as ``<python> -m SFRSegmentLib run --cohort JOB/cohort --out JOB/run --preset P --config
 JOB/config.json --progress jsonl``; the same command in the same folder resumes an unfinished job from its
-checkpoints. Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists,
-matches, reopens and deletes job folders, :mod:`runs` runs the engine on them.
+checkpoints. An *update* (:func:`prepare_update_job`) is a training job that starts from a finished job's models:
+its command adds ``--from PARENT/run``, and its results replace the parent's unedited predictions.
+
+Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists, matches,
+reopens and deletes job folders, :mod:`runs` runs the engine on them, :mod:`review` ranks a job's results.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ from .nodes import (
     label_fingerprint,
     load_confidence_table,
     load_segmentation,
+    remove_with_display_nodes,
     segment_classes,
+    unedited_prediction,
     write_label_map,
     write_volume,
 )
@@ -223,6 +229,8 @@ class TrainingJob:
     """The run configuration the job was made with (config.json, :func:`run_config`)."""
     volume_ids: Dict[str, str] = field(default_factory=dict)
     """Case name → ID of its volume node (not kept on disk: see :func:`history.attach`)."""
+    parent: Optional[Path] = None
+    """For an update, the folder of the job whose models it starts from (:func:`prepare_update_job`)."""
 
     @property
     def cohort(self) -> Path:
@@ -256,9 +264,11 @@ class TrainingJob:
         return self.overrides["finetune"].get("base_checkpoint")
 
     def command(self, python: str) -> List[str]:
-        """The engine's command line for this job; run again in the same folder, it resumes."""
+        """The engine's command line for this job; run again in the same folder, it resumes. An update starts from
+        its parent's run folder (``--from``)."""
+        warm_start = [] if self.parent is None else ["--from", str(self.parent / RUN_FOLDER)]
         return [python, "-m", "SFRSegmentLib", "run", "--cohort", str(self.cohort), "--out", str(self.run.root),
-                "--preset", self.preset, "--config", str(self.config), "--progress", "jsonl"]
+                "--preset", self.preset, "--config", str(self.config), "--progress", "jsonl", *warm_start]
 
     @classmethod
     def load(cls, folder: Path) -> "TrainingJob":
@@ -273,8 +283,10 @@ class TrainingJob:
             description = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
             classes = [SegmentClass(int(c["value"]), str(c["name"]), tuple(c["color"])) for c in description["classes"]]
             cases = {name: CaseRecord(**record) for name, record in description["cases"].items()}
+            parent = None if description.get("parent") is None else Path(description["parent"])
         with _damaged_unless_readable(folder, CONFIG_FILE):
-            job = cls(folder, classes, cases, json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+            job = cls(folder, classes, cases, json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")),
+                      parent=parent)
             job.preset, job.method, job.model  # noqa: B018 (read now, so that a damaged config.json is found here)
         return job
 
@@ -321,6 +333,12 @@ def _reason(error: Exception) -> str:
     return f"{error.args[0]} is missing" if isinstance(error, KeyError) else str(error)
 
 
+def require_model(job: TrainingJob) -> None:
+    """Raise the :class:`InputError` that says what to do unless ``job`` has trained its V-Net (to apply or update)."""
+    if not job.run.vnet_weights.is_file():
+        raise InputError("This job has no trained model yet; run it to completion first.", job.run.vnet_weights)
+
+
 def require_job_folder(folder: Path) -> None:
     """Raise an :class:`InputError` that says what to do unless ``folder`` is a job folder (it holds a job.json)."""
     if not (folder / JOB_FILE).is_file():
@@ -334,14 +352,36 @@ def prepare_training_job(
     """Check the inputs, then write a new job folder under ``jobs_root``: cohort (images, labels, classes), job
     description (with the inputs' fingerprints) and configuration. Nothing is created when the inputs are wrong."""
     check_inputs(inputs, segment_names)
-    config = run_config(settings)
+    return _write_job(jobs_root, inputs, segment_names, run_config(settings), None)
+
+
+def prepare_update_job(
+    jobs_root: Path, parent: TrainingJob, inputs: Sequence[CaseInput], settings: Optional[RunSettings] = None
+) -> TrainingJob:
+    """A new training job folder that starts from the finished job ``parent``'s fine-tuned SAM and V-Net (its
+    command's ``--from``), made like any job from the scene's ``inputs`` as they are now: the segmentations used as
+    labels since (see :func:`nodes.set_label_segmentation`) are exported as labels, new volumes join as unlabeled.
+
+    It learns the parent's segments, in the parent's order (the models it starts from have those outputs), with
+    ``settings`` or, when None, the parent's configuration. ``parent`` is never modified.
+    """
+    require_model(parent)
+    segment_names = [segment_class.name for segment_class in parent.classes]
+    check_inputs(inputs, segment_names)
+    config = parent.overrides if settings is None else run_config(settings)
+    return _write_job(jobs_root, inputs, segment_names, config, parent.folder)
+
+
+def _write_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str], config: Dict[str, Any],
+               parent: Optional[Path]) -> TrainingJob:
+    """Write a new job folder of checked inputs (see :func:`prepare_training_job`), recording ``parent`` if any."""
     labeled = [item.segmentation for item in inputs if item.segmentation is not None]
     classes = segment_classes(list(segment_names), labeled)
     names = case_names([item.volume.GetName() for item in inputs])
     records = {name: CaseRecord(item.volume.GetName(), *fingerprints)
                for name, item, fingerprints in zip(names, inputs, input_fingerprints(inputs, classes))}
     job = TrainingJob(new_job_folder(jobs_root), classes, records, config,
-                      {name: item.volume.GetID() for name, item in zip(names, inputs)})
+                      {name: item.volume.GetID() for name, item in zip(names, inputs)}, parent)
     for name, item in zip(names, inputs):
         write_volume(item.volume, job.image(name))
         if item.segmentation is not None:
@@ -350,6 +390,7 @@ def prepare_training_job(
     _write_json(job.folder / JOB_FILE, {
         "classes": [{"value": c.value, "name": c.name, "color": list(c.color)} for c in classes],
         "cases": {name: dataclasses.asdict(record) for name, record in records.items()},
+        "parent": None if parent is None else str(parent),
     })
     _write_json(job.config, config)
     return job
@@ -398,6 +439,8 @@ def _write_json(path: Path, content: Any) -> None:
 class TrainingResults:
     """What a finished training job added to the scene."""
 
+    job: TrainingJob
+    """The job, with its cases paired with the scene's volumes."""
     segmentations: Dict[str, vtkMRMLSegmentationNode]
     """Case name → its result."""
     confidence_table: Optional[vtkMRMLTableNode]
@@ -411,7 +454,10 @@ def import_training_results(scene: vtkMRMLScene, job: TrainingJob) -> TrainingRe
     the report is named.
 
     Only cases with a prediction file are loaded (the engine predicts the unlabeled ones); a case whose volume has
-    left the scene is skipped.
+    left the scene is skipped. An update's prediction replaces its volume's unedited prediction
+    (:func:`nodes.unedited_prediction`: still marked as a prediction and unchanged since it was loaded), taking its
+    name; a segmentation the user edited or used as labels is never replaced, and the new prediction is added next
+    to it.
     """
     segmentations = {}
     volume_names = {}
@@ -422,12 +468,16 @@ def import_training_results(scene: vtkMRMLScene, job: TrainingJob) -> TrainingRe
         volume_names[case] = volume.GetName()
         prediction = job.run.prediction(case)
         if prediction.is_file():
-            segmentations[case] = load_segmentation(scene, prediction, volume.GetName() + RESULT_SUFFIX, volume,
-                                                    job.classes)
+            replaced = None if job.parent is None else unedited_prediction(scene, volume)
+            name = volume.GetName() + RESULT_SUFFIX if replaced is None else replaced.GetName()
+            segmentations[case] = load_segmentation(scene, prediction, name, volume, job.classes)
+            if replaced is not None:
+                remove_with_display_nodes(scene, replaced)
+                segmentations[case].SetName(name)
     table = None
     if job.run.confidence_table.is_file():
         table = load_confidence_table(scene, job.run.confidence_table, "SFRSegment confidence", volume_names)
-    return TrainingResults(segmentations, table, job.run.report if job.run.report.is_file() else None)
+    return TrainingResults(job, segmentations, table, job.run.report if job.run.report.is_file() else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,8 +517,7 @@ class ApplyJob:
 
 def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode) -> ApplyJob:
     """Write ``volume`` into a new apply folder of ``training``; its model must exist."""
-    if not training.run.vnet_weights.is_file():
-        raise InputError("This job has no trained model yet; run it to completion first.", training.run.vnet_weights)
+    require_model(training)
     job = ApplyJob(new_job_folder(training.folder / "apply"), training, case_names([volume.GetName()])[0],
                    volume.GetID())
     write_volume(volume, job.image)

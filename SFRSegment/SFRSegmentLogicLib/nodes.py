@@ -11,7 +11,8 @@ whether the scene's inputs are still the ones it was made from, under any node n
 
 Which segmentation labels which volume is what Slicer itself records: the segmentation's reference-image-geometry
 node reference (set by Segment Editor when a source volume is chosen). The module's own results carry
-:data:`PREDICTION_ATTRIBUTE` so that an unreviewed prediction is never taken as a label by default.
+:data:`PREDICTION_ATTRIBUTE` so that an unreviewed prediction is never taken as a label by default; its value is the
+:func:`content_fingerprint` the prediction had when it was loaded, so that an edit (in Segment Editor) can be told.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import vtk
 from vtk.util import numpy_support
 
 from slicer import (
+    vtkMRMLDisplayableNode,
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLNode,
     vtkMRMLScalarVolumeNode,
@@ -44,7 +46,8 @@ from slicer import (
 REFERENCE_ROLE = "referenceImageGeometryRef"
 """The node reference through which a segmentation names the volume it was drawn on."""
 PREDICTION_ATTRIBUTE = "SFRSegment.Prediction"
-"""Set on the segmentations this module creates; cleared when the user picks one as a label."""
+"""Set on the segmentations this module creates, to their :func:`content_fingerprint` at loading; cleared when the
+user picks one as a label."""
 
 Color = Tuple[float, float, float]
 
@@ -74,12 +77,42 @@ def scalar_volumes(scene: vtkMRMLScene) -> List[vtkMRMLScalarVolumeNode]:
 
 def label_segmentation(scene: vtkMRMLScene, volume: vtkMRMLScalarVolumeNode) -> Optional[vtkMRMLSegmentationNode]:
     """The segmentation that labels ``volume``: the first one referencing it that is not an unreviewed prediction."""
-    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
-        segmentation = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
-        if (segmentation.GetNodeReferenceID(REFERENCE_ROLE) == volume.GetID()
-                and not segmentation.GetAttribute(PREDICTION_ATTRIBUTE)):
+    return next((s for s in _referencing(scene, volume) if not s.GetAttribute(PREDICTION_ATTRIBUTE)), None)
+
+
+def unedited_prediction(scene: vtkMRMLScene, volume: vtkMRMLScalarVolumeNode) -> Optional[vtkMRMLSegmentationNode]:
+    """The last unreviewed prediction of ``volume`` whose content is still what was loaded; None if there is none.
+
+    A segmentation is such a prediction while it references ``volume`` and still carries :data:`PREDICTION_ATTRIBUTE`
+    (used as labels, it has none) with the :func:`content_fingerprint` it has now: a segment painted, erased, renamed,
+    added or removed in Segment Editor changes the fingerprint, and the segmentation counts as edited.
+    """
+    for segmentation in reversed(_predictions(scene, volume)):
+        if segmentation.GetAttribute(PREDICTION_ATTRIBUTE) == content_fingerprint(segmentation, volume):
             return segmentation
     return None
+
+
+def shown_segmentation(scene: vtkMRMLScene, volume: vtkMRMLScalarVolumeNode) -> Optional[vtkMRMLSegmentationNode]:
+    """The segmentation to review for ``volume``: its labels if it has some, else its last prediction (edited or
+    not); None if it has neither."""
+    labels = label_segmentation(scene, volume)
+    if labels is not None:
+        return labels
+    predictions = _predictions(scene, volume)
+    return predictions[-1] if predictions else None
+
+
+def _predictions(scene: vtkMRMLScene, volume: vtkMRMLScalarVolumeNode) -> List[vtkMRMLSegmentationNode]:
+    """The segmentations referencing ``volume`` that are marked as predictions, in scene order."""
+    return [s for s in _referencing(scene, volume) if s.GetAttribute(PREDICTION_ATTRIBUTE)]
+
+
+def _referencing(scene: vtkMRMLScene, volume: vtkMRMLScalarVolumeNode) -> List[vtkMRMLSegmentationNode]:
+    """The segmentations drawn on ``volume`` (:data:`REFERENCE_ROLE`), in scene order."""
+    every = (scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")))
+    return [s for s in every if s.GetNodeReferenceID(REFERENCE_ROLE) == volume.GetID()]
 
 
 def set_label_segmentation(
@@ -191,7 +224,7 @@ def exported_label_map(
             raise OSError(f"could not export the segments of '{segmentation.GetName()}' to a label map")
         yield label_map
     finally:
-        _remove_with_display_nodes(scene, label_map)
+        remove_with_display_nodes(scene, label_map)
 
 
 def write_label_map(
@@ -215,6 +248,17 @@ def label_fingerprint(
         return fingerprint(label_map)
 
 
+def content_fingerprint(segmentation: vtkMRMLSegmentationNode, reference_volume: vtkMRMLScalarVolumeNode) -> str:
+    """A SHA-256 of a segmentation's segment names, in order, and of their voxels on the volume's grid: what an edit
+    in Segment Editor changes (its colours and display do not count)."""
+    names = segment_names(segmentation)
+    digest = hashlib.sha256("\n".join(names).encode())
+    if names:
+        classes = [SegmentClass(value, name, (0.0, 0.0, 0.0)) for value, name in enumerate(names, 1)]
+        digest.update(label_fingerprint(segmentation, classes, reference_volume).encode())
+    return digest.hexdigest()
+
+
 def _check_consecutive(classes: Sequence[SegmentClass]) -> None:
     # The export numbers the segments 1, 2, … in the order given, so the classes must be numbered that way too.
     values = sorted(c.value for c in classes)
@@ -222,7 +266,8 @@ def _check_consecutive(classes: Sequence[SegmentClass]) -> None:
         raise ValueError(f"class values must be 1..{len(values)}, got {values}")
 
 
-def _remove_with_display_nodes(scene: vtkMRMLScene, node: vtkMRMLLabelMapVolumeNode) -> None:
+def remove_with_display_nodes(scene: vtkMRMLScene, node: vtkMRMLDisplayableNode) -> None:
+    """Remove ``node`` and its display nodes from ``scene``."""
     for index in range(node.GetNumberOfDisplayNodes()):
         display = node.GetNthDisplayNode(index)
         if display is not None:
@@ -264,14 +309,15 @@ def load_segmentation(
 
     Segments are matched to ``classes`` by label value and get the class's name and colour, in class order; a class
     the file lacks becomes an empty segment, so every result has the same segments. The node references ``volume``
-    (as Segment Editor and DICOM export expect), sits under the volume's transform, and is marked as a prediction.
+    (as Segment Editor and DICOM export expect), sits under the volume's transform, and is marked as a prediction
+    (:data:`PREDICTION_ATTRIBUTE`).
     """
     segmentation = _read_node(scene, "vtkMRMLSegmentationNode", vtkMRMLSegmentationStorageNode(), path, name,
                               "segmentation")
     _name_segments_by_class(segmentation.GetSegmentation(), classes)
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    segmentation.SetAttribute(PREDICTION_ATTRIBUTE, "1")
     segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+    segmentation.SetAttribute(PREDICTION_ATTRIBUTE, content_fingerprint(segmentation, volume))
     segmentation.CreateDefaultDisplayNodes()
     return segmentation
 
@@ -295,13 +341,8 @@ def _name_segments_by_class(content: vtkSegmentation, classes: Sequence[SegmentC
         content.SetSegmentIndex(segment_id, index)
 
 
-def load_confidence_table(
-    scene: vtkMRMLScene, path: Path, name: str, volume_names: Dict[str, str]
-) -> vtkMRMLTableNode:
-    """A table node of the pseudo-label confidences in ``path`` (columns case, confidence), least confident first.
-
-    ``volume_names`` maps case names to the names of their volumes, shown in a first column.
-    """
+def read_confidences(path: Path) -> List[Tuple[str, float]]:
+    """The (case, confidence) rows of the engine's ``confidence.csv``, least confident first."""
     rows = []
     with open(path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
@@ -310,12 +351,21 @@ def load_confidence_table(
             raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
         for row in reader:
             rows.append((row["case"], float(row["confidence"])))
-    rows.sort(key=lambda row: row[1])
+    return sorted(rows, key=lambda row: row[1])
+
+
+def load_confidence_table(
+    scene: vtkMRMLScene, path: Path, name: str, volume_names: Dict[str, str]
+) -> vtkMRMLTableNode:
+    """A table node of the pseudo-label confidences in ``path`` (columns case, confidence), least confident first.
+
+    ``volume_names`` maps case names to the names of their volumes, shown in a first column.
+    """
     volume_column, case_column, confidence_column = vtk.vtkStringArray(), vtk.vtkStringArray(), vtk.vtkDoubleArray()
     volume_column.SetName("Volume")
     case_column.SetName("Case")
     confidence_column.SetName("Confidence")
-    for case, confidence in rows:
+    for case, confidence in read_confidences(path):
         volume_column.InsertNextValue(volume_names.get(case, case))
         case_column.InsertNextValue(case)
         confidence_column.InsertNextValue(confidence)
