@@ -352,6 +352,20 @@ def test_the_review_queue_of_a_real_run_is_its_ranking_and_an_update_starts_from
         list(job.cases)[0], rows[0].case}
     assert nodes.label_segmentation(scene, scene.GetNodeByID(rows[0].volume_id)) is corrected
 
+    # The update runs the real engine from the parent's run; the other volume's unedited prediction is replaced.
+    other = scene.GetNodeByID(rows[1].volume_id)
+    before = nodes.unedited_prediction(scene, other)
+    recorder = Recorder()
+    recorder.run = resumed_job["runner"].train(update, sys.executable, resumed_job["environment"],
+                                               recorder.on_progress, recorder.log.append)
+    recorder.run.wait()
+    manifest = json.loads(update.run.manifest.read_text(encoding="utf-8"))["update"]
+    assert manifest["parent"] == str(job.run.root.resolve()) and manifest["corrected"] == [rows[0].case]
+    assert "retrain" in recorder.stages() and update.run.report.is_file()
+    after = nodes.unedited_prediction(scene, other)
+    assert after is not None and after is not before and before.GetScene() is None  # replaced, old node removed
+    assert nodes.label_segmentation(scene, scene.GetNodeByID(rows[0].volume_id)) is corrected  # never overwritten
+
 
 def test_a_finished_job_reopens_into_a_new_scene_with_its_volumes_labels_and_results(resumed_job):
     job = resumed_job["job"]
