@@ -403,7 +403,9 @@ def test_applying_the_model_reports_progress_per_volume_and_cancelling_it_stops_
     segmentation = applied.run.wait().results
     assert [(e.stage, e.step, e.total, e.message) for e in applied.events] == [
         ("predict", 1, 1, f"predicted {apply_job.case}")]
-    assert segmentation.GetName() == "LA 2 segmentation_1"  # the run's own result is kept
+    # A new node beside the run's own result, which is kept (the suffix depends on the names used before).
+    assert segmentation.GetName().startswith("LA 2 segmentation_")
+    assert scene.GetFirstNodeByName("LA 2 segmentation") not in (None, segmentation)
     assert segmentation.GetNodeReferenceID(nodes.REFERENCE_ROLE) == volume.GetID()
 
     cancelled = jobs.prepare_apply_job(TrainingJob.load(job.folder), volume)
