@@ -19,5 +19,7 @@ class InputError(ValueError):
     def __init__(self, message: str, path: Optional[PathLike] = None, field: Optional[str] = None):
         self.path = Path(path) if path is not None else None
         self.field = field
+        self.message = message
+        """The message without the path prefix (to extend it, e.g. with what to do)."""
         prefix = f"{self.path}: " if self.path is not None else ""
         super().__init__(prefix + message)
