@@ -12,6 +12,11 @@ from typing import Optional, Union
 
 PathLike = Union[str, Path]
 
+EXIT_BAD_INPUT = 2
+"""The command line's exit status for an InputError, whose message is then its last line on stderr, after
+:data:`ERROR_PREFIX` (the Slicer module shows that line as the whole message)."""
+ERROR_PREFIX = "error: "
+
 
 class InputError(ValueError):
     """Bad input: a file, a field of it, or an option. ``str(error)`` is the message to show to the user."""
