@@ -48,6 +48,7 @@ from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJo
 from SFRSegmentLogicLib.process import (  # noqa: E402
     ChildProcessRunner,
     EngineCancelled,
+    EngineFailed,
     ProgressEvent,
     engine_environment,
 )
@@ -583,6 +584,9 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 folder=run.job.folder))
         elif isinstance(run.error, EngineCancelled):
             self._showStatus(_("Cancelled."))
+        elif isinstance(run.error, EngineFailed) and run.error.bad_input:
+            self._showStatus(_("Failed: {message}").format(message=run.error))
+            slicer.util.errorDisplay(_("The run failed: {message}").format(message=run.error))
         elif run.error is not None:
             self._showStatus(_("Failed; see the log."))
             slicer.util.errorDisplay(_("The run failed."), detailedText=str(run.error))

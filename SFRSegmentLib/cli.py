@@ -18,11 +18,10 @@ import numpy as np
 
 from .atomic import WriteError
 from .choices import METHODS, PRESET_DESCRIPTIONS, PRESETS, STAGES
-from .errors import InputError
+from .errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
 from .progress import REPORTER_KINDS, Cancelled
 
 EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
 EXIT_CANCELLED = 130
 """A stage stopped on request (SIGINT/SIGTERM) after saving its checkpoint; rerunning resumes it."""
 
@@ -533,7 +532,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _torchrun_group(args):
             return int(args.func(args))
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except WriteError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,11 @@ from typing import Optional, Union
 
 PathLike = Union[str, Path]
 
+EXIT_BAD_INPUT = 2
+"""The command line's exit status for an InputError, whose message is then its last line on stderr, after
+:data:`ERROR_PREFIX` (the Slicer module shows that line as the whole message)."""
+ERROR_PREFIX = "error: "
+
 
 class InputError(ValueError):
     """Bad input: a file, a field of it, or an option. ``str(error)`` is the message to show to the user."""
@@ -19,5 +24,7 @@ class InputError(ValueError):
     def __init__(self, message: str, path: Optional[PathLike] = None, field: Optional[str] = None):
         self.path = Path(path) if path is not None else None
         self.field = field
+        self.message = message
+        """The message without the path prefix (to extend it, e.g. with what to do)."""
         prefix = f"{self.path}: " if self.path is not None else ""
         super().__init__(prefix + message)

@@ -455,3 +455,35 @@ def test_the_review_table_shows_the_queue_and_offers_what_each_row_allows(loaded
     assert offered(0, running=types.SimpleNamespace(finished=False)) == ["editSegmentationButton", "useAsLabelsButton"]
     weights.unlink()  # no model to start from
     assert offered() == []
+
+
+def test_the_engines_bad_input_message_is_the_error_dialog_s_text(loaded_ui, tmp_path):
+    """The real engine refuses a damaged file (exit 2); the run's end shows its message, naming the file and what is
+    wrong, as the dialog's text and in the status line: no traceback, nothing hidden behind "Show details"."""
+    from SFRSegmentLogicLib.process import (ChildProcessRunner, EngineCancelled, EngineFailed, EngineJob,
+                                            engine_environment)
+
+    widget, QtWidgets = loaded_ui
+    damaged = tmp_path / "image.nrrd"
+    damaged.write_bytes(b"NRRD0004\ngarbage")
+    process = ChildProcessRunner().start([sys.executable, "-m", "SFRSegmentLib", "info", str(damaged)],
+                                         engine_environment(os.environ, ROOT), tmp_path)
+    job = EngineJob(process)
+    job.wait(interval_s=0.05)
+    with pytest.raises(EngineFailed) as failed:
+        job.raise_for_outcome()
+    assert failed.value.bad_input and str(failed.value).startswith(f"{damaged}: ")
+
+    shown = []
+    slicer_stub = types.SimpleNamespace(util=types.SimpleNamespace(
+        errorDisplay=lambda text, **options: shown.append((text, options))))
+    parts = module_code(widget_methods=["onRunFinished", "_showStatus"], slicer=slicer_stub,
+                        EngineCancelled=EngineCancelled, EngineFailed=EngineFailed, TrainingJob=type(None))
+    view = parts.Widget()
+    view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name)) for name in (
+        "statusLabel", "progressBar")})
+    view._runWarning = ""
+    view._updateButtons = view.updatePastJobs = lambda: None
+    view.onRunFinished(types.SimpleNamespace(error=failed.value, job=None))
+    assert shown == [(f"The run failed: {failed.value}", {})]
+    assert "Traceback" not in shown[0][0] and view.ui.statusLabel.text == f"Failed: {failed.value}"

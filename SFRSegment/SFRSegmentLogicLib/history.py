@@ -14,11 +14,12 @@ of the same fingerprint and loads the job's own copy of any volume the scene lac
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLScene
 
@@ -36,10 +37,20 @@ from .jobs import (
     check_inputs,
     import_training_results,
     input_fingerprints,
+    damaged_copy_error,
+    is_job_folder,
+    require_intact_copy,
     require_job_folder,
     run_config,
+    write_cohort_classes,
 )
-from .nodes import fingerprint, load_segmentation, load_volume, scalar_volumes, set_label_segmentation
+from .nodes import (
+    fingerprint,
+    load_segmentation,
+    load_volume,
+    scalar_volumes,
+    set_label_segmentation,
+)
 
 IsRunning = Callable[[Path], bool]
 """Whether an engine runs the job in a folder now."""
@@ -84,13 +95,20 @@ def list_jobs(jobs_root: Path, is_running: IsRunning) -> List[JobSummary]:
 
 
 def _job_folders(jobs_root: Path) -> List[Path]:
-    """The job folders under ``jobs_root``, newest first."""
-    files = sorted(Path(jobs_root).glob(f"*/{JOB_FILE}"), key=lambda path: path.stat().st_mtime, reverse=True)
-    return [path.parent for path in files]
+    """The job folders under ``jobs_root`` (:func:`jobs.is_job_folder`), newest first."""
+    root = Path(jobs_root)
+    folders = [path for path in root.iterdir() if path.is_dir() and is_job_folder(path)] if root.is_dir() else []
+    return sorted(folders, key=_created, reverse=True)
+
+
+def _created(folder: Path) -> float:
+    """When the job was made: its job.json's modification time (the folder's, when job.json is lost)."""
+    job_file = folder / JOB_FILE
+    return (job_file if job_file.is_file() else folder).stat().st_mtime
 
 
 def _summary(folder: Path, is_running: IsRunning) -> JobSummary:
-    created, size = (folder / JOB_FILE).stat().st_mtime, folder_size(folder)
+    created, size = _created(folder), folder_size(folder)
     try:
         job = TrainingJob.load(folder)
     except InputError as error:
@@ -161,12 +179,41 @@ def attach(scene: vtkMRMLScene, job: TrainingJob) -> TrainingJob:
 
 
 def _load_case(scene: vtkMRMLScene, job: TrainingJob, case: str) -> vtkMRMLScalarVolumeNode:
+    """Load the job's copy of ``case`` (its volume, and its labels as the volume's labels) into ``scene``; a copy
+    that is damaged (:func:`jobs.require_intact_copy`, checked before anything is loaded) or cannot be read is an
+    InputError naming the file."""
     record = job.cases[case]
-    volume = load_volume(scene, job.image(case), record.volume)
+    for path in _case_files(job, case):
+        require_intact_copy(job, path)
+    with _readable_copy(job.image(case)):
+        volume = load_volume(scene, job.image(case), record.volume)
     if record.label is not None:
-        labels = load_segmentation(scene, job.label(case), record.volume + LABELS_SUFFIX, volume, job.classes)
+        with _readable_copy(job.label(case)):
+            labels = load_segmentation(scene, job.label(case), record.volume + LABELS_SUFFIX, volume, job.classes)
         set_label_segmentation(scene, volume, labels)
     return volume
+
+
+def _case_files(job: TrainingJob, case: str) -> Tuple[Path, ...]:
+    """The files the job exported for ``case``: its image, and its label when it is labeled."""
+    return (job.image(case),) + ((job.label(case),) if job.cases[case].label is not None else ())
+
+
+def check_cohort(job: TrainingJob) -> None:
+    """Raise the InputError that names the first damaged file of the job's cohort (missing, or changed since the job
+    wrote it) and says what to do; the engine would read it again on resume."""
+    for case in job.cases:
+        for path in _case_files(job, case):
+            require_intact_copy(job, path)
+
+
+@contextlib.contextmanager
+def _readable_copy(path: Path) -> Iterator[None]:
+    """Turn a failure to read ``path``, a file of the job's cohort, into the InputError that says what to do."""
+    try:
+        yield
+    except OSError as error:
+        raise damaged_copy_error(path, f"cannot be read ({error})") from error
 
 
 def reopen(scene: vtkMRMLScene, folder: Path, is_running: IsRunning) -> TrainingResults:
@@ -181,12 +228,15 @@ def reopen(scene: vtkMRMLScene, folder: Path, is_running: IsRunning) -> Training
 
 
 def resumable_job(scene: vtkMRMLScene, folder: Path, is_running: IsRunning) -> TrainingJob:
-    """The unfinished job in ``folder``, attached to ``scene``'s volumes (:func:`attach`), ready to resume."""
+    """The unfinished job in ``folder``, attached to ``scene``'s volumes (:func:`attach`), ready to resume: its
+    cohort, which the engine reads again, is checked (:func:`check_cohort`) and its classes.json written again."""
     job = TrainingJob.load(folder)
     state, _ = job_state(job, is_running)
     if state not in RESUMABLE:
         raise InputError(f"this job is {state.value}: only a cancelled, failed or interrupted job can be resumed. "
                          + _what_to_do(state), folder)
+    check_cohort(job)
+    write_cohort_classes(job)
     return attach(scene, job)
 
 

@@ -50,6 +50,7 @@ from SFRSegmentLib.config import parse_method, preset
 from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
 from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.provenance import file_digest
 from SFRSegmentLib.runfolder import RunFolder
 
 from .nodes import (
@@ -198,7 +199,8 @@ class JobState(enum.Enum):
     """Recorded as running, but no engine runs it: Slicer was closed or crashed during the run. A job whose engine
     never started (no state recorded) is interrupted too."""
     DAMAGED = "damaged"
-    """Its job.json or config.json cannot be read: it can only be deleted."""
+    """Its job.json or config.json is missing or cannot be read: it can only be deleted. (A state.json that cannot
+    be read makes the job INTERRUPTED: the engine, resumed, finds how far the run got from its run folder.)"""
 
 
 RESUMABLE = (JobState.CANCELLED, JobState.FAILED, JobState.INTERRUPTED)
@@ -231,6 +233,9 @@ class TrainingJob:
     """Case name → ID of its volume node (not kept on disk: see :func:`history.attach`)."""
     parent: Optional[Path] = None
     """For an update, the folder of the job whose models it starts from (:func:`prepare_update_job`)."""
+    cohort_digests: Dict[str, str] = field(default_factory=dict)
+    """Path of each exported cohort file, relative to the folder → its SHA-256 (job.json's ``files``; jobs made
+    before it was recorded have none), so that a damaged copy is recognised (:func:`require_intact_copy`)."""
 
     @property
     def cohort(self) -> Path:
@@ -284,9 +289,10 @@ class TrainingJob:
             classes = [SegmentClass(int(c["value"]), str(c["name"]), tuple(c["color"])) for c in description["classes"]]
             cases = {name: CaseRecord(**record) for name, record in description["cases"].items()}
             parent = None if description.get("parent") is None else Path(description["parent"])
+            digests = {str(name): str(digest) for name, digest in description.get("files", {}).items()}
         with _damaged_unless_readable(folder, CONFIG_FILE):
             job = cls(folder, classes, cases, json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")),
-                      parent=parent)
+                      parent=parent, cohort_digests=digests)
             job.preset, job.method, job.model  # noqa: B018 (read now, so that a damaged config.json is found here)
         return job
 
@@ -299,14 +305,17 @@ class TrainingJob:
         _write_json(self.state_file, {"state": state.value, "message": message})
 
     def recorded_state(self) -> Tuple[JobState, str]:
-        """The state last recorded and its message; INTERRUPTED when none was (the engine never started)."""
+        """The state last recorded and its message; INTERRUPTED when none was (the engine never started) or when
+        the record cannot be read: resuming is then what finds out, since the engine continues from its run folder
+        (or just confirms that the run is complete)."""
         try:
             recorded = json.loads(self.state_file.read_text(encoding="utf-8"))
             return JobState(recorded["state"]), str(recorded["message"])
         except FileNotFoundError:
             return JobState.INTERRUPTED, "the engine was never started"
         except READ_ERRORS as error:
-            return JobState.DAMAGED, f"its {STATE_FILE} cannot be read ({_reason(error)})"
+            return JobState.INTERRUPTED, (f"its {STATE_FILE} cannot be read ({_reason(error)}); resume the job to "
+                                          "continue or confirm its run")
 
     def ended(self, outcome: Outcome) -> None:
         """Record how the engine's run ended (finished, cancelled, or failed with its message)."""
@@ -333,15 +342,41 @@ def _reason(error: Exception) -> str:
     return f"{error.args[0]} is missing" if isinstance(error, KeyError) else str(error)
 
 
+def require_intact_copy(job: TrainingJob, path: Path) -> None:
+    """Raise the InputError that names ``path``, a file of the job's exported cohort, and says what to do, unless it
+    is there and (when job.json recorded its SHA-256) unchanged since the job wrote it."""
+    recorded = job.cohort_digests.get(path.relative_to(job.folder).as_posix())
+    if not path.is_file():
+        raise damaged_copy_error(path, "is missing")
+    if recorded is not None and file_digest(path) != recorded:
+        raise damaged_copy_error(path, "has changed since the job wrote it (damaged, or replaced)")
+
+
+def damaged_copy_error(path: Path, what: str) -> InputError:
+    """The InputError for a damaged file of a job's cohort: it names the file and says what to do."""
+    return InputError(f"this job's copy of a volume {what}. Load the original volumes into the scene and run again "
+                      "(Run makes a new job), or delete this job (Past jobs, Delete).", path)
+
+
 def require_model(job: TrainingJob) -> None:
     """Raise the :class:`InputError` that says what to do unless ``job`` has trained its V-Net (to apply or update)."""
     if not job.run.vnet_weights.is_file():
         raise InputError("This job has no trained model yet; run it to completion first.", job.run.vnet_weights)
 
 
+JOB_MARKERS = (JOB_FILE, CONFIG_FILE, STATE_FILE)
+"""The files that make a folder a job folder: any one of them, so that a job folder that lost its job.json is still
+one (damaged, listed, and deletable)."""
+
+
+def is_job_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a job folder's own files (:data:`JOB_MARKERS`)."""
+    return any((folder / name).is_file() for name in JOB_MARKERS)
+
+
 def require_job_folder(folder: Path) -> None:
-    """Raise an :class:`InputError` that says what to do unless ``folder`` is a job folder (it holds a job.json)."""
-    if not (folder / JOB_FILE).is_file():
+    """Raise an :class:`InputError` that says what to do unless ``folder`` is a job folder (:func:`is_job_folder`)."""
+    if not is_job_folder(folder):
         raise InputError(f"this is not an SFRSegment job folder: it has no {JOB_FILE}. Choose a folder that Run "
                          "created (Past jobs lists them).", folder)
 
@@ -386,11 +421,14 @@ def _write_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequ
         write_volume(item.volume, job.image(name))
         if item.segmentation is not None:
             write_label_map(item.segmentation, classes, item.volume, job.label(name))
-    _write_json(job.cohort / CLASSES_FILE, {str(c.value): c.name for c in classes})
+    write_cohort_classes(job)
+    exported = [path for name in names for path in (job.image(name), job.label(name)) if path.is_file()]
+    job.cohort_digests = {path.relative_to(job.folder).as_posix(): file_digest(path) for path in exported}
     _write_json(job.folder / JOB_FILE, {
         "classes": [{"value": c.value, "name": c.name, "color": list(c.color)} for c in classes],
         "cases": {name: dataclasses.asdict(record) for name, record in records.items()},
         "parent": None if parent is None else str(parent),
+        "files": job.cohort_digests,
     })
     _write_json(job.config, config)
     return job
@@ -428,6 +466,12 @@ def check_inputs(inputs: Sequence[CaseInput], segment_names: Sequence[str]) -> N
                 f"Segmentation '{item.segmentation.GetName()}' (the label of '{item.volume.GetName()}') has no "
                 f"segment named {', '.join(repr(n) for n in missing)}. Add it there, or untick it."
             )
+
+
+def write_cohort_classes(job: TrainingJob) -> None:
+    """Write the cohort's classes.json (label value → segment name) from the job's classes, which job.json keeps: so
+    it is written again before a resume, whatever happened to it."""
+    _write_json(job.cohort / CLASSES_FILE, {str(c.value): c.name for c in job.classes})
 
 
 def _write_json(path: Path, content: Any) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from SFRSegmentLib.errors import ERROR_PREFIX, EXIT_BAD_INPUT
 from SFRSegmentLib.events import ProgressEvent, parse_progress_line
 
 STDOUT = "stdout"
@@ -168,7 +169,17 @@ class Outcome:
 
 
 class EngineFailed(RuntimeError):
-    """The engine's process ended with an error; ``str(error)`` quotes the last lines of its error output."""
+    """The engine's process ended with an error; ``str(error)`` is its message for bad input (exit status
+    :data:`EXIT_BAD_INPUT`: :attr:`bad_input`), else quotes the last lines of its error output."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @property
+    def bad_input(self) -> bool:
+        """Whether the engine refused its input: the message says what to fix, and is all there is to show."""
+        return self.exit_code == EXIT_BAD_INPUT
 
 
 class EngineCancelled(RuntimeError):
@@ -231,6 +242,9 @@ class EngineJob:
             return Outcome(Status.CANCELLED, exit_code)
         if exit_code == 0:
             return Outcome(Status.SUCCEEDED, exit_code)
+        last = self._stderr_tail[-1] if self._stderr_tail else ""
+        if exit_code == EXIT_BAD_INPUT and last.startswith(ERROR_PREFIX):
+            return Outcome(Status.FAILED, exit_code, last[len(ERROR_PREFIX):])  # names the file and what to do
         tail = "\n".join(self._stderr_tail) or "(no error output)"
         return Outcome(Status.FAILED, exit_code,
                        f"The engine stopped with exit code {exit_code}. Last lines of its error output:\n{tail}")
@@ -257,7 +271,7 @@ class EngineJob:
             return
         if self.outcome.status == Status.CANCELLED:
             raise EngineCancelled("The run was cancelled.")
-        raise EngineFailed(self.outcome.message)
+        raise EngineFailed(self.outcome.message, self.outcome.exit_code)
 
 
 def engine_environment(base: Mapping[str, str], engine_root: Path) -> Dict[str, str]:

@@ -73,19 +73,37 @@ def find_catalog(path: Optional[PathLike] = None) -> Path:
 
 
 def load_catalog(path: Optional[PathLike] = None) -> Dict[str, ModelEntry]:
-    """Read and check the catalog (see :func:`find_catalog`); return its entries by id, in file order."""
+    """Read and check the catalog (see :func:`find_catalog`); return its entries by id, in file order.
+
+    Every mistake is an InputError naming the file and ending with what to do, which depends on whose file it is.
+    """
     source = find_catalog(path)
     try:
-        document = json.loads(source.read_text(encoding="utf-8"))
+        return _check_document(_read_document(source), source)
+    except InputError as error:
+        raise InputError(f"{error.message}; {_remedy(source, path)}", source, error.field) from None
+
+
+def _read_document(source: Path) -> Any:
+    """The parsed JSON of ``source``; a missing, unreadable or malformed file is an InputError."""
+    try:
+        return json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(
-            f"model catalog not found (set {MODELS_JSON_ENV} or pass the path of a Models.json)", source
-        ) from None
+        raise InputError("model catalog not found", source) from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read the model catalog: {error}", source) from error
     except json.JSONDecodeError as error:
         raise InputError(f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}", source) from error
-    return _check_document(document, source)
+
+
+def _remedy(source: Path, path: Optional[PathLike]) -> str:
+    """What to do about a bad catalog: fix the file given, unset the override, or reinstall the bundled one."""
+    if path is None and os.environ.get(MODELS_JSON_ENV):
+        return f"fix it, or unset {MODELS_JSON_ENV} to use the bundled catalog"
+    if path is None:
+        return (f"the bundled catalog is damaged: reinstall SFRSegment, or set {MODELS_JSON_ENV} to the path of a "
+                "good Models.json")
+    return f"fix it, or pass the path of a good Models.json (or set {MODELS_JSON_ENV})"
 
 
 def get_model(model_id: str, path: Optional[PathLike] = None) -> ModelEntry:

@@ -110,7 +110,14 @@ def download(
         log.warning("%s does not match the catalog entry %r; downloading it again", target, entry.id)
         target.unlink()
     log.info("downloading %s (%d bytes) from %s", entry.filename, entry.size_bytes, url)
+    resumed = part.is_file() and part.stat().st_size > 0
     digest = _fetch(url, part, entry.size_bytes, timeout, progress, entry.filename)
+    if resumed and entry.sha256 is not None and digest != entry.sha256:
+        # The bytes kept from an earlier attempt were damaged (or of another file): start again from zero, once.
+        log.warning("%s, completed from the partial download, does not match the catalog entry %r; downloading it "
+                    "again from the start", part, entry.id)
+        part.unlink()
+        digest = _fetch(url, part, entry.size_bytes, timeout, progress, entry.filename)
     _check_sha256(part, digest, entry, url)
     os.replace(part, target)
     if entry.sha256 is not None:
