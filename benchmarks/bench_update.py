@@ -31,11 +31,13 @@ LA_DIR = REPO.parent / "shared" / "data" / "LA"
 
 
 def _run(cohort: Path, out: Path, *extra: str) -> Tuple[float, float]:
-    """Wall seconds and peak MiB of one ``run --preset cpu`` (a finished run folder is reused: 0, 0)."""
+    """Wall seconds and peak MiB of one ``run --preset cpu``. A finished run folder is reused: then the seconds are
+    the sum its ``timings.json`` recorded for its stages, and the peak is unknown (0)."""
     from SFRSegmentLib.reproduce import measured_run
+    from SFRSegmentLib.runfolder import RunFolder
 
     if (out / "report.html").is_file():
-        return 0.0, 0.0
+        return sum(json.loads(RunFolder(out).timings.read_text()).values()), 0.0
     preset = [] if "--from" in extra else ["--preset", "cpu"]
     seconds, peak, status = measured_run([sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort),
                                           "--out", str(out), *preset, "--progress", "none", *extra])
@@ -58,10 +60,10 @@ def least_confident(run: Path, cohort: Path) -> Tuple[str, Dict[str, float]]:
     folder = RunFolder(run)
     config = with_overrides(RunConfig(), json.loads(folder.config.read_text()))
     model, info = load_vnet(folder.vnet_weights)
+    inference = config.inference.for_model(info.patch_size)
     confidences = {}
     for case in discover_cohort(cohort).unlabeled:
-        _, probabilities = predict_volume(model, read_volume(case.image), config.inference, info.classes,
-                                          info.spacing)
+        _, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes, info.spacing)
         confidences[case.name] = volume_confidence(probabilities)
     return min(confidences, key=confidences.get), confidences
 
@@ -99,8 +101,9 @@ def main() -> int:
     print(f"least confident unlabeled case: {corrected} ({confidences[corrected]:.4f}; others "
           f"{min(v for k, v in confidences.items() if k != corrected):.4f} to {max(confidences.values()):.4f}); "
           "its true label stands in for the correction")
-    print(f"full run:  {full_s / 60:.1f} min, peak {full_mib / 1024:.2f} GiB, held-out mean Dice {before:.4f}")
-    print(f"update:    {update_s / 60:.1f} min, peak {update_mib / 1024:.2f} GiB, held-out mean Dice {after:.4f}")
+    for name, seconds, mib, dice in (("full run", full_s, full_mib, before), ("update", update_s, update_mib, after)):
+        peak = f"peak {mib / 1024:.2f} GiB" if mib else "reused: its timings.json"
+        print(f"{name + ':':<10}{seconds / 60:.1f} min ({peak}), held-out mean Dice {dice:.4f}")
     if full_s and update_s:
         print(f"update / full time: {update_s / full_s:.2f}")
     return 0
