@@ -518,11 +518,14 @@ class UpdateConfig(_Options):
 
     finetune_fraction: float = option(0.25, "an update fine-tunes SAM, from the parent run's weights, for this "
                                             "fraction of the full finetune.iterations")
-    retrain_fraction: float = option(0.2, "an update re-trains the V-Net, from the parent run's weights, for this "
+    retrain_fraction: float = option(0.15, "an update re-trains the V-Net, from the parent run's weights, for this "
                                           "fraction of the full retrain.iterations")
+    lr_factor: float = option(0.1, "an update's initial learning rates (finetune.lr, retrain.lr) are the run's times "
+                                   "this, and the V-Net's consistency weight starts at its final value: it continues "
+                                   "trained weights instead of training new ones")
 
     def _check(self) -> None:
-        for name in ("finetune_fraction", "retrain_fraction"):
+        for name in ("finetune_fraction", "retrain_fraction", "lr_factor"):
             if not 0 < getattr(self, name) <= 1:
                 raise InputError(f"{name} must lie in (0, 1], got {getattr(self, name)}", field=name)
 

@@ -9,9 +9,11 @@ new unlabeled cases. :func:`prepare_update` turns the run's configuration into t
   parent's weights (``finetune.init_weights``) for ``update.finetune_fraction`` of the full schedule, and every
   pseudo-label is made again with it;
 * the V-Net continues from the parent's final V-Net (``retrain.init_weights``) for ``update.retrain_fraction`` of
-  the full schedule.
+  the full schedule;
+* both start at ``update.lr_factor`` times the full schedule's learning rate, and the consistency weight of the
+  semi-supervised methods starts at its final value (no ramp-up): they continue trained weights.
 
-The full schedule is the first run's of the lineage (recorded in each update's manifest), so an update of an update
+The full schedule (iterations and learning rates) is the first run's of the lineage (recorded in each update's manifest), so an update of an update
 is not shortened twice. The parent folder is only read: the update writes its own folder, and every write in the
 engine replaces a file by renaming a new one over it, which leaves a linked parent file untouched.
 ``NEW/manifest.json`` records the parent, the corrected and added cases and the full schedule (:func:`lineage`).
@@ -49,13 +51,14 @@ class Parent:
     """Its final V-Net (the last SFR+ round's when it ran SFR+)."""
 
     @property
-    def full_schedule(self) -> Dict[str, int]:
-        """Fine-tuning and re-training iterations of the lineage's first run."""
+    def full_schedule(self) -> Dict[str, float]:
+        """Fine-tuning and re-training iterations and initial learning rates of the lineage's first run."""
         recorded = (self.manifest.get(UPDATE_KEY) or {}).get("full_schedule")
         if recorded:
             return dict(recorded)
         config = json.loads(self.run.config.read_text(encoding="utf-8"))
-        return {"finetune": config["finetune"]["iterations"], "retrain": config["retrain"]["iterations"]}
+        return {"finetune": config["finetune"]["iterations"], "retrain": config["retrain"]["iterations"],
+                "finetune_lr": config["finetune"]["lr"], "retrain_lr": config["retrain"]["lr"]}
 
 
 def read_parent(path: PathLike, out: PathLike) -> Parent:
@@ -103,9 +106,12 @@ def prepare_update(parent: Parent, cohort: Cohort, config: RunConfig, run: RunFo
                 _adopt_sam(parent.run, run, cohort)
         else:
             finetune = dataclasses.replace(finetune, init_weights=str(parent.run.sam_weights),
-                                           iterations=_shortened(full["finetune"], config.update.finetune_fraction))
+                                           iterations=_shortened(full["finetune"], config.update.finetune_fraction),
+                                           lr=full["finetune_lr"] * config.update.lr_factor)
     retrain = dataclasses.replace(retrain, init_weights=str(parent.vnet),
-                                  iterations=_shortened(full["retrain"], config.update.retrain_fraction))
+                                  iterations=_shortened(full["retrain"], config.update.retrain_fraction),
+                                  lr=full["retrain_lr"] * config.update.lr_factor,
+                                  ssl=dataclasses.replace(retrain.ssl, consistency_rampup=0.0))
     before = parent.manifest.get("inputs", {})
     section = {
         "parent": str(parent.run.root.resolve()),

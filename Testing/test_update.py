@@ -24,6 +24,10 @@ CONFIG = {**TINY, "finetune": {"iterations": 4, "checkpoint_every": 4},
           "retrain": {"iterations": 5, "checkpoint_every": 5, "lr_step": 1000}}
 
 
+FULL = {"finetune": 4, "retrain": 5, "finetune_lr": 1e-3, "retrain_lr": 0.01}
+"""The lineage's full schedule: the first run's iterations and learning rates."""
+
+
 def _run(cohort: Path, out: Path, *extra: str) -> List[Dict[str, object]]:
     result = run(cohort, out, CONFIG, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,22 +87,23 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
         assert read_record(first.pseudo_label(case))["id"] == read_record(parent.pseudo_label(case))["id"]
         assert first.pseudo_label(case).stat().st_mtime_ns == parent.pseudo_label(case).stat().st_mtime_ns
     assert read_record(first.pseudo_label("case_004")) is not None and not parent.pseudo_label("case_004").exists()
-    # The V-Net continues from the parent's for ceil(5 × 0.2) = 1 iteration.
+    # The V-Net continues from the parent's for ceil(5 × 0.15) = 1 iteration.
     assert _trained(events, "retrain") == [1]
     record = read_record(first.vnet_weights)
     assert record["inputs"]["upstream"]["V-Net re-training continues from"] == read_record(parent.vnet_weights)["id"]
-    assert record["inputs"]["options"]["iterations"] == 1
+    options = record["inputs"]["options"]
+    assert (options["iterations"], options["lr"], options["ssl"]["consistency_rampup"]) == (1, 0.001, 0.0)
     manifest = json.loads(first.manifest.read_text())["update"]
     assert manifest["parent"] == str(parent.root.resolve()) and manifest["added"] == ["case_004"]
-    assert manifest["corrected"] == [] and manifest["full_schedule"] == {"finetune": 4, "retrain": 5}
+    assert manifest["corrected"] == [] and manifest["full_schedule"] == FULL
 
 
 def test_a_correction_continues_sam_and_the_v_net_and_an_update_of_an_update_works(lineage_runs):
     first, second, events = lineage_runs["first"], lineage_runs["second"], lineage_runs["second_events"]
-    assert _trained(events, "finetune") == [1] and _trained(events, "retrain") == [1]  # ceil(4 × .25), ceil(5 × .2)
+    assert _trained(events, "finetune") == [1] and _trained(events, "retrain") == [1]  # ceil(4 × .25), ceil(5 × .15)
     sam = read_record(second.sam_weights)["inputs"]
     assert sam["upstream"] == {"SAM weights fine-tuning continues from": read_record(first.sam_weights)["id"]}
-    assert "label of case case_002" in sam["files"]
+    assert "label of case case_002" in sam["files"] and sam["options"]["lr"] == pytest.approx(1e-4)
     old, new = _weights(first.sam_weights), _weights(second.sam_weights)
     assert any(not torch.equal(old[name], new[name]) for name in old)
     old, new = _weights(first.vnet_weights)["state_dict"], _weights(second.vnet_weights)["state_dict"]
@@ -109,7 +114,7 @@ def test_a_correction_continues_sam_and_the_v_net_and_an_update_of_an_update_wor
         assert read_record(second.pseudo_label(case))["id"] != read_record(first.pseudo_label(case))["id"]
     manifest = json.loads(second.manifest.read_text())["update"]
     assert manifest["parent"] == str(first.root.resolve()) and manifest["corrected"] == ["case_002"]
-    assert manifest["full_schedule"] == {"finetune": 4, "retrain": 5}  # not shortened twice
+    assert manifest["full_schedule"] == FULL  # not shortened twice
     chain = lineage(second)
     assert [step["run"].root for step in chain] == [lineage_runs["parent"].root.resolve(), first.root.resolve(),
                                                      second.root]
