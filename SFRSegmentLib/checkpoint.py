@@ -74,6 +74,18 @@ def load_checkpoint(path: Path, inputs: Inputs, stage: str, total: int, progress
     return None
 
 
+def saved_iteration(path: Path, inputs: Inputs) -> int:
+    """The iterations done by the checkpoint at ``path`` when :func:`load_checkpoint` would resume it, else 0 (for
+    the run-time estimate). Memory-mapped, so the weights are not read; reading it changes nothing."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, or damaged: torch.load raises many types
+        return 0
+    if not isinstance(state, dict) or state.get("format") != FORMAT or inputs.changes_from(state.get("inputs")):
+        return 0
+    return int(state.get("iteration", 0))
+
+
 def write_log(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """The training log as CSV, columns in the order the first row gives them."""
     buffer = io.StringIO()

@@ -33,6 +33,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .atomic import atomic_write_text
+from .checkpoint import saved_iteration
 from .choices import STAGES
 from .config import RetrainConfig, RunConfig, parse_method
 from .config_io import to_dict
@@ -467,19 +468,7 @@ def _iterations_left(total: int, outputs: Sequence[Path], checkpoint: Path, inpu
     """0 when ``outputs`` are current; else what a checkpoint saved from the same inputs has still to do."""
     if stale_reason(outputs, inputs) is None:
         return 0
-    return max(0, total - _checkpoint_iteration(checkpoint, inputs))
-
-
-def _checkpoint_iteration(path: Path, inputs: Inputs) -> int:
-    """The iterations a stage's checkpoint saved from ``inputs`` has done (0 without one). Memory-mapped, so the
-    weights are not read; a damaged or stale checkpoint counts as 0 here and is reported by its stage."""
-    if not path.is_file():
-        return 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return 0 if inputs.changes_from(state["inputs"]) else int(state["iteration"])
-    except Exception:  # torch.load raises many types for damaged files
-        return 0
+    return max(0, total - saved_iteration(checkpoint, inputs))
 
 
 def _predictions_left(cases: Sequence[Case], out_dir: Path, vnet: Path, config: RunConfig,

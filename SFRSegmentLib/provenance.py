@@ -150,7 +150,7 @@ def _damaged(outputs: Sequence[PathLike], record: Mapping[str, Any]) -> List[str
     if not isinstance(written, Mapping):
         return ["its record holds no SHA-256 of the output (made by an older version)"]
     return [f"{path} is damaged or was changed after it was written (its SHA-256 is not the recorded one)"
-            for path in map(Path, outputs) if written.get(path.name, file_digest(path)) != file_digest(path)]
+            for path in map(Path, outputs) if path.name in written and written[path.name] != file_digest(path)]
 
 
 def case_files(cases: Iterable[Any], labels: bool = True) -> Dict[str, str]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
+from SFRSegmentLib.checkpoint import FORMAT
 from SFRSegmentLib.config import RunConfig, preset
 from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import Case, Cohort
@@ -163,13 +164,13 @@ def test_a_stage_stopped_midway_counts_what_its_checkpoint_has_left(cohort, tmp_
     run.finetune_dir.mkdir(parents=True)
     run.retrain_dir.mkdir()
     finetune_from = finetune_inputs(config.finetune, cohort, None).as_dict()
-    torch.save({"iteration": 4, "inputs": finetune_from}, run.finetune_checkpoint)
+    torch.save({"format": FORMAT, "iteration": 4, "inputs": finetune_from}, run.finetune_checkpoint)
     assert {s.stage: s for s in remaining_work(cohort, run, config)}["finetune"].finetune_iterations == 7 - 4
-    torch.save({"iteration": 4, "inputs": {**finetune_from, "options": {}}}, run.finetune_checkpoint)
+    torch.save({"format": FORMAT, "iteration": 4, "inputs": {**finetune_from, "options": {}}}, run.finetune_checkpoint)
     assert {s.stage: s for s in remaining_work(cohort, run, config)}["finetune"].finetune_iterations == 7  # stale
 
     mean_teacher = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method="mt"))
-    torch.save({"iteration": 5, "inputs": retrain_inputs(mean_teacher.retrain, cohort, {}).as_dict()},
+    torch.save({"format": FORMAT, "iteration": 5, "inputs": retrain_inputs(mean_teacher.retrain, cohort, {}).as_dict()},
                run.retrain_checkpoint)
     work = {stage.stage: stage for stage in remaining_work(cohort, run, mean_teacher)}
     assert work["retrain"].retrain_iterations == 13 - 5
