@@ -1123,7 +1123,7 @@ class SFRSegmentTest(ScriptedLoadableModuleTest):
             segmentation = run.results.segmentations[case.name]
             self.assertEqual(segmentation.GetName(), case.name + jobs.RESULT_SUFFIX)
             self.assertEqual(nodes.segment_names(segmentation), segmentNames)
-        queue = logic.reviewQueue(run.results.job)  # SAM's pseudo-labels ranked, least confident first
+        queue = logic.reviewQueue(run.results.job)  # the predictions ranked, least confident first
         self.assertEqual(sorted(row.volume for row in queue), sorted(case.name for case in cohort.unlabeled))
         self.assertEqual([row.confidence for row in queue], sorted(row.confidence for row in queue))
         self.delayDisplay("Test passed")

@@ -95,6 +95,11 @@ AUGMENTATIONS = ("reference", "strong")
 NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
 """Normalisations the reference V-Net offers after every convolution."""
 
+BATCHNORM_STATISTICS = ("batch", "frozen")
+"""How a V-Net's BatchNorm normalises while it trains: ``batch`` with each batch's statistics, tracking running
+ones (training from scratch, as the references); ``frozen`` with the running statistics its initial weights came
+with, kept (an update continuing trained weights: it then trains as it will be evaluated)."""
+
 CONFIDENCE_VOXELS = ("all", "foreground")
 CONFIDENT_LABEL_SOURCES = ("vnet", "sam")
 SAM_STARTS = ("continue", "restart")

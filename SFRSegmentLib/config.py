@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from .choices import (AUGMENTATIONS, CONFIDENCE_VOXELS, CONFIDENT_IN_RETRAINING, CONFIDENT_LABEL_SOURCES,
+from .choices import (AUGMENTATIONS, BATCHNORM_STATISTICS, CONFIDENCE_VOXELS, CONFIDENT_IN_RETRAINING, CONFIDENT_LABEL_SOURCES,
                       DEFAULT_MODEL_ID, DEPTH_PADDINGS, DEVICES, LR_SCHEDULES, METHODS, NORMALIZATIONS,
                       PRECISION_DESCRIPTIONS, PRECISIONS, PRESETS, SAM_ARCHITECTURES, SAM_MISSING, SAM_STARTS,
                       SFR_PREFIX)
@@ -414,6 +414,10 @@ class RetrainConfig(_Options):
                                             "and short schedules", choices=AUGMENTATIONS)
     n_filters: int = option(16, "the V-Net's width (the reference's 16)")
     normalization: str = option("batchnorm", "the V-Net's normalisation", choices=NORMALIZATIONS)
+    batchnorm_statistics: str = option("batch", "batch: BatchNorm normalises with each batch's statistics and tracks "
+                                                "running ones; frozen: with the running statistics of init_weights, "
+                                                "kept (an update sets it from update.batchnorm_statistics)",
+                                       choices=BATCHNORM_STATISTICS)
     spacing: Optional[Spacing] = option(None, "working voxel size in mm: every volume (and its label or pseudo-label) "
                                               "is resampled to it for training and prediction, and labels come back "
                                               "on each image's grid (SFRSegmentLib.resample); null: each volume's "
@@ -523,6 +527,10 @@ class UpdateConfig(_Options):
     lr_factor: float = option(0.1, "an update's initial learning rates (finetune.lr, retrain.lr) are the run's times "
                                    "this, and the V-Net's consistency weight starts at its final value: it continues "
                                    "trained weights instead of training new ones")
+    batchnorm_statistics: str = option("frozen", "the updated V-Net's BatchNorm statistics "
+                                                 "(retrain.batchnorm_statistics): frozen keeps the parent's; batch "
+                                                 "re-estimates them from the update's batches",
+                                       choices=BATCHNORM_STATISTICS)
 
     def _check(self) -> None:
         for name in ("finetune_fraction", "retrain_fraction", "lr_factor"):

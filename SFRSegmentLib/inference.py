@@ -37,6 +37,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
+from .confidence import TABLE_NAME, recorded, volume_confidence, write_table
 from .config import InferenceConfig
 from .data import Case, discover_cohort, zscore
 from .device import autocast_context, resolve_device
@@ -163,9 +164,10 @@ def predict_cases(model: torch.nn.Module, info: VNetInfo, cases: Sequence[Case],
                   config: InferenceConfig, progress: Progress = ignore_progress,
                   on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     """Predict the images of cohort cases and write ``<case.name>.seg.nrrd`` (segments named and coloured by the
-    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``, calling ``on_written(case.name)`` after each
-    case's files. Returns the files written. The window is ``config.patch_size``, or when that is None the patch the
-    model was trained on (``info.patch_size``).
+    model's classes) and ``<case.name>.nii.gz`` into ``out_dir``, and each case's confidence (the mean over voxels
+    of the largest class probability) into ``out_dir/confidence.csv`` (:mod:`SFRSegmentLib.confidence`), calling
+    ``on_written(case.name)`` after each case's files. Returns the files written. The window is
+    ``config.patch_size``, or when that is None the patch the model was trained on (``info.patch_size``).
 
     Under torchrun the processes share the cases and rank 0 writes every file (the list is empty elsewhere).
     """
@@ -178,16 +180,21 @@ def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, 
                    on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     written: List[Path] = []
     config = config.for_model(info.patch_size)
+    table = out_dir / TABLE_NAME
+    confidences = recorded(table)
 
-    def predict(name: str) -> Volume:
+    def predict(name: str) -> Tuple[Volume, float]:
         image = read_volume(images[name])
         check_image(image)
-        return predict_volume(model, image, config, info.classes, info.spacing)[0]
+        labels, probabilities = predict_volume(model, image, config, info.classes, info.spacing)
+        return labels, volume_confidence(probabilities)
 
-    def write(name: str, labels: Volume) -> None:
+    def write(name: str, result: Tuple[Volume, float]) -> None:
+        labels, confidences[name] = result
         written.extend(write_volume(labels, out_dir / f"{name}{suffix}") for suffix in PREDICTION_SUFFIXES)
+        write_table(table, confidences)
         on_written(name)
-        progress(ProgressEvent("predict", len(written) // len(PREDICTION_SUFFIXES), len(images),
+        progress(ProgressEvent("predict", len(written) // len(PREDICTION_SUFFIXES), len(images), metric=result[1],
                                message=f"predicted {name}"))
 
     map_cases(list(images), predict, write)

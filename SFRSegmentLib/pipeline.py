@@ -47,6 +47,7 @@ from .vnet import load_vnet, vnet_info_path
 from .metrics import (SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT, evaluate_cases, find_label_files,
                       summarise_splits, write_metrics_csv)
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
+from .confidence import TABLE_NAME, recorded
 from .provenance import (MISSING, Inputs, case_files, file_digest, forget, identity_of, read_record,
                          stale_reason, write_record)
 from .retrain import retrain, retrain_inputs
@@ -390,6 +391,10 @@ def _prediction_files(out_dir: Path, name: str) -> List[Path]:
 def _stale_predictions(cases: Sequence[Case], out_dir: Path, inputs: Mapping[str, Inputs]) -> Dict[str, str]:
     """Case name → why its prediction in ``out_dir`` must be made (again), for the cases where it must."""
     reasons = {case.name: stale_reason(_prediction_files(out_dir, case.name), inputs[case.name]) for case in cases}
+    confidences = recorded(out_dir / TABLE_NAME)
+    for name, reason in reasons.items():
+        if reason is None and name not in confidences:
+            reasons[name] = "its confidence is not in confidence.csv"
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path
+from .confidence import volume_confidence, write_table
 from .config import PseudoLabelConfig
 from .data import Case, Cohort, load_case, zscore
 from .distributed import barrier, map_cases, ranks
@@ -50,7 +51,6 @@ from .sam.lora import merge_lora
 from .sam.model import SFRSam
 
 STAGE = "pseudolabel"
-CONFIDENCE_HEADER = "case,confidence\n"
 _EXECUTION_ONLY = ("device", "windows_per_batch", "redo")
 """Options that do not change a pseudo-label."""
 
@@ -101,9 +101,9 @@ def quantise(probabilities: torch.Tensor) -> np.ndarray:
     return torch.round(probabilities * PROBABILITY_SCALE).clamp_(0, PROBABILITY_SCALE).to(torch.uint8).numpy()
 
 
-def volume_confidence(stored_probabilities: np.ndarray) -> float:
-    """SFR+ confidence from stored uint8 probabilities (K+1, ...): the mean over voxels of the largest one."""
-    return float(stored_probabilities.max(axis=0).mean(dtype=np.float64) / PROBABILITY_SCALE)
+def stored_confidence(stored_probabilities: np.ndarray) -> float:
+    """:func:`~SFRSegmentLib.confidence.volume_confidence` of stored uint8 probabilities (K+1, ...)."""
+    return volume_confidence(stored_probabilities) / PROBABILITY_SCALE
 
 
 def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = PseudoLabelConfig(),
@@ -128,7 +128,7 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
     computed = 0
 
     def record(case: Case, status: str) -> None:
-        confidences[case.name] = volume_confidence(np.load(run.pseudo_probabilities(case.name)))
+        confidences[case.name] = stored_confidence(np.load(run.pseudo_probabilities(case.name)))
         progress(ProgressEvent(STAGE, len(confidences), len(cases), metric=confidences[case.name],
                                eta_s=clock.eta_s(computed), message=f"{case.name}: {status}"))
 
@@ -152,7 +152,7 @@ def pseudolabel(cohort: Cohort, run: RunFolder, config: PseudoLabelConfig = Pseu
     if not cases:
         progress(ProgressEvent(STAGE, 0, 0, message="no unlabeled case to pseudo-label"))
     if ranks().is_main:
-        _write_if_changed(run.confidence_table, _confidence_table([(c.name, confidences[c.name]) for c in cases]))
+        write_table(run.confidence_table, {case.name: confidences[case.name] for case in cases})
     barrier()
     return run.confidence_table
 
@@ -196,15 +196,3 @@ def case_inputs(cohort: Cohort, cases: Sequence[Case], config: PseudoLabelConfig
     options["class_values"] = sorted(int(v) for v in cohort.classes)
     upstream = {"SAM weights": identity_of(weights) if weights.is_file() else "missing"}
     return {case.name: Inputs(options, case_files([case], labels=False), upstream) for case in cases}
-
-
-def _confidence_table(confidences: Sequence[Tuple[str, float]]) -> str:
-    """CSV text, least confident first (ties by name)."""
-    rows = sorted(confidences, key=lambda row: (row[1], row[0]))
-    return CONFIDENCE_HEADER + "".join(f"{name},{confidence:.6f}\n" for name, confidence in rows)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write ``text`` unless ``path`` holds it already (compared as bytes: a damaged file need not be UTF-8)."""
-    if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
-        atomic_write_text(path, text)

@@ -11,7 +11,7 @@ one-line note when its input is missing or unreadable, so that a partial run sti
 2. Metrics: ``metrics.csv`` per split, the held-out test cases first, then the unlabeled cases (transductive: their
    images trained the model); each per class (mean ± sample std over the cases where a value is defined) and per
    case. A table without a ``split`` column (older runs) holds unlabeled cases.
-3. Review queue: ``pseudolabels/confidence.csv``, least confident pseudo-label first.
+3. Review queue: the unlabeled cases of ``predictions/confidence.csv``, least confident prediction first.
 4. Training curves: every numeric column of each ``log.csv`` (fine-tuning, re-training, SFR+ rounds) against its
    step column, so that the stages may log whatever columns they like.
 5. Images: the SAM mosaic of the first labeled case's central patch, as fine-tuning sees it, and three
@@ -38,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .atomic import atomic_write_text
+from .confidence import read_table, recorded
 from .config import PATCH_SIZE
 from .data import Cohort, center_crop_start, crop, load_case, pad_to_shape, zscore
 from .volumes import SEGMENTATION_SUFFIX, read_volume
@@ -99,7 +100,7 @@ def write_report(run: RunFolder, cohort: Cohort, title: str = "SFRSegment run",
     sections = [
         ("Summary", _guarded(lambda: _summary_section(run, cohort), "the summary")),
         ("Metrics", _guarded(lambda: _metrics_section(run.metrics, cohort.classes), "metrics.csv")),
-        ("Review queue", _guarded(lambda: _review_section(run.confidence_table), "confidence.csv")),
+        ("Review queue", _guarded(lambda: _review_section(run.prediction_confidence, cohort), "confidence.csv")),
         ("Training curves", _curves_section(run)),
         ("Images", _images_section(run, cohort, truths or {})),
         *extra_sections,
@@ -178,15 +179,16 @@ def _split_tables(rows: Sequence[Mapping[str, str]], classes: Mapping[int, str])
                     "<h4>Per case</h4>", _table(headers, per_case)])
 
 
-def _review_section(path: Path) -> str:
-    confidences = _read_confidences(path)
-    if confidences is None:
-        return _note("No pseudolabels/confidence.csv: SAM pseudo-labelling has not run.")
+def _review_section(path: Path, cohort: Cohort) -> str:
+    if not path.is_file():
+        return _note("No predictions/confidence.csv: the V-Net has not predicted the unlabeled cases.")
+    unlabeled = {case.name for case in cohort.unlabeled}
     rows = [(str(rank), name, f"{conf:.4f}",
              f'<div class="bar"><span style="width:{100 * min(max(conf, 0.0), 1.0):.2f}%"></span></div>')
-            for rank, (name, conf) in enumerate(confidences, start=1)]
-    intro = ("<p>Unlabeled cases by the confidence of their SAM pseudo-label (the mean over voxels of the largest "
-             "class probability), least confident first: review the top of this list first.</p>")
+            for rank, (name, conf) in enumerate([row for row in read_table(path) if row[0] in unlabeled], start=1)]
+    intro = ("<p>Unlabeled cases by the confidence of the V-Net's prediction (the mean over voxels of the largest "
+             "class probability), least confident first: review and correct the top of this list first, then "
+             "update the run with the corrections as labels (<code>run --from</code>).</p>")
     return intro + _table(("#", "Case", "Confidence", ""), rows, raw_columns=(3,))
 
 
@@ -226,7 +228,7 @@ def _images_section(run: RunFolder, cohort: Cohort, truths: Mapping[str, Path]) 
     if not files:
         parts.append(_note("No predictions/<case>.seg.nrrd in the run folder."))
         return "".join(parts)
-    confidences = dict(_guarded_value(lambda: _read_confidences(run.confidence_table)) or [])
+    confidences = recorded(run.prediction_confidence)
     for path in files:
         name = path.name[: -len(SEGMENTATION_SUFFIX)]
         parts.append(_guarded(lambda path=path, name=name: _prediction_figure(path, name, cohort, truths,
@@ -295,7 +297,7 @@ def _prediction_figure(path: Path, name: str, cohort: Cohort, truths: Mapping[st
     if any(c.name == name for c in cohort.test):
         notes = ["held-out test case"]
     else:
-        notes = [f"confidence {confidence:.4f}" if confidence is not None else "no pseudo-label confidence"]
+        notes = [f"confidence {confidence:.4f}" if confidence is not None else "no recorded confidence"]
     if not foreground.size:
         notes.append("empty prediction: slices through the volume centre")
     if truth is not None:
@@ -381,14 +383,6 @@ def _read_csv(path: Path, required: Sequence[str]) -> List[Dict[str, str]]:
         return list(reader)
 
 
-def _read_confidences(path: Path) -> Optional[List[Tuple[str, float]]]:
-    """(case, confidence) least confident first (ties by name), None if there is no table."""
-    if not path.is_file():
-        return None
-    rows = [(row["case"], float(row["confidence"])) for row in _read_csv(path, ("case", "confidence"))]
-    return sorted(rows, key=lambda row: (row[1], row[0]))
-
-
 def _float_or_none(text: str) -> Optional[float]:
     try:
         return float(text)
@@ -434,14 +428,6 @@ def _guarded(build: Callable[[], str], what: str) -> str:
     except _READ_ERRORS as error:
         logger.warning("report: cannot show %s: %s", what, error)
         return _note(f"Cannot show {what}: {error}")
-
-
-def _guarded_value(read: Callable[[], object]) -> object:
-    """``read()``, or None when its input is corrupt (its own section reports why)."""
-    try:
-        return read()
-    except _READ_ERRORS:
-        return None
 
 
 def _note(text: str) -> str:

@@ -250,6 +250,12 @@ class Trainer:
             # Batch statistics over the global batch, as in one process (torch's SyncBatchNorm is GPU-only).
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.method = build_method(config.method, self.student, config.ssl, config.iterations)
+        if config.batchnorm_statistics == "frozen":
+            if config.init_weights is None:
+                raise InputError("frozen BatchNorm statistics need trained ones: give init_weights, or use batch",
+                                 field="retrain.batchnorm_statistics")
+            for network in (self.student, *self.method.networks()):
+                freeze_batchnorm(network)
         self.forward_model = data_parallel(self.student)
         if here.is_distributed:
             torch.manual_seed(config.seed + here.rank)  # distinct dropout and teacher noise on each rank
@@ -375,6 +381,14 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
         write_record([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs)
     barrier()
     return run.vnet_weights
+
+
+def freeze_batchnorm(network: nn.Module) -> None:
+    """Make every BatchNorm of ``network`` normalise with its running statistics and keep them (eval mode); its
+    scale and shift still train."""
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _initial_weights(path: str, info: VNetInfo) -> Dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@
       retrain/                         stage R (V-Net re-training)
         checkpoint.pt, vnet.pt, vnet.json, log.csv
       predictions/<case>.seg.nrrd, <case>.nii.gz   the unlabeled and held-out test cases, on each image's grid
+      predictions/confidence.csv       case, confidence of the V-Net's prediction, least confident first (review)
       metrics.csv                      split (test / unlabeled), case, class, Dice, Jaccard, HD95, ASD
       report.html
       provenance.json                  the identity of every output the metrics and report came from
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List
 
+from .confidence import TABLE_NAME
 from .errors import InputError, PathLike
 
 PROBABILITY_SCALE = 255
@@ -139,7 +141,7 @@ class RunFolder:
 
     @property
     def confidence_table(self) -> Path:
-        return self.pseudolabel_dir / "confidence.csv"
+        return self.pseudolabel_dir / TABLE_NAME
 
     # stage R
     @property
@@ -162,6 +164,10 @@ class RunFolder:
     @property
     def prediction_dir(self) -> Path:
         return self.root / "predictions"
+
+    @property
+    def prediction_confidence(self) -> Path:
+        return self.prediction_dir / TABLE_NAME
 
     def prediction(self, case: str, suffix: str = ".seg.nrrd") -> Path:
         return self.prediction_dir / f"{case}{suffix}"

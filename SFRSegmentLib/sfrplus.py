@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-import numpy as np
-
 from .atomic import atomic_write_text
+from .confidence import volume_confidence
 from .config import InferenceConfig, SFRPlusConfig
 from .data import Case, Cohort
 from .distributed import broadcast_from_main, map_cases, ranks
@@ -90,16 +89,6 @@ class RoundResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Confidence
-
-
-def volume_confidence(probabilities: np.ndarray, voxels: str = "all") -> float:
-    """Mean over voxels of the largest class probability (probabilities (C, ...)); ``foreground`` averages only
-    over voxels whose argmax is not the background (0 if there is none)."""
-    top = probabilities.max(axis=0)
-    if voxels == "all":
-        return float(top.mean(dtype=np.float64))
-    foreground = probabilities.argmax(axis=0) > 0
-    return float(top[foreground].mean(dtype=np.float64)) if foreground.any() else 0.0
 
 
 def split_by_confidence(confidences: Mapping[str, float], threshold: float) -> Tuple[List[str], List[str]]:

@@ -111,6 +111,7 @@ def prepare_update(parent: Parent, cohort: Cohort, config: RunConfig, run: RunFo
     retrain = dataclasses.replace(retrain, init_weights=str(parent.vnet),
                                   iterations=_shortened(full["retrain"], config.update.retrain_fraction),
                                   lr=full["retrain_lr"] * config.update.lr_factor,
+                                  batchnorm_statistics=config.update.batchnorm_statistics,
                                   ssl=dataclasses.replace(retrain.ssl, consistency_rampup=0.0))
     before = parent.manifest.get("inputs", {})
     section = {

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from SFRSegmentLib.confidence import read_table, volume_confidence
 from SFRSegmentLib.config import InferenceConfig
 from SFRSegmentLib.data import zscore
 from SFRSegmentLib.errors import InputError
@@ -245,6 +246,13 @@ def test_cli_predict_and_evaluate(tmp_path: Path) -> None:
         np.testing.assert_array_equal(segmentation.array, nifti.array)
         assert [(s.value, s.name) for s in segmentation.segments] == [(1, "organ 1")]
         assert nifti.shape == read_volume(case.image).shape
+    model, _ = load_vnet(tmp_path / "run" / "retrain" / "vnet.pt")
+    expected = {case.name: volume_confidence(predict_volume(model, read_volume(case.image), InferenceConfig(
+        stride_xy=16, stride_z=8, device="cpu").for_model(info.patch_size), info.classes)[1])
+        for case in cohort.unlabeled}
+    ranked = read_table(tmp_path / "pred" / "confidence.csv")
+    assert [name for name, _ in ranked] == sorted(expected, key=expected.get)  # least confident first
+    assert dict(ranked) == pytest.approx(expected, abs=1e-6)
 
     # The Slicer module's protocol: only JSON lines on stdout, one event per case as it is written.
     result = cli("predict", "--model", str(tmp_path / "run"), "--images", *unlabeled, "--out", str(tmp_path / "again"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from SFRSegmentLib.volumes import read_volume, write_volume
+from SFRSegmentLib.confidence import read_table
 from SFRSegmentLib.provenance import (MISSING, Inputs, file_digest, identity_of, read_record, record_path,
                                       stale_reason, write_record)
 from SFRSegmentLib.runfolder import RunFolder
@@ -136,6 +137,22 @@ def test_a_finished_run_records_every_output_and_a_rerun_redoes_nothing(copy):
     assert not _trained(events, "finetune") and not _trained(events, "retrain")
     assert not [m for m in _messages(events, "predict") if m.startswith("predicted")]
     assert _lineage(run.root) == before
+
+
+def test_the_predictions_confidence_table_ranks_the_predicted_cases_and_a_lost_one_is_made_again(copy):
+    cohort, run = copy
+    before = _lineage(run.root)
+    ranked = read_table(run.prediction_confidence)
+    assert sorted(name for name, _ in ranked) == sorted(before["predictions"])
+    assert [value for _, value in ranked] == sorted(value for _, value in ranked)
+    assert all(0 < value <= 1 for _, value in ranked)
+    table = run.prediction_confidence.read_bytes()
+    run.prediction_confidence.unlink()
+    events = _run(cohort, run.root, TINY)
+    assert not _trained(events, "retrain")
+    assert all(f"the prediction of case {name} is stale (its confidence is not in confidence.csv): predicting it "
+               "again" in _messages(events, "predict") for name in before["predictions"])
+    assert run.prediction_confidence.read_bytes() == table  # the same V-Net and images: the same confidences
 
 
 def test_deleting_finetune_redoes_sam_and_everything_after_it(copy):

@@ -23,7 +23,7 @@ from SFRSegmentLib.volumes import read_volume
 from SFRSegmentLib.progress import Cancellation, Cancelled
 from SFRSegmentLib.runfolder import RunFolder
 from SFRSegmentLib.finetune import finetune, training_layout
-from SFRSegmentLib.pseudolabel import predict_probabilities, pseudolabel, volume_confidence
+from SFRSegmentLib.pseudolabel import predict_probabilities, pseudolabel, stored_confidence
 from SFRSegmentLib.sam.stitching import mosaic_layout
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
@@ -94,7 +94,7 @@ def test_confidence_table_is_sorted_and_matches_the_stored_probabilities(labeled
     assert [c for _, c in rows] == sorted(c for _, c in rows)
     for name, confidence in rows:
         assert 1 / 3 <= confidence <= 1  # the largest of 3 probabilities
-        assert confidence == pytest.approx(volume_confidence(np.load(run.pseudo_probabilities(name))), abs=1e-6)
+        assert confidence == pytest.approx(stored_confidence(np.load(run.pseudo_probabilities(name))), abs=1e-6)
 
 
 def test_the_windows_are_the_patch_and_canvas_sam_was_fine_tuned_on(labeled_run, monkeypatch, tmp_path):

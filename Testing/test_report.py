@@ -44,9 +44,9 @@ def built(tmp_path_factory) -> Tuple[RunFolder, object, str, Path]:
                            "case_001,1,0.9,0.81818,3.456,1.2345,2.7648,0.98765\n"
                            "case_002,1,0.6,0.42857,5.0,2.0,4.0,1.6\n"
                            f'"{ODD_NAME.replace(chr(34), 2 * chr(34))}",1,0.0,0.0,nan,nan,nan,nan\n')
-    run.pseudolabel_dir.mkdir()
-    run.confidence_table.write_text(f'case,confidence\ncase_002,0.9\ncase_001,0.6\n'
-                                    f'"{ODD_NAME.replace(chr(34), 2 * chr(34))}",0.75\n')
+    run.prediction_dir.mkdir()
+    run.prediction_confidence.write_text(f'case,confidence\ncase_002,0.9\ncase_001,0.6\ncase_000,0.5\n'
+                                         f'"{ODD_NAME.replace(chr(34), 2 * chr(34))}",0.75\n')
     run.finetune_dir.mkdir()
     run.finetune_log.write_text("iteration,loss,lr\n" + "".join(f"{i},{loss},{lr}\n" for i, loss, lr in FINETUNE_LOG))
     round_log = run.root / "sfrplus" / "round1" / "retrain" / "log.csv"
@@ -123,12 +123,12 @@ def test_metrics_are_formatted_with_undefined_values_explained(built):
     assert "<td>1</td>" in metrics, "one case with undefined distances"
 
 
-def test_review_queue_is_least_confident_first(built):
+def test_review_queue_lists_the_unlabeled_predictions_least_confident_first(built):
     _, _, page, _ = built
     queue = _section(page, "Review queue")
     names = re.findall(r"<tr><td>\d+</td><td>(.*?)</td>", queue)
-    assert names == ["case_001", "x&lt;&amp;&gt;&quot;y", "case_002"]
-    assert re.findall(r'style="width:([\d.]+)%"', queue) == ["60.00", "75.00", "90.00"]
+    assert names == ["case_001", "case_002"]  # not the labeled case_000, nor a case outside the cohort
+    assert re.findall(r'style="width:([\d.]+)%"', queue) == ["60.00", "90.00"]
 
 
 def test_every_numeric_log_column_is_a_polyline_with_one_point_per_row(built):
@@ -149,7 +149,7 @@ def test_missing_inputs_give_notes(tmp_path, built):
     page = write_report(run, cohort).read_text(encoding="utf-8")
     assert "No config.json" in _section(page, "Summary")
     assert "No metrics.csv" in _section(page, "Metrics")
-    assert "No pseudolabels/confidence.csv" in _section(page, "Review queue")
+    assert "No predictions/confidence.csv" in _section(page, "Review queue")
     assert _section(page, "Training curves").count("this stage has not run") == 2
     images = _section(page, "Images")
     assert "No predictions/" in images
@@ -165,10 +165,13 @@ def test_corrupt_inputs_give_notes(tmp_path, built):
     run.metrics.write_text("case,dice\na,0.5\n")
     run.finetune_dir.mkdir()
     run.finetune_log.write_text("")
+    run.prediction_dir.mkdir()
+    run.prediction_confidence.write_text("case,confidence\ncase_001,high\n")
     page = write_report(run, cohort).read_text(encoding="utf-8")
     assert "Cannot show config.json" in _section(page, "Summary")
     assert "Cannot show metrics.csv" in _section(page, "Metrics") and "class" in _section(page, "Metrics")
     assert "holds no rows" in _section(page, "Training curves")
+    assert "Cannot show confidence.csv" in _section(page, "Review queue") and "case,confidence" in page
     assert "Cannot show the SAM mosaic" in _section(page, "Images")
 
 

@@ -209,6 +209,27 @@ def test_other_options_retrain_instead_of_reusing_or_resuming(cohort: Cohort, tm
     assert second["id"] != first["id"] and second["inputs"]["options"]["lr"] == 0.02
 
 
+def test_frozen_batchnorm_statistics_keep_the_initial_ones_while_the_weights_train(cohort: Cohort,
+                                                                                   tmp_path: Path) -> None:
+    first = run_with_pseudo_labels(cohort, tmp_path / "first")
+    retrain(cohort, first, RetrainConfig(method="sfr_mt", **TINY))
+    with pytest.raises(InputError, match="frozen BatchNorm statistics need trained ones"):
+        retrain(cohort, run_with_pseudo_labels(cohort, tmp_path / "scratch"),
+                RetrainConfig(method="sfr_mt", batchnorm_statistics="frozen", **TINY))
+    before = state_dict(first.vnet_weights)
+    running = [name for name in before if name.endswith(("running_mean", "running_var"))]
+    trained = [name for name in before if name.endswith((".weight", ".bias"))]
+    assert running and trained
+    for statistics in ("frozen", "batch"):
+        run = run_with_pseudo_labels(cohort, tmp_path / statistics)
+        retrain(cohort, run, RetrainConfig(method="sfr_mt", init_weights=str(first.vnet_weights),
+                                           batchnorm_statistics=statistics, **TINY))
+        after = state_dict(run.vnet_weights)
+        assert any(not torch.equal(before[name], after[name]) for name in trained)
+        kept = [torch.equal(before[name], after[name]) for name in running]
+        assert all(kept) if statistics == "frozen" else not any(kept), statistics
+
+
 def test_missing_pseudo_label_is_named(cohort: Cohort, tmp_path: Path) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
     missing = run.pseudo_label(cohort.unlabeled[1].name)

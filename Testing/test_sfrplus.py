@@ -19,12 +19,8 @@ from SFRSegmentLib.inference import predict_volume
 from SFRSegmentLib.vnet import VNetInfo, save_vnet
 from SFRSegmentLib.volumes import read_volume, write_volume
 from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sfrplus import (
-    run_sfrplus,
-    run_sfrplus_round,
-    split_by_confidence,
-    volume_confidence,
-)
+from SFRSegmentLib.confidence import volume_confidence
+from SFRSegmentLib.sfrplus import run_sfrplus, run_sfrplus_round, split_by_confidence
 from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 from SFRSegmentLib.vnet import VNet
 

@@ -333,7 +333,7 @@ def test_a_cancelled_run_resumes_from_its_saved_iteration_and_its_results_are_im
 def test_the_review_queue_of_a_real_run_is_its_ranking_and_an_update_starts_from_its_run(resumed_job, tmp_path):
     job, scene = resumed_job["job"], resumed_job["scene"]
     results = resumed_job["second"].run.results
-    ranked = [line.split(",") for line in job.run.confidence_table.read_text(encoding="utf-8").splitlines()[1:]]
+    ranked = [line.split(",") for line in job.run.prediction_confidence.read_text(encoding="utf-8").splitlines()[1:]]
 
     rows = review.review_queue(scene, results.job)
 

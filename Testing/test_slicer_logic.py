@@ -559,8 +559,7 @@ def test_results_become_segmentations_named_after_their_volumes(scene, tmp_path)
         label[0, 0, 0] = 9  # a value that is no class: dropped
         predicted[case] = label
         _write_prediction(job.run.prediction(case), job.cohort / case / "image.nrrd", label)
-    job.run.confidence_table.parent.mkdir(parents=True, exist_ok=True)
-    with open(job.run.confidence_table, "w", newline="") as stream:
+    with open(job.run.prediction_confidence, "w", newline="") as stream:
         csv.writer(stream).writerows([["case", "confidence"], [cases[1], "0.97"], [cases[2], "0.91"]])
 
     results = jobs.import_training_results(scene, job)
@@ -650,8 +649,7 @@ STAND_IN_ENGINE = textwrap.dedent('''
         lines.append(f"{case.name},{0.5 + 0.1 * step}")
         print(json.dumps({"stage": "predict", "step": step, "total": len(unlabeled), "loss": None, "metric": None,
                           "eta_s": None, "message": case.name}), flush=True)
-    run.confidence_table.parent.mkdir(parents=True, exist_ok=True)
-    run.confidence_table.write_text("\\n".join(lines) + "\\n")
+    run.prediction_confidence.write_text("\\n".join(lines) + "\\n")
 ''')
 
 

@@ -55,8 +55,7 @@ def write_results(job, masks, confidences):
         label[case_masks["liver"]] = 1
         label[case_masks["tumour"]] = 2
         _write_prediction(job.run.prediction(case), job.image(case), label)
-    job.run.confidence_table.parent.mkdir(parents=True, exist_ok=True)
-    with open(job.run.confidence_table, "w", newline="") as stream:
+    with open(job.run.prediction_confidence, "w", newline="") as stream:
         csv.writer(stream).writerows([["case", "confidence"], *confidences.items()])
     job.run.vnet_weights.parent.mkdir(parents=True, exist_ok=True)
     job.run.vnet_weights.write_bytes(b"weights")
@@ -95,7 +94,7 @@ def test_the_review_queue_lists_the_predicted_volumes_least_confident_first_with
                          results.segmentations[cases[2]].GetID(), False),
         review.ReviewRow(cases[1], "Patient 1 CT", 0.97, volumes[1].GetID(),
                          results.segmentations[cases[1]].GetID(), False)]
-    job.run.confidence_table.unlink()  # a run without SAM's pseudo-labels has no ranking
+    job.run.prediction_confidence.unlink()  # nothing predicted yet: no ranking
     assert review.review_queue(scene, job) == []
 
 

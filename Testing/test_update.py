@@ -93,6 +93,10 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
     assert record["inputs"]["upstream"]["V-Net re-training continues from"] == read_record(parent.vnet_weights)["id"]
     options = record["inputs"]["options"]
     assert (options["iterations"], options["lr"], options["ssl"]["consistency_rampup"]) == (1, 0.001, 0.0)
+    assert options["batchnorm_statistics"] == "frozen"  # the parent's BatchNorm statistics, kept
+    old, new = _weights(parent.vnet_weights)["state_dict"], _weights(first.vnet_weights)["state_dict"]
+    assert all(torch.equal(old[name], new[name]) for name in old if name.endswith(("running_mean", "running_var")))
+    assert any(not torch.equal(old[name], new[name]) for name in old if name.endswith(".weight"))
     manifest = json.loads(first.manifest.read_text())["update"]
     assert manifest["parent"] == str(parent.root.resolve()) and manifest["added"] == ["case_004"]
     assert manifest["corrected"] == [] and manifest["full_schedule"] == FULL

@@ -6,14 +6,14 @@ unlabeled, the last ``--dev-test`` held out (never trained on; the standard ``te
 machine). Steps, each ``python -m SFRSegmentLib run`` in its own process (wall time, peak resident memory):
 
 1. the full run from scratch;
-2. the confidence of each unlabeled case under the full run's V-Net (mean over voxels of the largest class
-   probability, as the SFR+ confidence); the least confident case gets its true label, standing in for a
-   clinician's correction;
-3. the update: ``run --from FULL`` on the corrected cohort.
+2. the least confident unlabeled case, as the full run ranks its predictions (``predictions/confidence.csv``, the
+   review queue), gets its true label, standing in for a clinician's correction;
+3. the update: ``run --from FULL`` on the corrected cohort, once per ``--seeds`` value (the re-training seed: the
+   update's batches, crops and augmentation), so that the change of Dice can be told from the seed's noise.
 
-Both runs are scored on the same held-out cases; the two times come from the same invocation, side by side.
+Every run is scored on the same held-out cases; the times come from the same invocation, side by side.
 
-Usage (about 25 min on 2 CPU cores; finished runs in ``--out`` are reused)::
+Usage (about 25 min on 2 CPU cores, plus 3 to 4 min per seed; finished runs in ``--out`` are reused)::
 
     .venv/bin/python benchmarks/bench_update.py
 """
@@ -47,24 +47,15 @@ def _run(cohort: Path, out: Path, *extra: str) -> Tuple[float, float]:
 
 
 def least_confident(run: Path, cohort: Path) -> Tuple[str, Dict[str, float]]:
-    """The unlabeled case the run's V-Net is least sure of, and every unlabeled case's confidence."""
-    from SFRSegmentLib.config import RunConfig
-    from SFRSegmentLib.config_io import with_overrides
+    """The unlabeled case whose prediction the run is least sure of (its review queue's first row), and every
+    unlabeled case's confidence."""
+    from SFRSegmentLib.confidence import read_table
     from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.inference import predict_volume
     from SFRSegmentLib.runfolder import RunFolder
-    from SFRSegmentLib.sfrplus import volume_confidence
-    from SFRSegmentLib.vnet import load_vnet
-    from SFRSegmentLib.volumes import read_volume
 
-    folder = RunFolder(run)
-    config = with_overrides(RunConfig(), json.loads(folder.config.read_text()))
-    model, info = load_vnet(folder.vnet_weights)
-    inference = config.inference.for_model(info.patch_size)
-    confidences = {}
-    for case in discover_cohort(cohort).unlabeled:
-        _, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes, info.spacing)
-        confidences[case.name] = volume_confidence(probabilities)
+    unlabeled = {case.name for case in discover_cohort(cohort).unlabeled}
+    confidences = {name: value for name, value in read_table(RunFolder(run).prediction_confidence)
+                   if name in unlabeled}
     return min(confidences, key=confidences.get), confidences
 
 
@@ -75,6 +66,8 @@ def main() -> int:
     parser.add_argument("--labeled", type=int, default=4)
     parser.add_argument("--unlabeled", type=int, default=16)
     parser.add_argument("--dev-test", type=int, default=16)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2],
+                        help="re-training seeds of the update, one update each (the full run's is 1337)")
     args = parser.parse_args()
 
     from SFRSegmentLib.pipeline import mean_dice
@@ -85,27 +78,42 @@ def main() -> int:
     cohort = cell_cohort(la_split(args.data, dev_test=args.dev_test), args.labeled, args.unlabeled)
     full_cohort = args.out / "cohort.json"
     full_cohort.write_text(json.dumps(cohort, indent=2))
-    full_s, full_mib = _run(full_cohort, args.out / "full")
+    full = args.out / "full"
+    full_s, full_mib = _run(full_cohort, full)
 
-    corrected, confidences = least_confident(args.out / "full", full_cohort)
+    corrected, confidences = least_confident(full, full_cohort)
     for entry in cohort["cases"]:
         if entry["name"] == corrected:
             entry["label"] = str(args.data / corrected / LA_LABEL)
     corrected_cohort = args.out / "cohort-corrected.json"
     corrected_cohort.write_text(json.dumps(cohort, indent=2))
-    update_s, update_mib = _run(corrected_cohort, args.out / "update", "--from", str(args.out / "full"))
+    updates = []
+    for seed in args.seeds:
+        settings = args.out / f"update-seed{seed}.json"
+        settings.write_text(json.dumps({"retrain": {"seed": seed}}))
+        out = args.out / f"update-seed{seed}"
+        updates.append((seed, out, *_run(corrected_cohort, out, "--from", str(full), "--config", str(settings))))
 
-    before, after = (mean_dice(RunFolder(args.out / name).metrics, "test") for name in ("full", "update"))
+    def dice(run: Path) -> float:
+        return mean_dice(RunFolder(run).metrics, "test")
+
+    before = dice(full)
     print(f"split: {args.labeled} labeled, {args.unlabeled} unlabeled, {args.dev_test} held-out test cases "
           f"(last of train.list); preset cpu")
     print(f"least confident unlabeled case: {corrected} ({confidences[corrected]:.4f}; others "
           f"{min(v for k, v in confidences.items() if k != corrected):.4f} to {max(confidences.values()):.4f}); "
           "its true label stands in for the correction")
-    for name, seconds, mib, dice in (("full run", full_s, full_mib, before), ("update", update_s, update_mib, after)):
+    rows = [("full run", full_s, full_mib, before)]
+    rows += [(f"update, seed {seed}", seconds, mib, dice(out)) for seed, out, seconds, mib in updates]
+    for name, seconds, mib, value in rows:
         peak = f"peak {mib / 1024:.2f} GiB" if mib else "reused: its timings.json"
-        print(f"{name + ':':<10}{seconds / 60:.1f} min ({peak}), held-out mean Dice {dice:.4f}")
-    if full_s and update_s:
-        print(f"update / full time: {update_s / full_s:.2f}")
+        change = "" if name == "full run" else f" ({value - before:+.4f})"
+        print(f"{name + ':':<20}{seconds / 60:.1f} min ({peak}), held-out mean Dice {value:.4f}{change}")
+    after = [value for *_, value in rows[1:]]
+    print(f"updates: held-out mean Dice {sum(after) / len(after):.4f} on average, {min(after):.4f} at worst "
+          f"(full run {before:.4f})")
+    if full_s:
+        print("update / full time: " + ", ".join(f"{seconds / full_s:.2f}" for _, _, seconds, _ in updates))
     return 0
 
 

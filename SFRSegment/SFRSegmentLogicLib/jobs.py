@@ -519,8 +519,8 @@ def import_training_results(scene: vtkMRMLScene, job: TrainingJob) -> TrainingRe
                 remove_with_display_nodes(scene, replaced)
                 segmentations[case].SetName(name)
     table = None
-    if job.run.confidence_table.is_file():
-        table = load_confidence_table(scene, job.run.confidence_table, "SFRSegment confidence", volume_names)
+    if job.run.prediction_confidence.is_file():
+        table = load_confidence_table(scene, job.run.prediction_confidence, "SFRSegment confidence", volume_names)
     return TrainingResults(job, segmentations, table, job.run.report if job.run.report.is_file() else None)
 
 

@@ -18,7 +18,6 @@ node reference (set by Segment Editor when a source volume is chosen). The modul
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from slicer import (
     vtkSegmentation,
     vtkSlicerSegmentationsModuleLogic,
 )
+
+from SFRSegmentLib.confidence import read_table
 
 REFERENCE_ROLE = "referenceImageGeometryRef"
 """The node reference through which a segmentation names the volume it was drawn on."""
@@ -341,23 +342,10 @@ def _name_segments_by_class(content: vtkSegmentation, classes: Sequence[SegmentC
         content.SetSegmentIndex(segment_id, index)
 
 
-def read_confidences(path: Path) -> List[Tuple[str, float]]:
-    """The (case, confidence) rows of the engine's ``confidence.csv``, least confident first."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        missing = {"case", "confidence"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        for row in reader:
-            rows.append((row["case"], float(row["confidence"])))
-    return sorted(rows, key=lambda row: row[1])
-
-
 def load_confidence_table(
     scene: vtkMRMLScene, path: Path, name: str, volume_names: Dict[str, str]
 ) -> vtkMRMLTableNode:
-    """A table node of the pseudo-label confidences in ``path`` (columns case, confidence), least confident first.
+    """A table node of the prediction confidences in ``path`` (columns case, confidence), least confident first.
 
     ``volume_names`` maps case names to the names of their volumes, shown in a first column.
     """
@@ -365,7 +353,7 @@ def load_confidence_table(
     volume_column.SetName("Volume")
     case_column.SetName("Case")
     confidence_column.SetName("Confidence")
-    for case, confidence in read_confidences(path):
+    for case, confidence in read_table(path):
         volume_column.InsertNextValue(volume_names.get(case, case))
         case_column.InsertNextValue(case)
         confidence_column.InsertNextValue(confidence)

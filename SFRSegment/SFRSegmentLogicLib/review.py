@@ -1,6 +1,7 @@
 """The review queue: a finished job's predicted volumes, least confident first, each with the nodes to show.
 
-The ranking is the engine's (``RUN/pseudolabels/confidence.csv``, :func:`nodes.read_confidences`). Each row pairs a
+The ranking is the engine's: the confidence of the V-Net's prediction of each case (``RUN/predictions/confidence.csv``,
+:mod:`SFRSegmentLib.confidence`), the predictions the user reviews. Each row pairs a
 case with its volume in the scene and the segmentation to review (:func:`nodes.shown_segmentation`: the volume's
 labels once the user has used a corrected prediction as labels, else its prediction). Using a segmentation as labels
 is :func:`nodes.set_label_segmentation`, the one explicit step by which a prediction becomes a label; the next run or
@@ -14,10 +15,11 @@ from typing import List, Optional
 
 from slicer import vtkMRMLScene, vtkMRMLSegmentationNode
 
+from SFRSegmentLib.confidence import read_table
 from SFRSegmentLib.errors import InputError
 
 from .jobs import TrainingJob
-from .nodes import label_segmentation, read_confidences, set_label_segmentation, shown_segmentation
+from .nodes import label_segmentation, set_label_segmentation, shown_segmentation
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class ReviewRow:
     volume: str
     """The volume's name."""
     confidence: float
-    """The engine's confidence in the volume's pseudo-label (mean largest probability, 0 to 1)."""
+    """The engine's confidence in the volume's prediction (mean largest probability, 0 to 1)."""
     volume_id: str
     segmentation_id: Optional[str]
     """The segmentation to show and edit (:func:`nodes.shown_segmentation`); None when the volume has none."""
@@ -38,11 +40,11 @@ class ReviewRow:
 
 def review_queue(scene: vtkMRMLScene, job: TrainingJob) -> List[ReviewRow]:
     """The rows of ``job``'s review queue, least confident first: its ranked cases whose volume is in ``scene``
-    (``job.volume_ids``). Empty when the job has no confidence ranking (a run without SAM's pseudo-labels)."""
-    if not job.run.confidence_table.is_file():
+    (``job.volume_ids``). Empty until the job has predicted its volumes."""
+    if not job.run.prediction_confidence.is_file():
         return []
     rows = []
-    for case, confidence in read_confidences(job.run.confidence_table):
+    for case, confidence in read_table(job.run.prediction_confidence):
         volume = scene.GetNodeByID(job.volume_ids.get(case, ""))
         if volume is None:
             continue
