@@ -527,9 +527,10 @@ class UpdateConfig(_Options):
     lr_factor: float = option(0.1, "an update's initial learning rates (finetune.lr, retrain.lr) are the run's times "
                                    "this, and the V-Net's consistency weight starts at its final value: it continues "
                                    "trained weights instead of training new ones")
-    batchnorm_statistics: str = option("frozen", "the updated V-Net's BatchNorm statistics "
-                                                 "(retrain.batchnorm_statistics): frozen keeps the parent's; batch "
-                                                 "re-estimates them from the update's batches",
+    batchnorm_statistics: str = option("batch", "the updated V-Net's BatchNorm statistics "
+                                                "(retrain.batchnorm_statistics): batch re-estimates them from the "
+                                                "update's batches; frozen keeps the parent's (on real LA no better "
+                                                "on average, and unstable at a higher lr_factor: README)",
                                        choices=BATCHNORM_STATISTICS)
 
     def _check(self) -> None:

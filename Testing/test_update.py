@@ -28,8 +28,8 @@ FULL = {"finetune": 4, "retrain": 5, "finetune_lr": 1e-3, "retrain_lr": 0.01}
 """The lineage's full schedule: the first run's iterations and learning rates."""
 
 
-def _run(cohort: Path, out: Path, *extra: str) -> List[Dict[str, object]]:
-    result = run(cohort, out, CONFIG, *extra)
+def _run(cohort: Path, out: Path, *extra: str, config: Dict[str, object] = CONFIG) -> List[Dict[str, object]]:
+    result = run(cohort, out, config, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return events(result.stdout)
 
@@ -69,7 +69,8 @@ def lineage_runs(tmp_path_factory):
 
     shutil.copy(cohort / TRUTH_FOLDER / "case_002" / "label.nrrd", cohort / "case_002" / "label.nrrd")
     second = root / "second"
-    second_events = _run(cohort, second, "--from", str(first))
+    second_events = _run(cohort, second, "--from", str(first),
+                         config={**CONFIG, "update": {"batchnorm_statistics": "frozen"}})
     return {"parent": RunFolder(parent), "before": before, "first": RunFolder(first), "first_events": first_events,
             "second": RunFolder(second), "second_events": second_events}
 
@@ -93,9 +94,9 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
     assert record["inputs"]["upstream"]["V-Net re-training continues from"] == read_record(parent.vnet_weights)["id"]
     options = record["inputs"]["options"]
     assert (options["iterations"], options["lr"], options["ssl"]["consistency_rampup"]) == (1, 0.001, 0.0)
-    assert options["batchnorm_statistics"] == "frozen"  # the parent's BatchNorm statistics, kept
+    assert options["batchnorm_statistics"] == "batch"  # re-estimated from the update's batches
     old, new = _weights(parent.vnet_weights)["state_dict"], _weights(first.vnet_weights)["state_dict"]
-    assert all(torch.equal(old[name], new[name]) for name in old if name.endswith(("running_mean", "running_var")))
+    assert any(not torch.equal(old[name], new[name]) for name in old if name.endswith("running_mean"))
     assert any(not torch.equal(old[name], new[name]) for name in old if name.endswith(".weight"))
     manifest = json.loads(first.manifest.read_text())["update"]
     assert manifest["parent"] == str(parent.root.resolve()) and manifest["added"] == ["case_004"]
@@ -111,7 +112,9 @@ def test_a_correction_continues_sam_and_the_v_net_and_an_update_of_an_update_wor
     old, new = _weights(first.sam_weights), _weights(second.sam_weights)
     assert any(not torch.equal(old[name], new[name]) for name in old)
     old, new = _weights(first.vnet_weights)["state_dict"], _weights(second.vnet_weights)["state_dict"]
-    assert any(not torch.equal(old[name], new[name]) for name in old)
+    assert read_record(second.vnet_weights)["inputs"]["options"]["batchnorm_statistics"] == "frozen"
+    assert all(torch.equal(old[name], new[name]) for name in old if name.endswith(("running_mean", "running_var")))
+    assert any(not torch.equal(old[name], new[name]) for name in old if name.endswith(".weight"))
     # SAM changed, so every pseudo-label is new; case_002 is labeled now and has none.
     assert not second.pseudo_label("case_002").exists()
     for case in ("case_001", "case_003", "case_004"):
