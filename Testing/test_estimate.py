@@ -16,6 +16,7 @@ from monai.inferers import sliding_window_inference
 
 from SFRSegmentLib.checkpoint import FORMAT
 from SFRSegmentLib.config import RunConfig, preset
+from SFRSegmentLib.confidence import write_table
 from SFRSegmentLib.config_io import with_overrides
 from SFRSegmentLib.data import Case, Cohort
 from SFRSegmentLib.errors import InputError
@@ -153,6 +154,9 @@ def test_current_outputs_are_left_out_and_stale_ones_count_with_everything_after
     predictions = prediction_inputs(cohort.unlabeled, run.vnet_weights, config.inference)
     _make_outputs([run.prediction(current.name, suffix) for suffix in PREDICTION_SUFFIXES],
                   predictions[current.name])
+    work = {stage.stage: stage for stage in remaining_work(cohort, run, no_sfrplus)}
+    assert work["predict"].predict_cases == tuple(cohort.unlabeled)  # a prediction counts with its confidence row
+    write_table(run.prediction_confidence, {current.name: 0.9})
     work = {stage.stage: stage for stage in remaining_work(cohort, run, no_sfrplus)}
     assert (work["pseudolabel"].pseudolabel_cases, work["retrain"].retrain_iterations) == ((), 0)
     assert work["predict"].predict_cases == (stale, *others)
