@@ -425,6 +425,11 @@ class RetrainConfig(_Options):
     checkpoint_every: int = option(1000, "iterations between resumable checkpoints")
     init_weights: Optional[str] = option(None, "a V-Net file (vnet.pt) of the same architecture and classes to start "
                                                "from instead of random weights (an update, run --from, sets it)")
+    init_weights_share: float = option(0.0, "the saved V-Net averages init_weights, with this share, and the trained "
+                                            "weights, tensor by tensor (BatchNorm statistics included): weight "
+                                            "interpolation keeps what the start had learned while adding what the "
+                                            "continued training learned (an update sets it from update.parent_share); "
+                                            "0: the trained weights as they are")
     device: str = _device("re-training")
     precision: str = _precision("auto")
     ssl: SSLConfig = option(factory=SSLConfig, help="the semi-supervised methods' hyper-parameters")
@@ -437,6 +442,12 @@ class RetrainConfig(_Options):
         self._set("spacing", check_spacing(self.spacing, "spacing"))
         if self.init_weights is not None:
             self._set("init_weights", str(self.init_weights))
+        if not 0 <= self.init_weights_share < 1:
+            raise InputError(f"init_weights_share must lie in [0, 1), got {self.init_weights_share}",
+                             field="init_weights_share")
+        if self.init_weights_share and self.init_weights is None:
+            raise InputError("init_weights_share averages the trained V-Net with init_weights: give init_weights, "
+                             "or set it to 0", field="init_weights_share")
 
     @property
     def uses_pseudo_labels(self) -> bool:
@@ -532,11 +543,17 @@ class UpdateConfig(_Options):
                                                 "update's batches; frozen keeps the parent's (on real LA no better "
                                                 "on average, and unstable at a higher lr_factor: README)",
                                        choices=BATCHNORM_STATISTICS)
+    parent_share: float = option(0.5, "the updated V-Net is this share of the parent's V-Net and the rest of the "
+                                      "continued one, tensor by tensor (retrain.init_weights_share): on real LA it "
+                                      "cancels what continuing converged weights costs, and keeps the correction's "
+                                      "gain (README)")
 
     def _check(self) -> None:
         for name in ("finetune_fraction", "retrain_fraction", "lr_factor"):
             if not 0 < getattr(self, name) <= 1:
                 raise InputError(f"{name} must lie in (0, 1], got {getattr(self, name)}", field=name)
+        if not 0 <= self.parent_share < 1:
+            raise InputError(f"parent_share must lie in [0, 1), got {self.parent_share}", field="parent_share")
 
 
 @dataclass(frozen=True)

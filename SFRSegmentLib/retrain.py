@@ -23,7 +23,8 @@ Run-folder outputs (:class:`SFRSegmentLib.runfolder.RunFolder`): ``retrain/check
 ``checkpoint_every`` iterations, at a cancellation and at the end (student, method state such as the teacher,
 optimiser, iteration, sampler and every random generator, log), written atomically (:mod:`SFRSegmentLib.checkpoint`);
 a rerun with the same inputs (:func:`retrain_inputs`) resumes from it and gives the same weights as an uninterrupted
-run. At the end ``retrain/vnet.pt`` (the student at the final iteration, as the references evaluate it) with
+run. At the end ``retrain/vnet.pt`` (the student at the final iteration, as the references evaluate it; averaged with
+``init_weights`` when ``init_weights_share`` is set, :func:`with_init_share`) with
 ``retrain/vnet.json`` (classes, patch, this configuration), ``retrain/log.csv`` (iteration, lr, total loss, each
 term and its weight) and, last, the provenance record ``retrain/vnet.pt.provenance.json``. A rerun whose inputs
 match the record returns the V-Net at once; otherwise the V-Net is re-trained, the progress stream saying what
@@ -377,7 +378,7 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
 
     _save_checkpoint(trainer, run, inputs)
     if ranks().is_main:
-        save_vnet(run.vnet_weights, trainer.student, info)
+        save_vnet(run.vnet_weights, with_init_share(trainer.student, config, info), info)
         write_record([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs)
     barrier()
     return run.vnet_weights
@@ -389,6 +390,20 @@ def freeze_batchnorm(network: nn.Module) -> None:
     for module in network.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+def with_init_share(student: nn.Module, config: RetrainConfig, info: VNetInfo) -> nn.Module:
+    """The V-Net to save: ``student``, or with ``config.init_weights_share`` s > 0 a new V-Net whose every floating
+    tensor (weights and BatchNorm statistics) is s × init_weights' + (1 − s) × the student's (weight
+    interpolation: both lie in one basin, since the student continued from init_weights)."""
+    share = config.init_weights_share
+    if not share:
+        return student
+    start = _initial_weights(config.init_weights, info)
+    model = info.build_model()
+    model.load_state_dict({name: torch.lerp(tensor, start[name].to(tensor), share) if tensor.is_floating_point()
+                           else tensor for name, tensor in student.state_dict().items()})
+    return model
 
 
 def _initial_weights(path: str, info: VNetInfo) -> Dict[str, torch.Tensor]:

@@ -11,7 +11,10 @@ new unlabeled cases. :func:`prepare_update` turns the run's configuration into t
 * the V-Net continues from the parent's final V-Net (``retrain.init_weights``) for ``update.retrain_fraction`` of
   the full schedule;
 * both start at ``update.lr_factor`` times the full schedule's learning rate, and the consistency weight of the
-  semi-supervised methods starts at its final value (no ramp-up): they continue trained weights.
+  semi-supervised methods starts at its final value (no ramp-up): they continue trained weights;
+* the updated V-Net is the average of the parent's and the continued one, with ``update.parent_share`` for the
+  parent's (``retrain.init_weights_share``): continuing converged weights at a raised learning rate first costs
+  accuracy, and the average gets it back while keeping what the correction taught (README, "Correct and retrain").
 
 The full schedule (iterations and learning rates) is the first run's of the lineage (recorded in each update's manifest), so an update of an update
 is not shortened twice. The parent folder is only read: the update writes its own folder, and every write in the
@@ -112,6 +115,7 @@ def prepare_update(parent: Parent, cohort: Cohort, config: RunConfig, run: RunFo
                                   iterations=_shortened(full["retrain"], config.update.retrain_fraction),
                                   lr=full["retrain_lr"] * config.update.lr_factor,
                                   batchnorm_statistics=config.update.batchnorm_statistics,
+                                  init_weights_share=config.update.parent_share,
                                   ssl=dataclasses.replace(retrain.ssl, consistency_rampup=0.0))
     before = parent.manifest.get("inputs", {})
     section = {

@@ -95,6 +95,17 @@ def test_a_field_error_in_a_section_names_its_dotted_path():
     assert error.value.field == "retrain.lr_schedule" and "unknown lr_schedule 'cosine'" in str(error.value)
 
 
+@pytest.mark.parametrize("overrides, field, words", [
+    ({"retrain": {"init_weights_share": 0.5}}, "retrain.init_weights_share", "give init_weights"),
+    ({"retrain": {"init_weights_share": 1.0, "init_weights": "v.pt"}}, "retrain.init_weights_share", "[0, 1)"),
+    ({"update": {"parent_share": -0.1}}, "update.parent_share", "[0, 1)"),
+])
+def test_averaging_with_the_start_needs_a_start_and_a_share_below_one(overrides, field, words):
+    with pytest.raises(InputError) as error:
+        with_overrides(preset("small"), overrides)
+    assert error.value.field == field and words in str(error.value)
+
+
 @pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_device_spellings_accepted_everywhere(name):
     assert check_device(name) == name

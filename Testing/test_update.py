@@ -98,6 +98,13 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
     old, new = _weights(parent.vnet_weights)["state_dict"], _weights(first.vnet_weights)["state_dict"]
     assert any(not torch.equal(old[name], new[name]) for name in old if name.endswith("running_mean"))
     assert any(not torch.equal(old[name], new[name]) for name in old if name.endswith(".weight"))
+    # The saved V-Net is the parent's and the continued student's average (update.parent_share 0.5).
+    assert options["init_weights_share"] == 0.5
+    student = _weights(first.retrain_checkpoint)["student"]
+    for name, tensor in new.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, (old[name] + student[name]) / 2, atol=1e-6), name
+    assert any(not torch.equal(new[name], student[name]) for name in new if name.endswith(".weight"))
     manifest = json.loads(first.manifest.read_text())["update"]
     assert manifest["parent"] == str(parent.root.resolve()) and manifest["added"] == ["case_004"]
     assert manifest["corrected"] == [] and manifest["full_schedule"] == FULL
