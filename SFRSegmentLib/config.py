@@ -578,6 +578,9 @@ class RunConfig(_Options):
     baseline_method: Optional[str] = option(None, "also re-train this method (e.g. supervised) without "
                                                   "pseudo-labels, with the re-training options above, for a "
                                                   "side-by-side comparison", choices=METHODS)
+    baseline_init_weights: Optional[str] = option(None, "a V-Net file the baseline starts from instead of "
+                                                        "retrain.init_weights (an update, run --from, sets it to "
+                                                        "the parent run's baseline V-Net)")
     truth_dir: Optional[str] = option(None, "folder of true labels of unlabeled cases (<case>/label.* or <case>.*) "
                                             "to evaluate against")
     estimate: bool = option(True, "before training, time a few steps of each remaining stage and report the "

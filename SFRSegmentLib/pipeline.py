@@ -59,7 +59,6 @@ from .sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 from .update import UPDATE_KEY, Parent, corrected_summary, prepare_update, read_parent
 from .update import lineage as update_lineage
 
-BASELINE_FOLDER = "baseline"
 
 # What to lower when a stage runs out of GPU memory.
 _MEMORY_SETTINGS = {
@@ -285,7 +284,7 @@ def _remove_outputs(run: RunFolder, redo: Sequence[str]) -> None:
     first = min(STAGES.index(s) for s in redo)
     outputs = {
         "finetune": [run.finetune_dir], "pseudolabel": [run.pseudolabel_dir], "retrain": [run.retrain_dir],
-        "sfrplus": [run.root / "sfrplus"], "baseline": [run.root / BASELINE_FOLDER],
+        "sfrplus": [run.root / "sfrplus"], "baseline": [run.baseline.root],
         "predict": [run.prediction_dir], "evaluate": [run.metrics], "report": [run.report],
     }
     for stage in STAGES[first:]:
@@ -343,7 +342,7 @@ def _run_sfrplus(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Pr
 def _run_baseline(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
                   cancellation: Optional[Cancellation]) -> Optional[Path]:
     """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled and test cases and evaluate them."""
-    baseline = RunFolder(run.root / BASELINE_FOLDER)
+    baseline = run.baseline
     vnet = retrain(cohort, baseline, _baseline_settings(config), progress=progress, cancellation=cancellation)
     _predict(vnet, predicted_cases(cohort), baseline.prediction_dir, config, progress)
     return _evaluate(baseline, truths, cohort, config.baseline_method, progress)
@@ -399,7 +398,8 @@ def _stale_predictions(cases: Sequence[Case], out_dir: Path, inputs: Mapping[str
 
 
 def _baseline_settings(config: RunConfig) -> RetrainConfig:
-    return dataclasses.replace(config.retrain, method=config.baseline_method)
+    return dataclasses.replace(config.retrain, method=config.baseline_method,
+                               init_weights=config.baseline_init_weights or config.retrain.init_weights)
 
 
 def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[StageWork]:
@@ -432,7 +432,7 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
             retrain_iterations=config.retrain.iterations * len(left), predict_cases=unlabeled * len(left)))
         vnet, vnet_changes = rounds[-1].vnet_weights, vnet_changes or bool(left)
     if config.baseline_method:
-        baseline = RunFolder(run.root / BASELINE_FOLDER)
+        baseline = run.baseline
         settings = _baseline_settings(config)
         baseline_left = _retrain_left(baseline, cohort, settings)
         work.append(StageWork("baseline", retrain=settings, retrain_iterations=baseline_left,

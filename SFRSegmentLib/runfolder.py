@@ -19,6 +19,7 @@
       predictions/<case>.seg.nrrd, <case>.nii.gz   the unlabeled and held-out test cases, on each image's grid
       predictions/confidence.csv       case, confidence of the V-Net's prediction, least confident first (review)
       metrics.csv                      split (test / unlabeled), case, class, Dice, Jaccard, HD95, ASD
+      baseline/                        with baseline_method: its retrain/, predictions/ and metrics.csv
       report.html
       provenance.json                  the identity of every output the metrics and report came from
       timings.json                     wall seconds per stage of the last invocation of run
@@ -187,6 +188,11 @@ class RunFolder:
     @property
     def provenance(self) -> Path:
         return self.root / "provenance.json"
+
+    @property
+    def baseline(self) -> "RunFolder":
+        """The comparison run of ``baseline_method`` (its own retrain/, predictions/ and metrics.csv)."""
+        return RunFolder(self.root / "baseline")
 
 
 def _lock_holder(lock_path: Path) -> str:

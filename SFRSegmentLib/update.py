@@ -14,7 +14,9 @@ new unlabeled cases. :func:`prepare_update` turns the run's configuration into t
   semi-supervised methods starts at its final value (no ramp-up): they continue trained weights;
 * the updated V-Net is the average of the parent's and the continued one, with ``update.parent_share`` for the
   parent's (``retrain.init_weights_share``): continuing converged weights at a raised learning rate first costs
-  accuracy, and the average gets it back while keeping what the correction taught (README, "Correct and retrain").
+  accuracy, and the average gets it back while keeping what the correction taught (README, "Correct and retrain");
+* with ``baseline_method`` the comparison V-Net continues the parent's baseline the same way
+  (``baseline_init_weights``), so that both sides of the comparison are updates.
 
 The full schedule (iterations and learning rates) is the first run's of the lineage (recorded in each update's manifest), so an update of an update
 is not shortened twice. The parent folder is only read: the update writes its own folder, and every write in the
@@ -117,6 +119,7 @@ def prepare_update(parent: Parent, cohort: Cohort, config: RunConfig, run: RunFo
                                   batchnorm_statistics=config.update.batchnorm_statistics,
                                   init_weights_share=config.update.parent_share,
                                   ssl=dataclasses.replace(retrain.ssl, consistency_rampup=0.0))
+    baseline_init_weights = _parent_baseline(parent) if config.baseline_method else None
     before = parent.manifest.get("inputs", {})
     section = {
         "parent": str(parent.run.root.resolve()),
@@ -126,7 +129,8 @@ def prepare_update(parent: Parent, cohort: Cohort, config: RunConfig, run: RunFo
         "added": sorted(case.name for case in cohort.cases if case.name not in before),
         "full_schedule": full,
     }
-    return dataclasses.replace(config, finetune=finetune, retrain=retrain), section
+    return dataclasses.replace(config, finetune=finetune, retrain=retrain,
+                               baseline_init_weights=baseline_init_weights), section
 
 
 def lineage(run: RunFolder) -> List[Dict[str, Any]]:
@@ -142,6 +146,16 @@ def lineage(run: RunFolder) -> List[Dict[str, Any]]:
         chain.append({"run": here, "update": section, "seconds": seconds})
         here = RunFolder(section["parent"]) if section else None
     return chain[::-1]
+
+
+def _parent_baseline(parent: Parent) -> str:
+    """The parent's baseline V-Net, which the update's baseline continues; InputError when it has none."""
+    path = parent.run.baseline.vnet_weights
+    if read_record(path) is None:
+        raise InputError("the parent run has no baseline V-Net to continue (it ran without baseline_method): leave "
+                         "baseline_method unset in the update, or compare methods in runs from scratch", path,
+                         "baseline_method")
+    return str(path)
 
 
 def _shortened(iterations: int, fraction: float) -> int:

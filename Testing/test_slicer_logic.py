@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "SFRSegment"))
 
 from SFRSegmentLib.data import discover_cohort, validate_cohort  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLib.volumes import Segment, Volume, read_volume, write_volume  # noqa: E402
+from SFRSegmentLib.volumes import Segment, read_volume, write_volume  # noqa: E402
 from SFRSegmentLib.runfolder import RunFolder  # noqa: E402
 from SFRSegmentLogicLib import jobs, nodes  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, RunSettings  # noqa: E402

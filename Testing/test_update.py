@@ -21,7 +21,7 @@ from SFRSegmentLib.update import lineage, read_parent
 from small_runs import TINY, events, run
 
 CONFIG = {**TINY, "finetune": {"iterations": 4, "checkpoint_every": 4},
-          "retrain": {"iterations": 5, "checkpoint_every": 5, "lr_step": 1000}}
+          "retrain": {"iterations": 5, "checkpoint_every": 5, "lr_step": 1000}, "baseline_method": "mt"}
 
 
 FULL = {"finetune": 4, "retrain": 5, "finetune_lr": 1e-3, "retrain_lr": 0.01}
@@ -71,7 +71,7 @@ def lineage_runs(tmp_path_factory):
     second = root / "second"
     second_events = _run(cohort, second, "--from", str(first),
                          config={**CONFIG, "update": {"batchnorm_statistics": "frozen"}})
-    return {"parent": RunFolder(parent), "before": before, "first": RunFolder(first), "first_events": first_events,
+    return {"cohort": cohort, "parent": RunFolder(parent), "before": before, "first": RunFolder(first), "first_events": first_events,
             "second": RunFolder(second), "second_events": second_events}
 
 
@@ -88,8 +88,8 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
         assert read_record(first.pseudo_label(case))["id"] == read_record(parent.pseudo_label(case))["id"]
         assert first.pseudo_label(case).stat().st_mtime_ns == parent.pseudo_label(case).stat().st_mtime_ns
     assert read_record(first.pseudo_label("case_004")) is not None and not parent.pseudo_label("case_004").exists()
-    # The V-Net continues from the parent's for ceil(5 × 0.15) = 1 iteration.
-    assert _trained(events, "retrain") == [1]
+    # The V-Net, then the baseline, continue from the parent's for ceil(5 × 0.15) = 1 iteration.
+    assert _trained(events, "retrain") == [1, 1]
     record = read_record(first.vnet_weights)
     assert record["inputs"]["upstream"]["V-Net re-training continues from"] == read_record(parent.vnet_weights)["id"]
     options = record["inputs"]["options"]
@@ -105,6 +105,10 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
         if tensor.is_floating_point():
             assert torch.allclose(tensor, (old[name] + student[name]) / 2, atol=1e-6), name
     assert any(not torch.equal(new[name], student[name]) for name in new if name.endswith(".weight"))
+    # The baseline continues the parent's baseline, not the parent's SFR V-Net.
+    baseline = read_record(first.baseline.vnet_weights)["inputs"]
+    assert baseline["upstream"]["V-Net re-training continues from"] == read_record(parent.baseline.vnet_weights)["id"]
+    assert baseline["options"]["method"] == "mt" and baseline["options"]["iterations"] == 1
     manifest = json.loads(first.manifest.read_text())["update"]
     assert manifest["parent"] == str(parent.root.resolve()) and manifest["added"] == ["case_004"]
     assert manifest["corrected"] == [] and manifest["full_schedule"] == FULL
@@ -112,7 +116,8 @@ def test_a_new_unlabeled_case_takes_over_sam_and_the_other_pseudo_labels(lineage
 
 def test_a_correction_continues_sam_and_the_v_net_and_an_update_of_an_update_works(lineage_runs):
     first, second, events = lineage_runs["first"], lineage_runs["second"], lineage_runs["second_events"]
-    assert _trained(events, "finetune") == [1] and _trained(events, "retrain") == [1]  # ceil(4 × .25), ceil(5 × .15)
+    # ceil(4 × .25) and ceil(5 × .15) (the V-Net, then the baseline)
+    assert _trained(events, "finetune") == [1] and _trained(events, "retrain") == [1, 1]
     sam = read_record(second.sam_weights)["inputs"]
     assert sam["upstream"] == {"SAM weights fine-tuning continues from": read_record(first.sam_weights)["id"]}
     assert "label of case case_002" in sam["files"] and sam["options"]["lr"] == pytest.approx(1e-4)
@@ -144,3 +149,9 @@ def test_an_update_needs_a_finished_parent_and_another_folder(lineage_runs, tmp_
     unfinished.mkdir()
     with pytest.raises(InputError, match="config.json is missing"):
         read_parent(unfinished, tmp_path / "new")
+    without_baseline = tmp_path / "without_baseline"
+    shutil.copytree(parent, without_baseline)
+    shutil.rmtree(RunFolder(without_baseline).baseline.root)
+    result = run(lineage_runs["cohort"], tmp_path / "update", CONFIG, "--from", str(without_baseline))
+    assert result.returncode == 2 and "no baseline V-Net to continue" in result.stderr
+    assert "baseline_method" in result.stderr and not (tmp_path / "update" / "retrain").exists()
