@@ -13,7 +13,7 @@ machine). Steps, each ``python -m SFRSegmentLib run`` in its own process (wall t
 
 Every run is scored on the same held-out cases; the times come from the same invocation, side by side.
 
-Usage (about 11 min on 2 CPU cores, plus 2.5 min per seed; finished runs in ``--out`` are reused)::
+Usage (about 12 min on 2 CPU cores, plus 2.5 min per seed; finished runs in ``--out`` are reused)::
 
     .venv/bin/python benchmarks/bench_update.py
 """
