@@ -24,7 +24,7 @@ Run-folder outputs (:class:`SFRSegmentLib.runfolder.RunFolder`): ``retrain/check
 optimiser, iteration, sampler and every random generator, log), written atomically (:mod:`SFRSegmentLib.checkpoint`);
 a rerun with the same inputs (:func:`retrain_inputs`) resumes from it and gives the same weights as an uninterrupted
 run. At the end ``retrain/vnet.pt`` (the student at the final iteration, as the references evaluate it; averaged with
-``init_weights`` when ``init_weights_share`` is set, :func:`with_init_share`) with
+``init_weights`` when ``init_weights_share`` is set, :func:`with_start_share`) with
 ``retrain/vnet.json`` (classes, patch, this configuration), ``retrain/log.csv`` (iteration, lr, total loss, each
 term and its weight) and, last, the provenance record ``retrain/vnet.pt.provenance.json``. A rerun whose inputs
 match the record returns the V-Net at once; otherwise the V-Net is re-trained, the progress stream saying what
@@ -243,8 +243,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.config, self.device = config, device
         self.student = info.build_model()
-        if config.init_weights is not None:
-            self.student.load_state_dict(_initial_weights(config.init_weights, info))
+        # Read once: the saved V-Net averages with these very weights (init_weights_share), not a later file.
+        self.start = _initial_weights(config.init_weights, info) if config.init_weights is not None else None
+        if self.start is not None:
+            self.student.load_state_dict(self.start)
         self.student = self.student.to(device, memory_format=MEMORY_FORMAT).train()
         here = ranks()
         if here.is_distributed and device.type == "cuda":
@@ -378,7 +380,7 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
 
     _save_checkpoint(trainer, run, inputs)
     if ranks().is_main:
-        save_vnet(run.vnet_weights, with_init_share(trainer.student, config, info), info)
+        save_vnet(run.vnet_weights, with_start_share(trainer, info), info)
         write_record([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs)
     barrier()
     return run.vnet_weights
@@ -392,17 +394,17 @@ def freeze_batchnorm(network: nn.Module) -> None:
             module.eval()
 
 
-def with_init_share(student: nn.Module, config: RetrainConfig, info: VNetInfo) -> nn.Module:
-    """The V-Net to save: ``student``, or with ``config.init_weights_share`` s > 0 a new V-Net whose every floating
-    tensor (weights and BatchNorm statistics) is s × init_weights' + (1 − s) × the student's (weight
-    interpolation: both lie in one basin, since the student continued from init_weights)."""
-    share = config.init_weights_share
+def with_start_share(trainer: Trainer, info: VNetInfo) -> nn.Module:
+    """The V-Net to save: the student, or with ``init_weights_share`` s > 0 a new V-Net whose every floating tensor
+    (weights and BatchNorm statistics) is s × the start's + (1 − s) × the student's: weight interpolation between
+    the weights training started from and where it ended."""
+    share = trainer.config.init_weights_share
     if not share:
-        return student
-    start = _initial_weights(config.init_weights, info)
+        return trainer.student
     model = info.build_model()
-    model.load_state_dict({name: torch.lerp(tensor, start[name].to(tensor), share) if tensor.is_floating_point()
-                           else tensor for name, tensor in student.state_dict().items()})
+    model.load_state_dict({name: torch.lerp(tensor, trainer.start[name].to(tensor), share)
+                           if tensor.is_floating_point() else tensor
+                           for name, tensor in trainer.student.state_dict().items()})
     return model
 
 
