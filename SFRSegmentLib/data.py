@@ -488,6 +488,30 @@ def zscore(array: np.ndarray) -> np.ndarray:
     return out
 
 
+UNIT_RANGE_PERCENTILES = (0.5, 99.5)
+"""The intensity window :func:`unit_range` maps to [0, 1]: MedSAM's preprocessing of MR and other non-CT images."""
+
+
+def unit_range(array: np.ndarray) -> np.ndarray:
+    """A float32 copy clipped to the volume's 0.5 and 99.5 percentiles and scaled to [0, 1] (all zeros if
+    constant): the input convention LiteMedSAM was trained with."""
+    low, high = (np.float32(value) for value in np.percentile(array, UNIT_RANGE_PERCENTILES))
+    out = np.clip(np.asarray(array, dtype=np.float32), low, high)
+    out -= low
+    if high > low:
+        out /= high - low
+    return out
+
+
+def scale_intensities(array: np.ndarray, scaling: str) -> np.ndarray:
+    """``array`` as a network expects it: ``zscore`` (:func:`zscore`) or ``unit_range`` (:func:`unit_range`)."""
+    if scaling == "unit_range":
+        return unit_range(array)
+    if scaling == "zscore":
+        return zscore(array)
+    raise ValueError(f"unknown intensity scaling {scaling!r}")
+
+
 def pad_to_shape(array: np.ndarray, min_shape: Sequence[int], value: float = 0) -> np.ndarray:
     """Pad with ``value``, equally on both sides of each axis (the odd voxel after), until every axis reaches
     ``min_shape``; the array itself when it is already large enough.

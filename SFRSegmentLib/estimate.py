@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .config import InferenceConfig, PseudoLabelConfig, RetrainConfig, RunConfig
+from .config import InferenceConfig, PseudoLabelConfig, RetrainConfig, RunConfig, Spacing
 from .data import Case, Cohort
 from .distributed import any_rank, ranks
 from .device import resolve_device
@@ -219,9 +219,8 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
             volumes[case.name] = read_volume(case.image)
         return volumes[case.name]
 
-    def working(case: Case) -> Shape:
-        """The grid the V-Net slides over: the image's own, or the working spacing's."""
-        spacing = config.retrain.spacing
+    def working(case: Case, spacing: Optional[Spacing]) -> Shape:
+        """The grid a network slides over: the image's own, or the working ``spacing``'s."""
         return volume(case).shape if spacing is None else working_shape(volume(case), spacing)
 
     stages = []
@@ -230,7 +229,8 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
         if stage.finetune_iterations:
             items.append(WorkItem("fine-tuning iterations", stage.finetune_iterations, times.finetune_iteration))
         if stage.pseudolabel_cases:
-            passes = sum(pseudolabel_passes(volume(case).shape, config.finetune.patch_size, config.pseudolabel)
+            passes = sum(pseudolabel_passes(working(case, config.finetune.spacing), config.finetune.patch_size,
+                                            config.pseudolabel)
                          for case in stage.pseudolabel_cases)
             passes = _batches(passes, processes)
             items.append(WorkItem(f"SAM passes of {config.pseudolabel.windows_per_batch} windows "
@@ -239,7 +239,8 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
             method = stage.retrain.method
             items.append(WorkItem(f"{method} iterations", stage.retrain_iterations, times.retrain_iteration[method]))
         if stage.predict_cases:
-            passes = sum(prediction_passes(working(case), _prediction_settings(config)) for case in stage.predict_cases)
+            passes = sum(prediction_passes(working(case, config.retrain.spacing), _prediction_settings(config))
+                         for case in stage.predict_cases)
             passes = _batches(passes, processes)
             items.append(WorkItem(f"V-Net passes of {config.inference.sw_batch_size} windows "
                                   f"({len(stage.predict_cases)} cases)", passes, times.predict_pass))

@@ -50,12 +50,13 @@ from .atomic import atomic_path, atomic_write_text
 from .checkpoint import load_checkpoint, reuse_trained, save_checkpoint, write_log
 from .config import FinetuneConfig, SamConfig
 from .config_io import to_dict, with_overrides
-from .data import Case, Cohort, load_case, sample_patch, zscore
+from .data import Case, Cohort, load_case, sample_patch, scale_intensities
 from .distributed import any_rank, barrier, data_parallel, main_first, mean_over_ranks, rank_slice, ranks
 from .errors import InputError, PathLike
 from .device import autocast_context, resolve_device
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from .provenance import Inputs, case_files, file_digest, identity_of, write_record
+from .resample import to_working_grid
 from .runfolder import RunFolder
 from .sam.stitching import MosaicLayout, mosaic_layout, stitch_image, stitch_label
 from .sam.lora import load_trainable_state_dict, trainable_state_dict
@@ -219,12 +220,16 @@ def class_index_lookup(class_values: Sequence[int]) -> np.ndarray:
     return lookup
 
 
-def load_training_volume(case: Case, classes: Mapping[int, str]) -> Tuple[np.ndarray, np.ndarray]:
-    """A labeled case as (z-scored float32 image, uint8 class indices 0..K)."""
+def load_training_volume(case: Case, classes: Mapping[int, str], sam: SamConfig = SamConfig(),
+                         spacing: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """A labeled case as (float32 image scaled for ``sam``, uint8 class indices 0..K), both resampled to the
+    working ``spacing`` when one is given."""
     image, label = load_case(case, classes)
     if label is None:
         raise InputError("a training case needs a label", case.image, "label")
-    return zscore(image.array), class_index_lookup(list(classes))[label.array]
+    if spacing is not None:
+        image, label = to_working_grid(image, spacing), to_working_grid(label, spacing, labels=True)
+    return scale_intensities(image.array, sam.input_scaling), class_index_lookup(list(classes))[label.array]
 
 
 def training_layout(patch_size: Sequence[int], sam: SamConfig, depth_padding: str) -> MosaicLayout:
@@ -410,8 +415,8 @@ def finetune(cohort: Cohort, run: RunFolder, config: FinetuneConfig, progress: P
         progress(ProgressEvent(STAGE, 0, config.iterations, message=RANDOM_INIT_MESSAGE))
     device = resolve_device(config.device)
     layout = training_layout(config.patch_size, config.sam, config.depth_padding)
-    batches = MosaicBatches([load_training_volume(case, cohort.classes) for case in cohort.labeled], layout,
-                            config, device)
+    batches = MosaicBatches([load_training_volume(case, cohort.classes, config.sam, config.spacing)
+                             for case in cohort.labeled], layout, config, device)
     model = build_base_sam(config.sam, _base_state(base), config.seed)
     if config.init_weights is not None:
         load_trainable_state_dict(model, _initial_weights(config, base))
@@ -462,6 +467,7 @@ def _write_files(training: _Training, run: RunFolder, base: Optional[Dict[str, s
         "iterations": training.iteration,
         "class_values": training.inputs.options["class_values"],
         "patch_size": list(layout.patch_shape),
+        "spacing": None if training.config.spacing is None else list(training.config.spacing),
         "depth_padding": layout.depth_padding,
         "weights_sha256": file_digest(run.sam_weights),
     }

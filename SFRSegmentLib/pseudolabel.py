@@ -3,7 +3,7 @@
 The official code pseudo-labels online, on each random crop of the re-training loop (spec §3). Here every unlabeled
 volume is labeled once, whole, and the result is cached in the run folder:
 
-* the volume is z-scored as in training and cut into windows of the patch SAM was fine-tuned on (read, with the
+* the volume is scaled as in training (z-scores, or [0, 1] for LiteMedSAM) and cut into windows of the patch SAM was fine-tuned on (read, with the
   canvas and depth padding, from the fine-tuned weights' JSON, so the mosaics are laid out as in fine-tuning) by
   MONAI's ``sliding_window_inference``; a volume smaller than the window is zero-padded (zero is its mean);
 * each batch of windows is stitched into mosaics, run through the fine-tuned SAM (LoRA merged, eval mode, no
@@ -12,7 +12,9 @@ volume is labeled once, whole, and the result is cached in the run folder:
 * overlapping windows are averaged with equal weights, as the reference sliding-window test does. The default
   overlap is 50 % (a stride of half the window): the reference evaluation stride (18/18/4 voxels for LA) would
   cost about 30 times as many SAM passes for a smoother but hardly different result;
-* the hard label is the argmax of the averaged probabilities, mapped back to the cohort's class values.
+* the hard label is the argmax of the averaged probabilities (with ``largest_component``, only the largest
+  connected component of each class kept), mapped back to the cohort's class values. With ``finetune.spacing``
+  the volume is resampled to SAM's working grid first and the probabilities back to the image's grid.
 
 Outputs (:class:`~SFRSegmentLib.runfolder.RunFolder`): ``<case>.label.nrrd`` (uint8, the image's grid and geometry),
 ``<case>.prob.npy`` (uint8 probabilities × 255, shape (K+1, I, J, K)), the case's provenance record
@@ -36,13 +38,15 @@ from monai.inferers import sliding_window_inference
 from .atomic import atomic_path
 from .confidence import volume_confidence, write_table
 from .config import PseudoLabelConfig
-from .data import Case, Cohort, load_case, zscore
+from .data import Case, Cohort, load_case, scale_intensities
 from .distributed import barrier, map_cases, ranks
 from .errors import InputError, PathLike
+from .inference import keep_largest_components
 from .volumes import Volume, write_volume
 from .config_io import to_dict
 from .progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from .provenance import MISSING, Inputs, case_files, identity_of, record_path, stale_reason, write_record
+from .resample import to_native_grid, to_working_grid
 from .runfolder import PROBABILITY_SCALE, RunFolder
 from .sam.stitching import MosaicLayout, stitch_image, unstitch
 from .device import autocast_context, resolve_device
@@ -83,8 +87,8 @@ class MosaicPredictor:
 def predict_probabilities(model: SFRSam, volume: np.ndarray, layout: MosaicLayout, overlap: float = 0.5,
                           windows_per_batch: int = 2, precision: str = "auto",
                           cancellation: Optional[Cancellation] = None) -> torch.Tensor:
-    """Averaged class probabilities (K+1, I, J, K), float32 on the CPU, of a z-scored volume (I, J, K) by
-    sliding windows of ``layout.patch_shape``; ``model`` should be in eval mode (merged LoRA is fastest)."""
+    """Averaged class probabilities (K+1, I, J, K), float32 on the CPU, of a volume (I, J, K) scaled as the model
+    expects (``model.config.input_scaling``) by sliding windows of ``layout.patch_shape``; ``model`` should be in eval mode (merged LoRA is fastest)."""
     device = next(model.parameters()).device
     inputs = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
     with torch.no_grad():
@@ -169,15 +173,23 @@ class _Labeler:
                              f"{class_values}", weights_info_path(weights), "class_values")
         self.model = merge_lora(model).eval()
         self.layout = training_layout(info["patch_size"], self.model.config, info["depth_padding"])
+        self.spacing = info.get("spacing")  # absent in weights fine-tuned before finetune.spacing existed
+        self.scaling = self.model.config.input_scaling
         self.label_values = np.array([0] + class_values, dtype=np.uint8)
         self.cohort, self.run, self.config, self.cancellation = cohort, run, config, cancellation
 
     def compute(self, case: Case) -> Tuple[np.ndarray, Volume]:
         """The case's stored probabilities (uint8, see :func:`quantise`) and its hard label on the image's grid."""
         image, _ = load_case(case, self.cohort.classes)
-        probabilities = predict_probabilities(self.model, zscore(image.array), self.layout, self.config.overlap,
-                                              self.config.windows_per_batch, self.config.precision, self.cancellation)
-        label = self.label_values[probabilities.argmax(dim=0).numpy()]
+        working = image if self.spacing is None else to_working_grid(image, self.spacing)
+        probabilities = predict_probabilities(self.model, scale_intensities(working.array, self.scaling), self.layout,
+                                              self.config.overlap, self.config.windows_per_batch,
+                                              self.config.precision, self.cancellation)
+        probabilities = to_native_grid(probabilities, image.shape)
+        channels = probabilities.argmax(dim=0).numpy()
+        if self.config.largest_component:
+            channels = keep_largest_components(channels, len(self.label_values))
+        label = self.label_values[channels]
         return quantise(probabilities), image.with_array(label)
 
     def write(self, case: Case, result: Tuple[np.ndarray, Volume]) -> None:

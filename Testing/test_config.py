@@ -55,11 +55,26 @@ def test_one_working_patch_gives_each_stage_its_patch(name):
 def test_the_cpu_preset_resolves_to_its_measured_settings():
     config = preset("cpu").resolved()
     assert config.device == "cpu" and config.retrain.iterations == 1500 and config.retrain.lr_schedule == "poly"
-    assert {config.finetune.precision, config.pseudolabel.precision, config.retrain.precision,
-            config.inference.precision} == {"bf16_if_native"}
+    assert {config.retrain.precision, config.inference.precision} == {"bf16_if_native"}
+    assert {config.finetune.precision, config.pseudolabel.precision} == {"fp32"}  # bf16 slowed SAM down (README)
     assert {config.finetune.device, config.pseudolabel.device, config.retrain.device, config.inference.device} == \
         {"cpu"}
     assert config.finetune.sam.image_size == 256 and config.retrain.ssl.rampup_epoch_iterations == 12
+    # LiteMedSAM on the V-Net's working grid: its 256² input holds the 2×2 slices of a patch without resizing them
+    assert (config.finetune.base_checkpoint, config.finetune.sam.arch) == ("litemedsam", "tiny_vit")
+    assert config.finetune.spacing == config.retrain.spacing == (1.25, 1.25, 1.25)
+    height, width, depth = config.finetune.patch_size
+    assert (256 // height) * (256 // width) == depth and config.finetune.sam.input_scaling == "unit_range"
+    assert config.pseudolabel.largest_component
+
+
+def test_a_catalog_model_must_be_fine_tuned_as_its_architecture():
+    with pytest.raises(InputError) as error:
+        with_overrides(preset("paper"), {"finetune": {"base_checkpoint": "litemedsam"}})
+    assert error.value.field.endswith("sam.arch") and "tiny_vit" in error.value.message
+    config = with_overrides(preset("paper"), {"finetune": {"base_checkpoint": "litemedsam",
+                                                           "sam": {"arch": "tiny_vit"}}}).resolved(1)
+    assert config.finetune.sam.token_grid == config.finetune.sam.image_size // 4
 
 
 def test_resolving_sizes_the_sam_head_and_shows_the_method_recipe():

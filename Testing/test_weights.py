@@ -335,7 +335,7 @@ def test_resolve_model_id_uses_the_cache_or_refuses_to_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tiny_catalog(tmp_path, monkeypatch)
-    with pytest.raises(InputError, match="not in the cache.*import_local"):
+    with pytest.raises(InputError, match="not on this machine.*import_local"):
         resolve_checkpoint("tiny", cache=tmp_path / "cache", download_missing=False)
     source = tmp_path / "downloaded-elsewhere.pth"
     source.write_bytes(PAYLOAD)

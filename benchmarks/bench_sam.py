@@ -13,6 +13,10 @@ Parts (``--parts``; the default is small-efficient, small-plain and pseudolabel-
 * ``paper-<variant>``: the same at the paper's shapes (ViT-B, 1024², batch 2, 112×112×80 patches; about one to two
   minutes per float32 iteration on 2 CPU threads). ``--paper`` adds paper-efficient, paper-checkpointed and
   paper-plain, and then also prints each variant's ratios to paper-plain measured in the same run.
+* ``lite-<variant>``: the same with the cpu preset's LiteMedSAM (TinyViT, 256², 64×64×16 patches, batch 2); its
+  attention is always SDPA over windows, so there is no ``plain`` variant. ``pseudolabel-lite`` pseudo-labels a
+  mid-sized LA case on the preset's 1.25 mm grid (98×72×44) with it.
+* Every ``X+bf16`` part measured with its float32 ``X`` prints the pair: time and memory ratio in the same run.
 * ``pseudolabel-small``: whole-volume pseudo-labelling of one 96×96×40 volume at the small configuration (64×64×16
   windows, 50 % overlap, 2 windows per SAM pass, LoRA merged).
 * ``pseudolabel-paper``: the same at the paper's shapes (ViT-B, 1024², 112×112×80 windows) on one volume of a mid-sized
@@ -53,16 +57,28 @@ VARIANTS = {"efficient": (True, False, "fp32"), "checkpointed": (True, True, "fp
 """Variant → (efficient attention, gradient checkpointing, precision)."""
 SMALL_PARTS = tuple(f"small-{v}" for v in VARIANTS) + ("pseudolabel-small",)
 PAPER_PARTS = tuple(f"paper-{v}" for v in VARIANTS) + ("pseudolabel-paper",)
+LITE_PARTS = tuple(f"lite-{v}" for v in VARIANTS if v != "plain") + ("pseudolabel-lite",)
+"""LiteMedSAM's TinyViT has one attention (SDPA over windows): no ``plain`` variant."""
+ALL_PARTS = SMALL_PARTS + PAPER_PARTS + LITE_PARTS
 DEFAULT_PARTS = ("small-efficient", "small-plain", "pseudolabel-small")
 PAPER_DEFAULTS = ("paper-efficient", "paper-checkpointed", "paper-plain", "pseudolabel-paper")
 """What ``--paper`` adds."""
 OFFICIAL_PAPER = {"iteration_s": 60.7, "peak_rss_gb": 17.7}
 TARGETS = {"iteration": 0.7, "memory": 0.5}
 """Ours / official ratios the issue asks for at the paper's shapes."""
-PATCHES = {"small": (64, 64, 16), "paper": (112, 112, 80)}
+PATCHES = {"small": (64, 64, 16), "paper": (112, 112, 80), "lite": (64, 64, 16)}
 """SAM's patch per scale (fine-tuning patches and pseudo-labelling windows)."""
-PSEUDOLABEL_VOLUMES = {"small": (96, 96, 40), "paper": (196, 144, 88)}
-"""Volume shape per pseudo-labelling part: a small one, and a mid-sized LA case (x 148–244, y 132–160, 88 slices)."""
+PSEUDOLABEL_VOLUMES = {"small": (96, 96, 40), "paper": (196, 144, 88), "lite": (98, 72, 44)}
+"""Volume shape per pseudo-labelling part: a small one, a mid-sized LA case (x 148–244, y 132–160, 88 slices), and
+that case on the cpu preset's 1.25 mm grid."""
+
+
+def sam_config(scale: str):
+    """SAM's configuration per scale: the small one, the paper's ViT-B, and the cpu preset's LiteMedSAM."""
+    from SFRSegmentLib.config import SamConfig, preset
+
+    return {"small": SamConfig.small, "paper": SamConfig.paper,
+            "lite": lambda: preset("cpu").finetune.sam}[scale]()
 
 
 def peak_rss_gb() -> float:
@@ -78,11 +94,11 @@ def synthetic_volume(shape, rng: np.random.Generator):
 
 
 def finetune_config(part: str):
-    from SFRSegmentLib.config import FinetuneConfig, SamConfig
+    from SFRSegmentLib.config import FinetuneConfig
 
     scale, variant = part.split("-", 1)
     efficient_attention, checkpointing, precision = VARIANTS[variant]
-    sam = SamConfig.small() if scale == "small" else SamConfig.paper()
+    sam = sam_config(scale)
     sam = dataclasses.replace(sam, efficient_attention=efficient_attention, gradient_checkpointing=checkpointing)
     return FinetuneConfig(sam=sam, patch_size=PATCHES[scale], base_checkpoint=None, allow_random_init=True,
                           device="cpu", precision=precision)
@@ -131,13 +147,13 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
 
 
 def run_pseudolabel_part(scale: str, warmup: int, iterations: int) -> Dict[str, float]:
-    from SFRSegmentLib.config import PseudoLabelConfig, SamConfig
+    from SFRSegmentLib.config import PseudoLabelConfig
     from SFRSegmentLib.finetune import build_base_sam, training_layout
     from SFRSegmentLib.sam.lora import merge_lora
     from SFRSegmentLib.pseudolabel import predict_probabilities
 
     config = PseudoLabelConfig()
-    model = merge_lora(build_base_sam(SamConfig.small() if scale == "small" else SamConfig.paper(), None, 0)).eval()
+    model = merge_lora(build_base_sam(sam_config(scale), None, 0)).eval()
     layout = training_layout(PATCHES[scale], model.config, "centre")
     volume, _ = synthetic_volume(PSEUDOLABEL_VOLUMES[scale], np.random.default_rng(0))
     durations = []
@@ -168,6 +184,12 @@ def run_part(part: str, args: argparse.Namespace) -> Dict[str, float]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def cpu_has_native_bf16() -> bool:
+    from SFRSegmentLib.device import cpu_has_native_bf16 as native
+
+    return native()
+
+
 def report(results: List[Dict[str, float]]) -> None:
     print(f"{'part':<26} {'data s':>8} {'fwd+loss s':>11} {'bwd+step s':>11} {'iter s':>8} {'CPU s':>8} "
           f"{'volume s':>9} {'peak RSS GB':>12} {'1st iter s':>11}")
@@ -186,6 +208,14 @@ def report(results: List[Dict[str, float]]) -> None:
                   f"{OFFICIAL_PAPER['peak_rss_gb']} GB): time ×{r['iteration_s'] / OFFICIAL_PAPER['iteration_s']:.2f} "
                   f"(target ≤ {TARGETS['iteration']}), memory ×{r['peak_rss_gb'] / OFFICIAL_PAPER['peak_rss_gb']:.2f} "
                   f"(target ≤ {TARGETS['memory']})")
+    by_part = {r["part"]: r for r in results if "error" not in r}
+    for part, r in by_part.items():
+        fp32 = by_part.get(part[:-len("+bf16")]) if part.endswith("+bf16") else None
+        if fp32 is not None:
+            print(f"{part} vs {fp32['part']} measured in this run: time ×{r['iteration_s'] / fp32['iteration_s']:.2f} "
+                  f"({r['iteration_s']:.2f} s vs {fp32['iteration_s']:.2f} s), memory "
+                  f"×{r['peak_rss_gb'] / fp32['peak_rss_gb']:.2f} ({r['peak_rss_gb']:.2f} GB vs "
+                  f"{fp32['peak_rss_gb']:.2f} GB); this CPU computes bf16 natively: {cpu_has_native_bf16()}")
     plain = next((r for r in results if r["part"] == "paper-plain" and "error" not in r), None)
     for r in results:
         if plain and r is not plain and r["part"].startswith("paper-") and "error" not in r:
@@ -197,13 +227,13 @@ def report(results: List[Dict[str, float]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=SMALL_PARTS + PAPER_PARTS, default=list(DEFAULT_PARTS))
+    parser.add_argument("--parts", nargs="+", choices=ALL_PARTS, default=list(DEFAULT_PARTS))
     parser.add_argument("--paper", action="store_true",
                         help=f"add {', '.join(PAPER_DEFAULTS)} (slow: minutes each; plain needs ~18 GB)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--child", choices=SMALL_PARTS + PAPER_PARTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=ALL_PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.threads, args.warmup, args.iterations)

