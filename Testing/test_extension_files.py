@@ -116,12 +116,19 @@ def test_icon_is_a_128_pixel_png_with_content():
     assert len(colours) > 20
 
 
-def test_requirements_are_the_engine_dependencies_without_torch():
+def test_requirements_are_the_engine_dependencies_without_torch_nor_the_catalogs_packages():
+    """Slicer installs torch (and torchvision) through the PyTorch extension, and a catalog model's package without
+    its dependencies when that model is chosen (SFRSegmentLogicLib.dependencies.install_model_package); the rest of
+    the engine's dependencies come from requirements.txt."""
     tomllib = pytest.importorskip("tomllib")
+    from SFRSegmentLib.sam.catalog import load_catalog
+
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     lines = [line.strip() for line in (ROOT / "Resources" / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert lines == [d for d in declared if not d.startswith("torch")]
+    packages = {entry.package for entry in load_catalog().values() if entry.package is not None}
+    assert packages and packages <= set(declared)  # the engine outside Slicer gets them from pyproject.toml
+    assert lines == [d for d in declared if not d.startswith("torch") and d not in packages]
     torch_spec = next(d for d in declared if d.startswith("torch"))[len("torch"):]
     dependencies_source = (MODULE_DIR / "SFRSegmentLogicLib" / "dependencies.py").read_text(encoding="utf-8")
     assert f'TORCH_REQUIREMENT = "{torch_spec}"' in dependencies_source

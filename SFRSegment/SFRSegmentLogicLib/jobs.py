@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from slicer import (
     vtkMRMLScalarVolumeNode,
@@ -52,6 +52,7 @@ from SFRSegmentLib.data import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.provenance import file_digest
 from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.sam.catalog import ModelEntry, load_catalog
 
 from .nodes import (
     SegmentClass,
@@ -70,6 +71,8 @@ from .process import Outcome, Status
 
 PRESET_PARAMETER = "preset"
 """The name of the preset in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.preset``)."""
+MODEL_PARAMETER = "model"
+"""The name of the model in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.model``)."""
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
@@ -123,9 +126,12 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
     """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.config.RunConfig's fields),
     checked by the engine's configuration (InputError naming the field).
 
-    Only what the user changed is written, so every other value is the preset's. The patch size is the run's working
-    patch (``patch_size``: SAM's and the V-Net's unless the preset gives SAM its own, as the cpu preset does), one
-    batch size serves both fine-tuning and each stream of re-training, one seed both trainings, as in the presets.
+    Only what the user changed is written, so every other value is the preset's. A catalog model comes with its
+    architecture (``finetune.sam.arch``, which the engine requires to be the model's), so that any model runs with any
+    preset, and a job folder keeps its SAM should a preset change its own; a checkpoint file keeps the preset's. The
+    patch size is the run's working patch (``patch_size``: SAM's and the V-Net's unless the preset gives SAM its own,
+    as the cpu preset does), one batch size serves both fine-tuning and each stream of re-training, one seed both
+    trainings, as in the presets.
     """
     finetune: Dict[str, Any] = {}
     retrain: Dict[str, Any] = {"method": settings.method}
@@ -133,6 +139,9 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
                               "retrain": retrain, "sfr_plus": settings.sfr_plus}
     if settings.uses_checkpoint:
         finetune["base_checkpoint"] = settings.model
+        entry = load_catalog().get(settings.model)
+        if entry is not None:
+            finetune["sam"] = {"arch": entry.architecture}
     if settings.fine_tune_iterations is not None:
         finetune["iterations"] = settings.fine_tune_iterations
     if settings.retrain_iterations is not None:
@@ -156,6 +165,27 @@ def new_node_preset(parameter_node: vtkMRMLScriptedModuleNode, has_cuda_gpu: Cal
     if parameter_node.HasParameter(PRESET_PARAMETER):
         return None
     return "paper" if has_cuda_gpu() else "cpu"
+
+
+def new_node_model(parameter_node: vtkMRMLScriptedModuleNode, preset_name: str) -> Optional[str]:
+    """The model a parameter node without one starts on: the SAM its preset ``preset_name`` fine-tunes (LiteMedSAM
+    for cpu, SAM ViT-B for paper), so that a new node's model suits the computer as its preset does
+    (:func:`new_node_preset`); the default model for a preset that starts from random SAM weights (small).
+
+    None when it has a model (the user's choice, or a loaded scene's), which is kept. Ask before wrapping the node.
+    """
+    if parameter_node.HasParameter(MODEL_PARAMETER):
+        return None
+    return preset(preset_name).finetune.base_checkpoint or DEFAULT_MODEL_ID
+
+
+def model_order(entries: Iterable[ModelEntry], has_cuda_gpu: bool) -> List[ModelEntry]:
+    """The catalog's models in the order the model list offers them: the catalog's, but without a CUDA GPU the cpu
+    preset's SAM (LiteMedSAM) first, since it is the one such a computer fine-tunes in reasonable time."""
+    if has_cuda_gpu:
+        return list(entries)
+    cpu_model = preset("cpu").finetune.base_checkpoint
+    return sorted(entries, key=lambda entry: entry.id != cpu_model)  # stable: the others keep the catalog's order
 
 
 def new_job_folder(jobs_root: Path) -> Path:
