@@ -415,6 +415,17 @@ def test_a_new_parameter_node_starts_on_the_preset_for_this_computer(scene, gpu,
     assert preset in jobs.PRESETS
 
 
+def saved_and_reloaded(scene):
+    """A new scene loaded from ``scene`` saved as XML, as when a user saves and reopens it."""
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetLoadFromXMLString(1)
+    loaded.SetSceneXMLString(scene.GetSceneXMLString())
+    loaded.Import()
+    return loaded
+
+
 def test_a_preset_already_in_the_parameter_node_is_kept(scene):
     node = module_parameter_node(scene)
     node.SetParameter(jobs.PRESET_PARAMETER, "small")  # the user's choice, written by the parameter node wrapper
@@ -423,13 +434,7 @@ def test_a_preset_already_in_the_parameter_node_is_kept(scene):
     assert detector.calls == 0  # nor is the driver asked again each time the module is entered
 
     # A saved scene brings its choice back.
-    scene.SetSaveToXMLString(1)
-    scene.Commit()
-    loaded = slicer.vtkMRMLScene()
-    loaded.SetLoadFromXMLString(1)
-    loaded.SetSceneXMLString(scene.GetSceneXMLString())
-    loaded.Import()
-    restored = module_parameter_node(loaded)
+    restored = module_parameter_node(saved_and_reloaded(scene))
     assert restored.GetParameter(jobs.PRESET_PARAMETER) == "small"
     assert jobs.new_node_preset(restored, detector) is None
 
@@ -456,13 +461,7 @@ def test_a_model_already_in_the_parameter_node_is_kept(scene):
 
     # A saved scene brings its choice back, custom checkpoint files included.
     node.SetParameter(jobs.MODEL_PARAMETER, "/weights/my_sam.pth")
-    scene.SetSaveToXMLString(1)
-    scene.Commit()
-    loaded = slicer.vtkMRMLScene()
-    loaded.SetLoadFromXMLString(1)
-    loaded.SetSceneXMLString(scene.GetSceneXMLString())
-    loaded.Import()
-    restored = module_parameter_node(loaded)
+    restored = module_parameter_node(saved_and_reloaded(scene))
     assert restored.GetParameter(jobs.MODEL_PARAMETER) == "/weights/my_sam.pth"
     assert jobs.new_node_model(restored, "paper") is None
 
