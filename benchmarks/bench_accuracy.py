@@ -6,15 +6,16 @@ split, so the numbers come from exactly what users run: the first N cases of ``t
 ``--unlabeled`` cases unlabeled, and the **last ``--dev-test`` cases of train.list held out** as the test set (never
 used by any stage; the standard ``test.list`` cases are not on this machine). Each cell is a ``run --preset cpu``
 in its own process (wall time and peak resident memory per cell); the test predictions are scored on each case's
-own 0.625 mm grid. Then it prints each cell's time per stage (``RUN/timings.json``) and, with ``--sam-stages``, the
-time that the SAM stages of the preset (fine-tuning and pseudo-labelling, ViT-B at 256²) would add on this machine,
-measured by the engine's run-time estimate with randomly initialised weights of the same architecture (no
-pretrained SAM weights exist here; the time does not depend on the weights).
+own 0.625 mm grid. Then it prints each cell's time per stage (``RUN/timings.json``) and, for every cell of an SFR
+method, the fine-tuned SAM's own pseudo-labels of the held-out cases scored the same way (the paper's SFR_FT row:
+SAM alone, before re-training; written to ``CELL/sam-alone/``, reused when done). With ``--sam-stages`` it prints
+the time the preset's SAM stages take on this machine by the engine's run-time estimate (random weights of the
+same architecture).
 
-Usage (about 20 min per cell on 2 CPU cores; cells already finished in ``--out`` are reused)::
+Usage (about 25 min per cell on 2 CPU cores; cells already finished in ``--out`` are reused)::
 
     .venv/bin/python benchmarks/bench_accuracy.py                       # 1 and 4 labeled × mt and supervised
-    .venv/bin/python benchmarks/bench_accuracy.py --labeled 4 --methods mt --sam-stages
+    .venv/bin/python benchmarks/bench_accuracy.py --labeled 1 4 --methods sfr_mt
 """
 
 from __future__ import annotations
@@ -57,6 +58,41 @@ def print_stage_times(out: Path) -> None:
               + f" | {sum(seconds.values()):.0f} |")
 
 
+def print_sam_alone(out: Path) -> None:
+    """Score the fine-tuned SAM of every finished SFR cell on the cell's held-out cases (SFR_FT)."""
+    import time
+
+    from SFRSegmentLib.config import RunConfig
+    from SFRSegmentLib.config_io import with_overrides
+    from SFRSegmentLib.data import discover_cohort
+    from SFRSegmentLib.metrics import evaluate_cases, summarise
+    from SFRSegmentLib.pseudolabel import pseudolabel
+    from SFRSegmentLib.runfolder import RunFolder
+
+    lines = []
+    for weights in sorted(out.glob("*/finetune/sam_trainable.pt")):
+        cell = weights.parents[1]
+        cohort = discover_cohort(cell / "cohort.json")
+        config = with_overrides(RunConfig(), json.loads((cell / "config.json").read_text()))
+        alone = RunFolder(cell / "sam-alone")
+        started = time.perf_counter()
+        pseudolabel(cohort, alone, config.pseudolabel, cases=cohort.test, sam_weights=weights)
+        seconds = time.perf_counter() - started
+        rows = evaluate_cases({case.name: (alone.pseudo_label(case.name), case.label) for case in cohort.test},
+                              sorted(cohort.classes))
+        for summary in summarise(rows):
+            lines.append(f"| {cell.name} SAM alone | {summary.class_value} | {summary.n_cases} | "
+                         f"{100 * summary.dice.mean:.2f} ± {100 * summary.dice.std:.2f} | "
+                         f"{100 * summary.jaccard.mean:.2f} | {summary.hd95_vox.mean:.2f} | {summary.asd_vox.mean:.2f} "
+                         f"| {seconds:.0f} |")
+    if lines:
+        print("\nThe fine-tuned SAM alone on the held-out cases (SFR_FT; Dice and Jaccard in %, 95HD and ASD in "
+              "voxels; s: pseudo-labelling them, 0 when reused):")
+        print("| cell | class | cases | Dice | Jaccard | 95HD | ASD | s |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def print_sam_stages(args: argparse.Namespace) -> None:
     """What fine-tuning and pseudo-labelling with the preset's SAM would add to a cell with 4 labeled volumes."""
     from SFRSegmentLib.config import preset
@@ -71,10 +107,12 @@ def print_sam_stages(args: argparse.Namespace) -> None:
     manifest = folder / "cohort.json"
     manifest.write_text(json.dumps(cell_cohort(la_split(args.data, dev_test=args.dev_test), 4, args.unlabeled)))
     cohort = discover_cohort(manifest)
-    config = preset("cpu").resolved(len(cohort.classes))  # sfr_mt: both SAM stages, timed with random ViT-B weights
+    config = preset("cpu").resolved(len(cohort.classes))  # sfr_mt: both SAM stages, timed with random weights
     estimate = estimate_run(cohort, config, remaining_work(cohort, RunFolder(folder / "run"), config))
-    print("\nSAM stages of the cpu preset (ViT-B, 256² mosaics of 64×64×16 patches; random weights of the same "
-          "architecture), 4 labeled + {} unlabeled LA volumes:".format(args.unlabeled))
+    sam = config.finetune.sam
+    print(f"\nSAM stages of the cpu preset ({sam.arch}, {sam.image_size}² mosaics of "
+          f"{'×'.join(map(str, config.finetune.patch_size))} patches; random weights of the same architecture), "
+          f"4 labeled + {args.unlabeled} unlabeled LA volumes:")
     for stage in estimate.stages:
         print("  " + stage.describe())
 
@@ -92,6 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     status = run_grid(args)
     print_stage_times(args.out)
+    print_sam_alone(args.out)
     if args.sam_stages:
         print_sam_stages(args)
     sys.exit(status)
