@@ -13,7 +13,7 @@ PRESETS = ("paper", "cpu", "small")
 PRESET_TITLES = {"paper": "Paper", "cpu": "CPU", "small": "Small"}
 PRESET_DESCRIPTIONS = {
     "paper": "full size; needs a GPU",
-    "cpu": "real scans, no GPU; about 1 h with SAM (fine-tuning, pseudo-labels, re-training)",
+    "cpu": "real scans, no GPU; about 1 h on 2 cores",
     "small": "quick tests and demos; not for real data",
 }
 """What each preset is for, as the command line's help and the Slicer module's preset list say it."""

@@ -312,7 +312,7 @@ def test_the_preset_combo_box_offers_every_preset_with_a_label_saying_what_it_is
     combo.addItems([member.label() for member in Preset])
     assert tuple(member.value for member in Preset) == jobs.PRESETS
     labels = dict(zip(jobs.PRESETS, (combo.itemText(index) for index in range(combo.count()))))
-    assert labels == {"paper": "Paper (full size; needs a GPU)", "cpu": "CPU (real scans, no GPU; about 20 min)",
+    assert labels == {"paper": "Paper (full size; needs a GPU)", "cpu": "CPU (real scans, no GPU; about 1 h on 2 cores)",
                       "small": "Small (quick tests and demos; not for real data)"}
     assert "not for real data" in combo.toolTip() and "without a GPU" in combo.toolTip()
 
