@@ -87,7 +87,7 @@ def print_sam_alone(out: Path) -> None:
                          f"| {seconds:.0f} |")
     if lines:
         print("\nThe fine-tuned SAM alone on the held-out cases (SFR_FT; Dice and Jaccard in %, 95HD and ASD in "
-              "voxels; s: pseudo-labelling them, 0 when reused):")
+              "voxels; s: pseudo-labelling them, a few when reused):")
         print("| cell | class | cases | Dice | Jaccard | 95HD | ASD | s |")
         print("|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
