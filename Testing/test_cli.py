@@ -186,6 +186,6 @@ def test_flags_show_the_presets_values_from_the_configuration():
     result = run_cli("finetune", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    assert "(default: paper 112 112 80, cpu 64 64 16, small 48 48 16)" in text  # --patch
+    assert "(default: paper 112 112 80, cpu 128 128 4, small 48 48 16)" in text  # --patch
     assert "(default: paper 6000, cpu 100, small 150)" in text  # --iterations
     assert "{auto,fp32,bf16,bf16_if_native}" in text
