@@ -55,6 +55,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+from .choices import SAM_INPUT_SCALINGS
 from .errors import InputError, PathLike
 from .volumes import IMAGE_SUFFIXES, Volume, default_segments, file_suffix, read_volume
 from .validation import check_image, check_label
@@ -509,7 +510,7 @@ def scale_intensities(array: np.ndarray, scaling: str) -> np.ndarray:
         return unit_range(array)
     if scaling == "zscore":
         return zscore(array)
-    raise ValueError(f"unknown intensity scaling {scaling!r}")
+    raise ValueError(f"unknown intensity scaling {scaling!r}; expected one of {', '.join(SAM_INPUT_SCALINGS)}")
 
 
 def pad_to_shape(array: np.ndarray, min_shape: Sequence[int], value: float = 0) -> np.ndarray:
