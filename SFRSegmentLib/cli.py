@@ -19,6 +19,7 @@ import numpy as np
 from .atomic import WriteError
 from .choices import METHODS, PRESET_DESCRIPTIONS, PRESETS, STAGES
 from .errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
+from .jobserver.protocol import DEFAULT_HOST, DEFAULT_PORT, ServerError, add_server_options
 from .progress import REPORTER_KINDS, Cancelled
 
 EXIT_FAILURE = 1
@@ -105,6 +106,13 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.server:
+        from .config_io import load_overrides
+        from .jobserver.remote import merged, predict_remotely
+
+        given = _given_options(args)
+        section = merged(load_overrides(args.config) if args.config else {}, given.get("inference", {}))
+        return predict_remotely(args, section, given.get("device"))
     from .device import resolve_device
     from .inference import predict_to_folder
     from .vnet import load_vnet
@@ -134,8 +142,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import preset, starting_preset
     from .config_io import load_overrides, to_dict, with_overrides
-    from .metrics import SPLIT_DESCRIPTIONS
-    from .pipeline import mean_dice, run_pipeline, scored_split
+    from .pipeline import run_pipeline
     from .progress import Cancellation, make_reporter
     from .update import parent_overrides
 
@@ -146,6 +153,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = with_overrides(config, overrides, args.config)
     else:
         config = with_overrides(preset(starting_preset(args.preset, overrides, args.config)), overrides, args.config)
+    if args.server and not args.print_config:  # the server's engine resolves the configuration as below
+        from .jobserver.remote import run_remotely
+
+        return run_remotely(args, overrides, _given_options(args), _downloaded_run_summary)
     config = with_overrides(config, _given_options(args))
     if args.print_config:
         import json
@@ -156,14 +167,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with cancellation.on_signals():
         result = run_pipeline(args.cohort, args.out, config, progress=make_reporter(args.progress),
                               cancellation=cancellation, redo=args.redo, test=args.test, parent=args.parent)
-    lines = [f"report: {result.report}"]
     used = result.config
-    for method, metrics in ((used.retrain.method, result.metrics), (used.baseline_method, result.baseline_metrics)):
+    print(_run_summary(result.report, ((used.retrain.method, result.metrics),
+                                       (used.baseline_method, result.baseline_metrics))),
+          file=sys.stderr if args.progress == "jsonl" else sys.stdout)
+    return 0
+
+
+def _run_summary(report: Path, metrics_by_method: Sequence[Tuple[Optional[str], Optional[Path]]]) -> str:
+    """What ``run`` prints at its end: the report, and the mean Dice of each method's metrics table."""
+    from .metrics import SPLIT_DESCRIPTIONS
+    from .pipeline import mean_dice, scored_split
+
+    lines = [f"report: {report}"]
+    for method, metrics in metrics_by_method:
         if metrics:
             split = scored_split(metrics)
             lines.append(f"mean Dice on the {SPLIT_DESCRIPTIONS[split]} ({method}): {mean_dice(metrics, split):.4f}")
-    print("\n".join(lines), file=sys.stderr if args.progress == "jsonl" else sys.stdout)
-    return 0
+    return "\n".join(lines)
+
+
+def _downloaded_run_summary(out: Path) -> str:
+    """:func:`_run_summary` of a run folder downloaded from a server (its config.json, metrics tables)."""
+    import json
+
+    from .runfolder import RunFolder
+
+    run = RunFolder(out)
+    used = json.loads(run.config.read_text(encoding="utf-8"))
+    present = lambda path: path if path.is_file() else None  # noqa: E731
+    return _run_summary(run.report, ((used["retrain"]["method"], present(run.metrics)),
+                                     (used.get("baseline_method"), present(run.baseline.metrics))))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .jobserver.serve import serve
+
+    return serve(args.host, args.port, args.data, args.token_file, args.slots, args.gpus or (),
+                 args.processes_per_job, args.ssl_certfile, args.ssl_keyfile, args.max_file_mb, args.max_job_gb)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from .jobserver.remote import jobs_command
+
+    return jobs_command(args)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -298,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGES,
                    help="delete this stage's outputs and those after it, then run (repeatable): %(choices)s")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    add_server_options(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("reproduce", help="the paper's LA protocol: a grid of runs (labeled N x method x seed) scored "
@@ -351,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--patch": "inference.patch_size", "--stride-xy": "inference.stride_xy", "--stride-z": "inference.stride_z",
         "--sw-batch-size": "inference.sw_batch_size", "--largest-component": "inference.largest_component",
         "--device": "device", "--precision": "inference.precision"})
+    add_server_options(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, HD95, ASD of predictions against truth, per case and class")
@@ -384,6 +433,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap": "pseudolabel.overlap", "--windows-per-batch": "pseudolabel.windows_per_batch",
         "--redo": "pseudolabel.redo", "--device": "device", "--precision": "pseudolabel.precision"})
     p.set_defaults(func=_cmd_pseudolabel)
+
+    p = sub.add_parser("serve", help="the job server: runs this engine's jobs for clients (run/predict/jobs --server, "
+                       "the Slicer module) on this machine, one at a time per slot, behind a token")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s: this machine only; "
+                   "another address without TLS is warned about)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    p.add_argument("--data", type=Path, required=True, help="folder of the server's jobs (created)")
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="the access token's file, created with a new "
+                   "token (mode 0600) when missing (default DATA/token)")
+    p.add_argument("--slots", type=int, default=1, help="jobs run at once (default 1; the others wait in the queue)")
+    p.add_argument("--gpus", nargs="+", metavar="GPU", help="one slot per GPU: each job sees only its slot's GPU "
+                   "(CUDA_VISIBLE_DEVICES), e.g. --gpus 0 1 2 3")
+    p.add_argument("--processes-per-job", type=int, default=1, metavar="N", help="run each job under torchrun with N "
+                   "processes (all GPUs for one job: --processes-per-job 4; see Scaling out)")
+    p.add_argument("--ssl-certfile", type=Path, metavar="FILE", help="TLS certificate (PEM): serve https")
+    p.add_argument("--ssl-keyfile", type=Path, metavar="FILE", help="TLS private key (PEM)")
+    p.add_argument("--max-file-mb", type=float, default=4096, help="largest uploaded file (default %(default)g MiB)")
+    p.add_argument("--max-job-gb", type=float, default=64, help="largest total upload of one job (default "
+                   "%(default)g GiB)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("jobs", help="a job server's jobs: list, show, follow, cancel, resume, download, delete")
+    p.add_argument("action", choices=("list", "show", "follow", "cancel", "resume", "download", "delete"))
+    p.add_argument("job", nargs="?", help="the job id (jobs list shows them)")
+    p.add_argument("--out", type=Path, help="download: the folder for its results (follow, resume: download them "
+                   "there when the job finishes)")
+    _add_progress_option(p)
+    add_server_options(p, required=True)
+    p.set_defaults(func=_cmd_jobs)
     return parser
 
 
@@ -540,6 +618,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Cancelled:
         print("cancelled: the last checkpoint is saved; rerun the same command to resume", file=sys.stderr)
         return EXIT_CANCELLED
+    except ServerError as exc:  # refused by the server (4xx: what the user sent), or not reached
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if 400 <= exc.status < 500 else EXIT_FAILURE
 
 
 @contextlib.contextmanager
