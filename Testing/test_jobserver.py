@@ -31,8 +31,8 @@ from small_runs import TINY, events, run, run_command
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240.0
 """Upper bound of every wait for a state (never reached when things work)."""
-LONGER = {**TINY, "retrain": {"iterations": 10, "checkpoint_every": 2, "lr_step": 1000}}
-"""A run whose re-training is long enough to stop it in the middle."""
+LONGER = {**TINY, "retrain": {"method": "mt", "iterations": 10, "checkpoint_every": 2, "lr_step": 1000}}
+"""A run whose re-training is long enough to stop it in the middle (Mean Teacher: no SAM stages, to save time)."""
 ENDLESS = {**TINY, "retrain": {"iterations": 100000, "lr_step": 1000}}
 """A run that is always cancelled before it ends."""
 
@@ -374,7 +374,6 @@ def test_a_server_killed_mid_run_lists_the_job_interrupted_and_resumes_it_from_i
         after = events(resumed.stdout)
         retrain_steps = [e["step"] for e in after if e["stage"] == "retrain" and e["step"] > 0]
         assert min(retrain_steps) > 4 and max(retrain_steps) == LONGER["retrain"]["iterations"]
-        assert not [e for e in after if e["stage"] == "finetune" and 0 < e["step"] < e["total"]]
         assert server.client().job(job)["state"] == "finished" and server.client().job(job)["attempts"] == 2
         assert len(list((tmp_path / "results" / "predictions").glob("*.seg.nrrd"))) == 3
     finally:

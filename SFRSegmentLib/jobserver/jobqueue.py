@@ -120,7 +120,10 @@ class JobQueue:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self.waiting and self.free_slots and not self.stopping:
-                job = self.store.job(self.waiting.popleft())
+                try:
+                    job = self.store.job(self.waiting.popleft())
+                except JobError:  # its folder was removed by hand meanwhile: nothing to run
+                    continue
                 self._spawn(self._run(job, self.free_slots.pop(0)))
 
     def _spawn(self, coroutine) -> None:
