@@ -7,7 +7,9 @@ by (a milder form of nnU-Net's recipe):
 
 * with probability 0.7 a random affine about the crop's centre: rotation by up to ±20° about the slice axis and ±5°
   about the two others, scaling by 0.85–1.15 per axis, in millimetres-true geometry (the crop's voxels are
-  isotropic at the working spacing); the image is sampled trilinearly, the target (label or pseudo-label) by the
+  isotropic at the working spacing; with ``in_plane_only``, for thick-slice volumes, the rotation is about the
+  slice axis alone and the slice axis is not scaled, so no 10 mm slice is mixed with its neighbours); the image is
+  sampled trilinearly, the target (label or pseudo-label) by the
   nearest voxel, and zero (the mean, after the z-score) fills what moves in from outside;
 * a gamma curve (γ in 0.7–1.5, probability 0.3), contrast ×0.75–1.25 and brightness ±0.25 (each with probability
   0.5), Gaussian noise of standard deviation up to 0.1 (probability 0.2).
@@ -37,13 +39,13 @@ BRIGHTNESS_P, BRIGHTNESS = 0.5, 0.25
 NOISE_P, NOISE_STD = 0.2, 0.1
 
 
-def augment_crop(image: np.ndarray, target: Optional[np.ndarray],
-                 rng: np.random.Generator) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def augment_crop(image: np.ndarray, target: Optional[np.ndarray], rng: np.random.Generator,
+                 in_plane_only: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """``image`` (z-scored float32 crop) and ``target`` (class indices, or None) with the ``strong`` augmentation
     (module docstring) drawn from ``rng``; same shapes and dtypes, C-contiguous."""
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     if rng.random() < AFFINE_P:
-        theta = _affine(tensor.shape, rng)
+        theta = _affine(tensor.shape, rng, in_plane_only)
         tensor = _resample(tensor, theta, "bilinear")
         if target is not None:
             target = _resample(torch.from_numpy(target.astype(np.float32)), theta, "nearest").numpy().astype(
@@ -63,17 +65,20 @@ def augment_crop(image: np.ndarray, target: Optional[np.ndarray],
     return augmented, None if target is None else np.ascontiguousarray(target)
 
 
-def _affine(shape: Tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+def _affine(shape: Tuple[int, ...], rng: np.random.Generator, in_plane_only: bool = False) -> torch.Tensor:
     """``affine_grid``'s 3×4 matrix (output → input, normalised coordinates, grid axes in (k, j, i) order) of a
-    random rotation and scaling about the centre, true to the voxel geometry of a crop of ``shape``."""
+    random rotation and scaling about the centre, true to the voxel geometry of a crop of ``shape``. The draws are
+    the same with ``in_plane_only``, which zeroes the rotations about i and j and the scaling of k."""
     rotation = np.eye(3)
     for axis, limit in enumerate(ROTATION_DEG):
-        angle = math.radians(rng.uniform(-limit, limit))
+        angle = math.radians(rng.uniform(-limit, limit)) * (axis == 2 or not in_plane_only)
         plane = [a for a in range(3) if a != axis]
         turn = np.eye(3)
         turn[np.ix_(plane, plane)] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
         rotation = rotation @ turn
     scale = rng.uniform(*SCALE, size=3)
+    if in_plane_only:
+        scale[2] = 1.0
     half = np.asarray(shape, dtype=float) / 2  # voxels per unit of normalised coordinates, per array axis
     matrix = np.diag(1 / half) @ rotation @ np.diag(1 / scale) @ np.diag(half)
     theta = np.zeros((3, 4))

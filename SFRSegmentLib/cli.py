@@ -141,7 +141,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import preset, starting_preset
-    from .config_io import load_overrides, to_dict, with_overrides
+    from .config_io import given_paths, load_overrides, to_dict, with_overrides
     from .pipeline import run_pipeline
     from .progress import Cancellation, make_reporter
     from .update import parent_overrides
@@ -158,15 +158,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         return run_remotely(args, overrides, _given_options(args), _downloaded_run_summary)
     config = with_overrides(config, _given_options(args))
+    # What the user set by hand (an update: its parent's whole configuration) is never planned over.
+    given = given_paths(overrides) | given_paths(_given_options(args)) | (given_paths(parent) if args.parent
+                                                                         else frozenset())
     if args.print_config:
         import json
 
+        from .data import discover_cohort
+        from .plan import plan_config
+
+        if config.plan.enabled and args.cohort.exists():
+            config, plan, _ = plan_config(config, discover_cohort(args.cohort), given)
+            print(f"plan from the cohort: {plan.summary()}", file=sys.stderr)
         print(json.dumps(to_dict(config.resolved()), indent=2))
         return 0
     cancellation = Cancellation()
     with cancellation.on_signals():
         result = run_pipeline(args.cohort, args.out, config, progress=make_reporter(args.progress),
-                              cancellation=cancellation, redo=args.redo, test=args.test, parent=args.parent)
+                              cancellation=cancellation, redo=args.redo, test=args.test, parent=args.parent,
+                              given=given)
     used = result.config
     print(_run_summary(result.report, ((used.retrain.method, result.metrics),
                                        (used.baseline_method, result.baseline_metrics))),

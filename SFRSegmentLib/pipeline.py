@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,6 +44,7 @@ from .estimate import StageWork, estimate_run
 from .device import resolve_device
 from .inference import PREDICTION_SUFFIXES, InferenceConfig, predict_cases
 from .vnet import load_vnet, vnet_info_path
+from .plan import plan_config, plan_record
 from .metrics import (SPLIT_DESCRIPTIONS, TEST_SPLIT, UNLABELED_SPLIT, evaluate_cases, find_label_files,
                       summarise_splits, write_metrics_csv)
 from .progress import Cancellation, Progress, ProgressEvent, ignore_progress
@@ -93,7 +94,8 @@ Truths = Mapping[str, Mapping[str, Path]]
 
 def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
                  cancellation: Optional[Cancellation] = None, redo: Sequence[str] = (),
-                 test: Optional[PathLike] = None, parent: Optional[PathLike] = None) -> PipelineResult:
+                 test: Optional[PathLike] = None, parent: Optional[PathLike] = None,
+                 given: Collection[str] = ()) -> PipelineResult:
     """Run (or resume) every stage of SFR on the cohort at ``cohort_path`` into the run folder ``out``.
 
     ``test`` is a folder (or manifest) of held-out labeled cases, added to those a manifest ``cohort_path`` lists
@@ -113,6 +115,10 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
         raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
                          cohort.root)
     truths = _truths(cohort, config)  # a missing true label stops the run now, not after training
+    config, plan, found = plan_config(config, cohort, given)
+    planned = None if plan is None else plan_record(config, plan, found)
+    if plan is not None:
+        _say(progress, "validate", f"plan from the cohort: {plan.summary()}")
     config = _without_missing_sam(config.resolved(len(cohort.classes)), progress)
     update = read_parent(parent, out) if parent is not None else None
     if config.preset == "small":
@@ -121,13 +127,14 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
     clock.lap("validate")
     # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
     with on_main_rank(run.exclusive()):
-        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock, update)
+        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock, update, planned)
 
 
 def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
                 cancellation: Optional[Cancellation], redo: Sequence[str], clock: StageClock,
-                parent: Optional[Parent]) -> PipelineResult:
-    """Every stage in order, in a run folder this process holds (see :func:`run_pipeline`)."""
+                parent: Optional[Parent], planned: Optional[Dict[str, object]]) -> PipelineResult:
+    """Every stage in order, in a run folder this process holds (see :func:`run_pipeline`); ``planned`` is the
+    plan's record (:func:`SFRSegmentLib.plan.plan_record`), written to ``plan.json``."""
     if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.distributed)
         _remove_outputs(run, redo)
     barrier()
@@ -137,6 +144,8 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
         _say(progress, "validate", f"updating {parent.run.root}: {corrected_summary(update_section)}")
     if ranks().is_main:
         atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
+        if planned is not None:
+            atomic_write_text(run.plan, json.dumps(planned, indent=2) + "\n")
         record = manifest(cohort, config)
         if update_section is not None:
             record[UPDATE_KEY] = update_section
@@ -172,7 +181,8 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
         lineage = provenance_summary(run, cohort, vnet, truths)
         atomic_write_text(run.provenance, json.dumps(lineage, indent=2) + "\n")
         report = write_report(run, cohort, extra_sections=_comparison_section(metrics, baseline_metrics, config)
-                              + _lineage_section(run) + [("Provenance", _provenance_html(lineage))],
+                              + _plan_section(planned) + _lineage_section(run)
+                              + [("Provenance", _provenance_html(lineage))],
                               truths={name: path for cases in truths.values() for name, path in cases.items()})
         _say(progress, "report", f"report written to {report}")
         clock.lap("report")
@@ -244,6 +254,18 @@ def provenance_summary(run: RunFolder, cohort: Cohort, vnet: Path, truths: Truth
                         for case in predicted_cases(cohort)},
         "true labels": {name: file_digest(path) for cases in truths.values() for name, path in cases.items()},
     }
+
+
+def _plan_section(planned: Optional[Mapping[str, object]]) -> List[tuple]:
+    """The report's table of the planned values (none when planning is off)."""
+    import html
+
+    if planned is None:
+        return []
+    rows = "".join(f"<tr><td><code>{html.escape(path)}</code></td><td>{html.escape(json.dumps(value['used']))}</td>"
+                   f"<td>{html.escape(value['reason'])}</td></tr>" for path, value in planned["planned"].items())
+    return [("Plan", f"<p>{html.escape(str(planned['summary']))}</p><table><tr><th>option</th><th>value</th>"
+                     f"<th>why</th></tr>{rows}</table>")]
 
 
 def _lineage_section(run: RunFolder) -> List[tuple]:

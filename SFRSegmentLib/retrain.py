@@ -43,7 +43,7 @@ from torch import nn
 
 from .augment import augment_crop
 from .checkpoint import load_checkpoint, reuse_trained, save_checkpoint
-from .config import RetrainConfig
+from .config import REFERENCE_DOWNSAMPLING, RetrainConfig
 from .config_io import to_dict
 from .data import Case, Cohort, load_case, sample_patch, zscore
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
@@ -67,7 +67,8 @@ EXECUTION_ONLY = ("checkpoint_every", "device", "init_weights")
 def trained_vnet_info(config: RetrainConfig, classes: Mapping[int, str]) -> VNetInfo:
     """What the model file of a V-Net trained with ``config`` records (architecture, patch, spacing, options)."""
     return VNetInfo(classes=dict(classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
-                    normalization=config.normalization, spacing=config.spacing, training=to_dict(config))
+                    normalization=config.normalization, spacing=config.spacing,
+                    downsampling=config.downsampling or REFERENCE_DOWNSAMPLING, training=to_dict(config))
 
 
 def learning_rate(iteration: int, config: RetrainConfig) -> float:
@@ -203,7 +204,7 @@ def _training_crop(case: TrainingCase, rng: np.random.Generator,
     """A random crop of ``case`` and its target, augmented as ``config`` says."""
     image, target = sample_patch(case.image, case.target, config.patch_size, rng, config.rot_flip)
     if config.augmentation == "strong":
-        image, target = augment_crop(image, target, rng)
+        image, target = augment_crop(image, target, rng, config.in_plane_rotation_only)
     return image, target
 
 

@@ -5,6 +5,7 @@
     RUN/
       config.json                      resolved configuration of the run
       manifest.json                    versions, device, seeds, SHA-256 of the inputs (split: train or test)
+      plan.json                        the plan made from the cohort's fingerprint (SFRSegmentLib.plan), if any
       finetune/                        stage F (SAM fine-tuning)
         checkpoint.pt                  resumable state (trainable weights, optimizer, schedule, RNG, iteration)
         sam_trainable.pt               final trainable SAM weights (LoRA + prompt encoder + mask decoder)
@@ -103,6 +104,10 @@ class RunFolder:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
 
     # stage F
     @property

@@ -11,12 +11,18 @@ Layout (``f`` = ``n_filters``):
   f, 2f, 4f, 8f, 16f, separated by 2×2×2 stride-2 convolutions (+ norm + ReLU);
 * decoder: 2×2×2 stride-2 transposed convolutions (+ norm + ReLU), the encoder feature of the same scale
   **added** (not concatenated), then conv stages of 3, 3, 2, 1 convolutions;
+* ``downsampling`` may give each of the four down- and upsamplings its own stride per axis (kernel = stride), as
+  nnU-Net does for anisotropic volumes: a stride of 1 along a thick-slice axis keeps a patch of a few 10 mm slices
+  from being pooled to nothing while the in-plane axes are pooled four times. The default, 2×2×2 four times, is the
+  reference; its state dict is unchanged (the kernels of a stride-1 axis have size 1, so such a V-Net's weights
+  have other shapes).
 * head: a 1×1×1 convolution to ``n_classes`` logits, no activation;
 * dropout (``Dropout3d``, p = 0.5) on the bottleneck output and on the last decoder feature, only when
   ``has_dropout`` (the training scripts set it, the test scripts do not).
 
 Four downsamplings halve each spatial size four times, so every spatial size of the input must be a multiple of
-16 (112×112×80 → 7×7×5 at the bottleneck); :func:`check_input_shape` says so before a shape error deep inside.
+16 (112×112×80 → 7×7×5 at the bottleneck), or of the product of that axis's strides
+(:func:`~SFRSegmentLib.config.input_multiples`); :func:`check_input_shape` says so before a shape error deep inside.
 
 Submodule names (``block_one`` … ``block_nine``, ``block_*_dw``, ``block_*_up``, ``out_conv``, each block's
 ``conv`` sequence) follow the reference so that state dicts of published checkpoints load unchanged.
@@ -43,7 +49,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import atomic_path, atomic_write_text
 from .choices import NORMALIZATIONS
-from .config import INPUT_MULTIPLE
+from .config import REFERENCE_DOWNSAMPLING, Downsampling, Shape, input_multiples
 from .config_io import to_dict
 from .errors import InputError, PathLike
 from .runfolder import RunFolder
@@ -54,18 +60,21 @@ GROUPNORM_GROUPS = 16
 DROPOUT_P = 0.5
 
 
-def check_input_shape(shape: Sequence[int], n_channels: Optional[int] = None) -> None:
-    """Raise ValueError unless ``shape`` is (B, C, H, W, D) with H, W, D multiples of 16 (and C = n_channels)."""
+def check_input_shape(shape: Sequence[int], n_channels: Optional[int] = None,
+                      downsampling: Downsampling = REFERENCE_DOWNSAMPLING) -> None:
+    """Raise ValueError unless ``shape`` is (B, C, H, W, D) with H, W, D multiples of ``input_multiples``
+    (16 for the reference) and C = n_channels."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 5:
         raise ValueError(f"the V-Net expects a (batch, channels, H, W, D) tensor, got shape {shape}")
     if n_channels is not None and shape[1] != n_channels:
         raise ValueError(f"the V-Net was built for {n_channels} input channel(s), got {shape[1]} (shape {shape})")
-    spatial = shape[2:]
-    if any(s <= 0 or s % INPUT_MULTIPLE for s in spatial):
+    spatial, multiples = shape[2:], input_multiples(downsampling)
+    if any(s <= 0 or s % m for s, m in zip(spatial, multiples)):
         raise ValueError(
-            f"the V-Net needs every spatial size to be a positive multiple of {INPUT_MULTIPLE} (it downsamples 4 "
-            f"times by 2), got {spatial}; use a patch size such as 112×112×80 or pad the input"
+            f"the V-Net needs spatial sizes that are positive multiples of {multiples} (the products of its "
+            f"downsampling strides {[list(s) for s in downsampling]}), got {spatial}; use a patch size such as "
+            f"{tuple(7 * m for m in multiples)} or pad the input"
         )
 
 
@@ -105,14 +114,15 @@ def _conv_stage(n_convs: int, in_channels: int, out_channels: int, normalization
     return _Block(layers)
 
 
-def _downsampling(in_channels: int, out_channels: int, normalization: str) -> _Block:
-    """2×2×2 stride-2 convolution with norm and ReLU: halves each spatial size."""
-    return _Block(_layer(nn.Conv3d(in_channels, out_channels, kernel_size=2, stride=2), out_channels, normalization))
+def _downsampling(in_channels: int, out_channels: int, normalization: str, stride: Shape) -> _Block:
+    """Convolution with kernel = stride (2×2×2 in the reference), norm and ReLU: divides each size by its stride."""
+    conv = nn.Conv3d(in_channels, out_channels, kernel_size=stride, stride=stride)
+    return _Block(_layer(conv, out_channels, normalization))
 
 
-def _upsampling(in_channels: int, out_channels: int, normalization: str) -> _Block:
-    """2×2×2 stride-2 transposed convolution with norm and ReLU: doubles each spatial size."""
-    deconv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+def _upsampling(in_channels: int, out_channels: int, normalization: str, stride: Shape) -> _Block:
+    """Transposed convolution with kernel = stride, norm and ReLU: multiplies each size by its stride."""
+    deconv = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=stride, stride=stride)
     return _Block(_layer(deconv, out_channels, normalization))
 
 
@@ -130,8 +140,12 @@ class VNet(nn.Module):
         n_filters: int = 16,
         normalization: str = "batchnorm",
         has_dropout: bool = False,
+        downsampling: Downsampling = REFERENCE_DOWNSAMPLING,
     ):
         super().__init__()
+        downsampling = tuple(tuple(int(s) for s in strides) for strides in downsampling)
+        if len(downsampling) != 4 or any(len(s) != 3 or min(s) < 1 for s in downsampling):
+            raise ValueError(f"downsampling must be 4 strides (H, W, D) of positive integers, got {downsampling}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if normalization == "groupnorm" and n_filters % GROUPNORM_GROUPS:
@@ -146,25 +160,27 @@ class VNet(nn.Module):
         self.n_channels = n_channels
         self.n_classes = n_classes
         self.has_dropout = has_dropout
+        self.downsampling = downsampling
         f, norm = n_filters, normalization
+        down, up = downsampling, downsampling[::-1]
 
         self.block_one = _conv_stage(1, n_channels, f, norm)
-        self.block_one_dw = _downsampling(f, 2 * f, norm)
+        self.block_one_dw = _downsampling(f, 2 * f, norm, down[0])
         self.block_two = _conv_stage(2, 2 * f, 2 * f, norm)
-        self.block_two_dw = _downsampling(2 * f, 4 * f, norm)
+        self.block_two_dw = _downsampling(2 * f, 4 * f, norm, down[1])
         self.block_three = _conv_stage(3, 4 * f, 4 * f, norm)
-        self.block_three_dw = _downsampling(4 * f, 8 * f, norm)
+        self.block_three_dw = _downsampling(4 * f, 8 * f, norm, down[2])
         self.block_four = _conv_stage(3, 8 * f, 8 * f, norm)
-        self.block_four_dw = _downsampling(8 * f, 16 * f, norm)
+        self.block_four_dw = _downsampling(8 * f, 16 * f, norm, down[3])
         self.block_five = _conv_stage(3, 16 * f, 16 * f, norm)
 
-        self.block_five_up = _upsampling(16 * f, 8 * f, norm)
+        self.block_five_up = _upsampling(16 * f, 8 * f, norm, up[0])
         self.block_six = _conv_stage(3, 8 * f, 8 * f, norm)
-        self.block_six_up = _upsampling(8 * f, 4 * f, norm)
+        self.block_six_up = _upsampling(8 * f, 4 * f, norm, up[1])
         self.block_seven = _conv_stage(3, 4 * f, 4 * f, norm)
-        self.block_seven_up = _upsampling(4 * f, 2 * f, norm)
+        self.block_seven_up = _upsampling(4 * f, 2 * f, norm, up[2])
         self.block_eight = _conv_stage(2, 2 * f, 2 * f, norm)
-        self.block_eight_up = _upsampling(2 * f, f, norm)
+        self.block_eight_up = _upsampling(2 * f, f, norm, up[3])
         self.block_nine = _conv_stage(1, f, f, norm)
         self.out_conv = nn.Conv3d(f, n_classes, kernel_size=1)
 
@@ -200,8 +216,9 @@ class VNet(nn.Module):
         return F.dropout3d(x, self.dropout.p, self.dropout.training, inplace=not torch.is_grad_enabled())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (no softmax) of shape (B, n_classes, H, W, D); H, W and D must be multiples of 16."""
-        check_input_shape(x.shape, self.n_channels)
+        """Logits (no softmax) of shape (B, n_classes, H, W, D); H, W and D must be multiples of
+        ``input_multiples(downsampling)`` (16 for the reference)."""
+        check_input_shape(x.shape, self.n_channels, self.downsampling)
         return self.decoder(self.encoder(x))
 
 
@@ -239,6 +256,8 @@ class VNetInfo:
     spacing: Optional[Tuple[float, float, float]] = None
     """The working voxel size (mm) the model was trained at; prediction resamples each image to it and the
     probabilities back (:mod:`SFRSegmentLib.resample`). None: each image's own grid."""
+    downsampling: Downsampling = REFERENCE_DOWNSAMPLING
+    """The strides of the four downsamplings (:class:`VNet`); files made before it existed have the reference's."""
     training: Dict[str, Any] = field(default_factory=dict)
     """The re-training configuration (for the record)."""
 
@@ -249,7 +268,7 @@ class VNetInfo:
     def build_model(self) -> VNet:
         """An untrained V-Net of this architecture (K+1 outputs)."""
         return VNet(n_channels=1, n_classes=len(self.classes) + 1, n_filters=self.n_filters,
-                    normalization=self.normalization, has_dropout=True)
+                    normalization=self.normalization, has_dropout=True, downsampling=self.downsampling)
 
 
 MEMORY_FORMAT = torch.channels_last_3d
@@ -312,5 +331,6 @@ def _stored_info(record: Mapping[str, Any]) -> VNetInfo:
         n_filters=record["n_filters"],
         normalization=record["normalization"],
         spacing=tuple(record["spacing"]) if record.get("spacing") else None,
+        downsampling=tuple(tuple(strides) for strides in record.get("downsampling", REFERENCE_DOWNSAMPLING)),
         training=record["training"],
     )

@@ -64,3 +64,18 @@ def test_strong_augmentation_changes_batches_but_not_their_shapes():
     assert strong.labels.shape == reference.labels.shape and not torch.equal(strong.images, reference.images)
     with pytest.raises(InputError, match="unknown augmentation .heavy.; expected one of reference, strong"):
         RetrainConfig(augmentation="heavy")
+
+
+def test_in_plane_only_never_mixes_thick_slices():
+    """Each slice of a thick-slice crop holds its own class; augmented in-plane only, every output slice holds only
+    its own class (or the zero fill), while the full 3D affine mixes neighbouring slices."""
+    target = np.broadcast_to(np.arange(1, 9, dtype=np.uint8), (48, 48, 8)).copy()
+    image = target.astype(np.float32)
+    mixed = False
+    for seed in range(12):
+        _, flat = augment.augment_crop(image, target, np.random.default_rng(seed), in_plane_only=True)
+        for k in range(8):
+            assert set(np.unique(flat[:, :, k])) <= {0, k + 1}
+        _, free = augment.augment_crop(image, target, np.random.default_rng(seed))
+        mixed |= any(set(np.unique(free[:, :, k])) - {0, k + 1} for k in range(8))
+    assert mixed

@@ -101,7 +101,10 @@ def test_cpu_run_without_sam_weights_warns_and_predicts_on_each_image_grid(tmp_p
     assert not (out / "finetune").exists() and not (out / "pseudolabels").exists()
     saved = json.loads((out / "config.json").read_text())
     assert saved["preset"] == "cpu" and saved["retrain"]["method"] == "mt"
-    assert json.loads((out / "retrain" / "vnet.json").read_text())["spacing"] == list(CPU_SPACING)
+    # The plan: the 0.8 mm axes are coarsened to the preset's 1.25 mm, the 1.6 mm slices keep their own spacing.
+    planned = json.loads((out / "plan.json").read_text())["planned"]["retrain.spacing"]["used"]
+    assert planned == [CPU_SPACING[0], CPU_SPACING[1], 1.6]
+    assert json.loads((out / "retrain" / "vnet.json").read_text())["spacing"] == planned
     timings = json.loads((out / "timings.json").read_text())
     assert list(timings) == ["validate", "estimate", "retrain", "predict", "evaluate", "report"]
     assert "mean Dice on the held-out test cases (mt): " in result.stderr  # the method the run used

@@ -4,12 +4,15 @@ path and BatchNorm folding."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from SFRSegmentLib.vnet import VNet, check_input_shape, fold_batchnorm
+from SFRSegmentLib.config import input_multiples
+from SFRSegmentLib.vnet import (MODEL_FORMAT, VNet, VNetInfo, check_input_shape, fold_batchnorm,
+                                load_vnet, save_vnet, vnet_info_path)
 
 SMALL_INPUT = (1, 1, 32, 32, 16)
 
@@ -70,7 +73,8 @@ def test_eval_mode_is_deterministic_and_train_mode_dropout_is_not() -> None:
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((1, 1, 32, 32, 20), "multiple of 16"), ((1, 1, 8, 32, 16), "multiple of 16"), ((1, 2, 32, 32, 16), "channel"),
+    [((1, 1, 32, 32, 20), r"multiples of \(16, 16, 16\)"), ((1, 1, 8, 32, 16), r"multiples of \(16, 16, 16\)"),
+     ((1, 2, 32, 32, 16), "channel"),
      ((1, 32, 32, 16), "batch, channels")],
 )
 def test_bad_input_shape_is_refused_clearly(shape, message: str) -> None:
@@ -132,3 +136,40 @@ def test_fold_batchnorm_keeps_the_eval_function() -> None:
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=0, atol=1e-5)
     grouped = fold_batchnorm(VNet(n_filters=16, normalization="groupnorm"))
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in grouped.modules()) == 29  # only BatchNorm folds
+
+
+THICK_SLICES = ((2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2))
+
+
+def test_per_axis_downsampling_keeps_a_few_thick_slices() -> None:
+    model = VNet(n_classes=4, downsampling=THICK_SLICES).eval()
+    assert input_multiples(THICK_SLICES) == (16, 16, 4)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 48, 8)).shape == (1, 4, 32, 48, 8)
+        features = model.encoder(torch.randn(1, 1, 32, 48, 8))
+    assert [tuple(f.shape[2:]) for f in features] == [(32, 48, 8), (16, 24, 8), (8, 12, 8), (4, 6, 4), (2, 3, 2)]
+    with pytest.raises(ValueError, match=r"multiples of \(16, 16, 4\)"):
+        model(torch.zeros(1, 1, 32, 32, 6))
+    reference = {k: v.shape for k, v in VNet().state_dict().items()}
+    thick = {k: v.shape for k, v in model.state_dict().items()}
+    assert thick.keys() == reference.keys()  # the same names; only the stride-1 kernels are thinner
+    assert thick["block_one_dw.conv.0.weight"] == (32, 16, 2, 2, 1)
+    assert thick["block_eight_up.conv.0.weight"] == (32, 16, 2, 2, 1)
+    with pytest.raises(ValueError, match="4 strides"):
+        VNet(downsampling=((2, 2, 2),) * 3)
+
+
+def test_the_model_file_keeps_the_strides_and_older_files_read_as_the_reference(tmp_path) -> None:
+    info = VNetInfo(classes={1: "a", 2: "b"}, patch_size=(32, 32, 8), downsampling=THICK_SLICES)
+    model = info.build_model()
+    path = save_vnet(tmp_path / "vnet.pt", model, info)
+    loaded, loaded_info = load_vnet(path)
+    assert loaded_info.downsampling == THICK_SLICES and loaded.downsampling == THICK_SLICES
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    record = json.loads(vnet_info_path(path).read_text())
+    del record["downsampling"]  # a file written before per-axis strides existed
+    old = VNetInfo(classes={1: "a"}, patch_size=(32, 32, 16))
+    stored = {"format": MODEL_FORMAT, "info": record | {"classes": {"1": "a"}, "patch_size": [32, 32, 16]},
+              "state_dict": old.build_model().state_dict()}
+    torch.save(stored, tmp_path / "old.pt")
+    assert load_vnet(tmp_path / "old.pt")[1].downsampling == ((2, 2, 2),) * 4
