@@ -15,6 +15,7 @@ urllib honours the usual ``https_proxy`` / ``http_proxy`` variables.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import importlib.metadata
@@ -103,8 +104,9 @@ def package_checkpoint(entry: ModelEntry) -> Optional[Path]:
         return None
     if not path.is_file():
         return None
-    size = path.stat().st_size
-    digest = file_sha256(path) if size == entry.size_bytes else None
+    status = path.stat()
+    size = status.st_size
+    digest = _package_file_sha256(path, size, status.st_mtime_ns) if size == entry.size_bytes else None
     if digest != entry.sha256:
         found = f"SHA-256 {digest}" if digest is not None else f"{size} bytes"
         raise InputError(
@@ -115,6 +117,13 @@ def package_checkpoint(entry: ModelEntry) -> Optional[Path]:
             "sha256",
         )
     return path
+
+
+@functools.lru_cache(maxsize=8)
+def _package_file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """:func:`file_sha256` of an installed package's file, once per process while its size and time stay the same:
+    a run looks the checkpoint up in several places, and hashing 40 MB each time adds up."""
+    return file_sha256(path)
 
 
 def install_hint(entry: ModelEntry) -> str:
