@@ -566,8 +566,9 @@ class SFRPlusConfig(_Options):
 class InferenceConfig(_Options):
     """Sliding-window settings of prediction; the defaults are the reference LA ones (stride 18/18/4)."""
 
-    patch_size: Optional[Shape] = option(None, "the window in voxels (H W D), multiples of 16; null: the patch the "
-                                               "V-Net was trained on (its model file)")
+    patch_size: Optional[Shape] = option(None, "the window in voxels (H W D), multiples of the V-Net's strides (16 "
+                                               "for the reference); null: the patch the V-Net was trained on (its "
+                                               "model file)")
     stride_xy: int = option(18, "window stride along the two in-plane axes (i, j)")
     stride_z: int = option(4, "window stride along the slice axis (k)")
     sw_batch_size: int = option(4, "windows per forward pass (memory vs. speed; the result does not depend on it)")
@@ -591,11 +592,15 @@ class InferenceConfig(_Options):
                 raise InputError(f"{prefix}{name} {stride} is larger than the window {_text(patch)} ({patch_field}) "
                                  "along its axes: windows must overlap or touch", field=prefix + name)
 
-    def for_model(self, training_patch: Sequence[int]) -> "InferenceConfig":
-        """This configuration with the V-Net's ``training_patch`` as the window unless ``patch_size`` sets one."""
-        if self.patch_size is not None:
-            return self
-        return dataclasses.replace(self, patch_size=tuple(training_patch))
+    def for_model(self, training_patch: Sequence[int],
+                  downsampling: Optional[Downsampling] = None) -> "InferenceConfig":
+        """This configuration with the V-Net's ``training_patch`` as the window unless ``patch_size`` sets one;
+        InputError naming ``inference.patch_size`` unless a set window suits a V-Net with these ``downsampling``
+        strides (the reference's when None)."""
+        if self.patch_size is None:
+            return dataclasses.replace(self, patch_size=tuple(training_patch))
+        _shape(self.patch_size, "inference.patch_size", input_multiples(downsampling))
+        return self
 
     @property
     def strides(self) -> Shape:
@@ -716,6 +721,8 @@ class RunConfig(_Options):
                              "retrain.patch_size", field="patch_size")
         if self.inference.patch_size is None:
             self.inference.check_window(vnet_patch, f"{vnet_field}, the V-Net's patch", "inference.")
+        else:
+            self.inference.for_model(vnet_patch, self.retrain.downsampling)
 
     def _stage_patch(self, section: str) -> Tuple[Shape, str]:
         """The patch of ``finetune`` or ``retrain`` once resolved, and the field that gives it."""

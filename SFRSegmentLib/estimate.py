@@ -197,7 +197,7 @@ def pseudolabel_intervals(window: Sequence[int], config: PseudoLabelConfig) -> S
 
 def _prediction_settings(config: RunConfig) -> InferenceConfig:
     """The run's prediction settings with the window set: ``inference.patch_size``, or the V-Net's training patch."""
-    return config.inference.for_model(config.retrain.patch_size)
+    return config.inference.for_model(config.retrain.patch_size, config.retrain.downsampling)
 
 
 def _window_count(shape: Sequence[int], window: Sequence[int], steps: Sequence[int]) -> int:

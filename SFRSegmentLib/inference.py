@@ -179,7 +179,7 @@ def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, 
                    config: InferenceConfig, progress: Progress,
                    on_written: Callable[[str], None] = lambda name: None) -> List[Path]:
     written: List[Path] = []
-    config = config.for_model(info.patch_size)
+    config = config.for_model(info.patch_size, info.downsampling)
     table = out_dir / TABLE_NAME
     confidences = recorded(table)
 

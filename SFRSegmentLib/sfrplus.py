@@ -133,7 +133,7 @@ def _score_volumes(run: RunFolder, round_index: int, cases: Sequence[Case], conf
     share the cases and the result is on rank 0 only (empty elsewhere)."""
     device = resolve_device(inference.device if inference else "auto")
     model, info = load_vnet(round_folder(run, round_index - 1).vnet_weights, device)
-    inference = (inference or InferenceConfig()).for_model(info.patch_size)
+    inference = (inference or InferenceConfig()).for_model(info.patch_size, info.downsampling)
     scored: Dict[str, Tuple[float, Volume]] = {}
 
     def score(case: Case) -> Tuple[float, Volume]:

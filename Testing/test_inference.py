@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from SFRSegmentLib.confidence import read_table, volume_confidence
-from SFRSegmentLib.config import InferenceConfig
+from SFRSegmentLib.config import InferenceConfig, RunConfig
 from SFRSegmentLib.data import zscore
 from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.events import parse_progress_line
@@ -120,8 +120,13 @@ def test_window_starts_follow_the_reference_formula() -> None:
 def test_strides_larger_than_the_patch_are_refused() -> None:
     with pytest.raises(InputError, match="stride_xy"):
         InferenceConfig(patch_size=(32, 32, 16), stride_xy=33)
-    with pytest.raises(InputError, match="patch_size"):
-        InferenceConfig(patch_size=(30, 32, 16))
+    window = InferenceConfig(patch_size=(32, 32, 8))  # the rule is the model's strides, known from its file
+    with pytest.raises(InputError, match="inference.patch_size"):
+        window.for_model((32, 32, 16))  # the reference V-Net: multiples of 16
+    thin = ((2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2))
+    assert window.for_model((32, 32, 16), thin).patch_size == (32, 32, 8)
+    with pytest.raises(InputError, match="inference.patch_size"):
+        RunConfig(inference=InferenceConfig(patch_size=(30, 32, 16)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
