@@ -21,14 +21,15 @@ class lies in its largest connected piece) decides the rest, with nnU-Net's publ
 * **Largest component.** Kept (in pseudo-labels and predictions) only if the preset keeps it and, for every
   class, the median labeled volume has at least ``LARGEST_COMPONENT_SHARE`` of the class in one 26-connected
   piece.
-* **Sliding window.** The prediction strides shrink to half the window where the patch is smaller than twice the
-  preset's stride, so that windows still overlap.
+* **Sliding window.** The prediction strides keep the preset's overlap: they grow and shrink with the window
+  (at most half of it), so a wider patch does not multiply the windows per volume.
 
 :func:`plan_config` applies the plan to every planned field that still has its preset's value: a value set by
 hand (a configuration file, the command line, the Slicer module, an update's parent) wins, and ``plan.enabled =
-false`` turns planning off. The command line passes the paths its ``--config`` file and flags set (and an update its
-parent's whole configuration), so a value set by hand wins even where it equals the preset's. The plan, its fingerprint and the reason for each value are written to the run
-folder's ``plan.json`` and shown by ``run --print-config`` with a cohort; the planned values are part of the
+false`` turns planning off. The command line passes the paths its ``--config`` file and flags set (and an update
+its parent's whole configuration), so a value set by hand wins even where it equals the preset's. The plan, its
+fingerprint and the reason for each value are written to the run folder's ``plan.json`` and shown by ``run
+--print-config`` with a cohort; the planned values are part of the
 configuration that every stage's provenance covers.
 """
 
@@ -94,7 +95,8 @@ class Plan:
     def values(self) -> Dict[str, Any]:
         """Planned field → value, in the order of :data:`PLANNED_FIELDS`."""
         reference = self.downsampling == REFERENCE_DOWNSAMPLING  # null, as the presets say it
-        values = {"retrain.downsampling": None if reference else self.downsampling, "inference.stride_xy": self.stride_xy,
+        values = {"retrain.downsampling": None if reference else self.downsampling,
+                  "inference.stride_xy": self.stride_xy,
                   "inference.stride_z": self.stride_z, "patch_size": self.patch_size, "retrain.spacing": self.spacing,
                   "finetune.spacing": self.spacing, "retrain.in_plane_rotation_only": self.in_plane_rotation_only,
                   "pseudolabel.largest_component": self.largest_component,
@@ -161,14 +163,24 @@ def make_plan(found: Fingerprint, config: RunConfig) -> Plan:
         "classes whose largest piece holds (median) " + ", ".join(
             f"{value}: {share:.0%}" for value, share in sorted(found.largest_component_shares.items()))
         + f"; kept only if the preset keeps it and every class has ≥ {LARGEST_COMPONENT_SHARE:.0%}")
-    stride_xy = min(base.inference.stride_xy, max(1, min(patch[:2]) // 2))
-    stride_z = min(base.inference.stride_z, max(1, patch[2] // 2))
-    reasons["inference.stride_xy"] = reasons["inference.stride_z"] = "the preset's stride, at most half the window"
+    stride_xy, stride_z = _window_strides(base, patch)
+    reasons["inference.stride_xy"] = reasons["inference.stride_z"] = (
+        "the preset's overlap of windows: its stride scaled by the window's size, at most half the window")
     reasons["finetune.spacing"] = "the V-Net's working spacing: SAM fine-tunes and pseudo-labels on the same grid"
     reasons["pseudolabel.largest_component"] = reasons["inference.largest_component"]
     reasons["retrain.in_plane_rotation_only"] = ("a thick axis: no rotation across it" if any(thick)
                                                  else "no thick axis")
     return Plan(spacing, patch, downsampling, any(thick), keep, stride_xy, stride_z, reasons)
+
+
+def _window_strides(base: RunConfig, window: Shape) -> Tuple[int, int]:
+    """Prediction strides (in-plane, slice axis) that overlap ``window``-sized windows as much as the preset's
+    strides overlap its patch, at most half the window: a grown in-plane window takes proportionally longer steps
+    (a fixed stride would multiply the windows, and the time, by the growth squared)."""
+    preset_xy, preset_z = min(base.patch_size[:2]), base.patch_size[2]
+    stride_xy = base.inference.stride_xy * min(window[:2]) // preset_xy
+    stride_z = base.inference.stride_z * window[2] // preset_z
+    return (max(1, min(stride_xy, min(window[:2]) // 2)), max(1, min(stride_z, window[2] // 2)))
 
 
 def _spacing_reason(median: Spacing, spacing: Spacing, thick: Sequence[bool], finest: float) -> str:

@@ -62,6 +62,8 @@ def test_on_real_cine_cardiac_mri_the_plan_keeps_the_thick_slices(tmp_path) -> N
     assert all(side % 16 == 0 for side in plan.patch_size[:2])
     assert np.prod(plan.patch_size) <= np.prod(CPU_PATCH)  # within the preset's voxel budget
     assert plan.in_plane_rotation_only and plan.stride_z <= depth // 2
+    cpu = preset("cpu")  # a wider window steps as far, in windows, as the preset's: same overlap, not 4× the windows
+    assert plan.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * min(plan.patch_size[:2])
     assert config.retrain.downsampling == THICK_SLICES and config.retrain.spacing == (1.5, 1.5, 10.0)
     assert config.finetune.spacing == (1.5, 1.5, 10.0) and config.patch_size == plan.patch_size
     resolved = config.resolved(3)
