@@ -159,6 +159,19 @@ def method_recipe(method: str) -> Dict[str, Any]:
     return {**RECIPE, **METHOD_RECIPES.get(parse_method(method)[0], {})}
 
 
+def check_intensity_window(window: Optional[Sequence[float]], field: str
+                           ) -> Optional[Tuple[float, float, float, float]]:
+    """``window`` as (low, high, mean, std) with low < high and std > 0 (or None: z-score each volume); InputError
+    naming ``field`` otherwise."""
+    if window is None:
+        return None
+    values = tuple(float(v) for v in window)
+    if len(values) != 4 or not values[0] < values[1] or not values[3] > 0:
+        raise InputError(f"{field} needs 4 numbers, low high mean std, with low < high and std > 0 (or null to "
+                         f"z-score each volume), got {list(window)}", field=field)
+    return values
+
+
 def check_spacing(spacing: Optional[Sequence[float]], field: str) -> Optional[Spacing]:
     """``spacing`` as three positive millimetre values (or None: each volume's own grid); InputError naming
     ``field`` otherwise."""
@@ -495,6 +508,10 @@ class RetrainConfig(_Options):
                                               "is resampled to it for training and prediction, and labels come back "
                                               "on each image's grid (SFRSegmentLib.resample); null: each volume's "
                                               "own grid, as the references")
+    intensity_window: Optional[Tuple[float, float, float, float]] = option(
+        None, "input normalisation for absolute intensities (CT): clip to [low, high], then (x − mean) / std, "
+              "given as low high mean std (the cohort's foreground statistics; the plan sets it for a CT cohort); "
+              "null: z-score each volume (MRI and other relative intensities)")
     checkpoint_every: int = option(1000, "iterations between resumable checkpoints")
     init_weights: Optional[str] = option(None, "a V-Net file (vnet.pt) of the same architecture and classes to start "
                                                "from instead of random weights (an update, run --from, sets it)")
@@ -519,6 +536,7 @@ class RetrainConfig(_Options):
             self._set("downsampling", strides)
         self._set("patch_size", _shape(self.patch_size, "patch_size", input_multiples(self.downsampling)))
         self._set("spacing", check_spacing(self.spacing, "spacing"))
+        self._set("intensity_window", check_intensity_window(self.intensity_window, "intensity_window"))
         if self.init_weights is not None:
             self._set("init_weights", str(self.init_weights))
         if not 0 <= self.init_weights_share < 1:

@@ -489,6 +489,19 @@ def zscore(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def normalize_intensities(array: np.ndarray, window: Optional[Sequence[float]] = None) -> np.ndarray:
+    """The V-Net's input: :func:`zscore` over the volume without ``window`` (MRI and other relative intensities),
+    or for absolute units (CT's Hounsfield units) a float32 copy clipped to ``window``'s (low, high) and
+    standardised with its (mean, std), the cohort's foreground statistics (nnU-Net's CT normalisation)."""
+    if window is None:
+        return zscore(array)
+    low, high, mean, std = (np.float32(value) for value in window)
+    out = np.clip(np.asarray(array, dtype=np.float32), low, high)
+    out -= mean
+    out /= std
+    return out
+
+
 UNIT_RANGE_PERCENTILES = (0.5, 99.5)
 """The intensity window :func:`unit_range` maps to [0, 1]: MedSAM's preprocessing of MR and other non-CT images."""
 

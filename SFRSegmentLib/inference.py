@@ -2,7 +2,8 @@
 
 The sliding window reproduces the reference ``test_single_case`` (UA-MT's ``test_util.py``, used unchanged by SFR):
 
-* the volume is z-scored (the training loader's normalisation) and zero-padded, equally on both sides (the odd
+* the volume is normalised as the model was trained (z-scored; for CT clipped and standardised, see
+  :func:`~SFRSegmentLib.data.normalize_intensities`) and zero-padded, equally on both sides (the odd
   voxel after), on every axis shorter than the patch;
 * per axis the windows start at ``min(stride·i, size − patch)`` for i = 0 … ceil((size − patch) / stride);
 * the softmax of each window is summed into the volume, divided by the number of windows covering each voxel,
@@ -39,7 +40,7 @@ from scipy import ndimage
 
 from .confidence import TABLE_NAME, recorded, volume_confidence, write_table
 from .config import InferenceConfig
-from .data import Case, discover_cohort, zscore
+from .data import Case, discover_cohort, normalize_intensities
 from .device import autocast_context, resolve_device
 from .distributed import map_cases
 from .errors import InputError, PathLike
@@ -106,17 +107,20 @@ def keep_largest_components(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 def predict_volume(model: torch.nn.Module, image: Volume, config: InferenceConfig,
                    classes: Optional[Mapping[int, str]] = None,
-                   spacing: Optional[Tuple[float, float, float]] = None) -> Tuple[Volume, np.ndarray]:
+                   spacing: Optional[Tuple[float, float, float]] = None,
+                   intensity_window: Optional[Sequence[float]] = None) -> Tuple[Volume, np.ndarray]:
     """The label map (uint8 class values, on the image's grid, with segments) and the class probabilities
     (float32, (K+1, I, J, K), channel c for the c-th class value) of ``image``.
 
     ``classes`` (value → name, the model's :attr:`VNetInfo.classes`) gives the class values and segment names;
     without it channel c is class value c. With ``spacing`` (the model's :attr:`VNetInfo.spacing`) the window
     slides over the image resampled to that voxel size, and the probabilities are resampled back to the image's
-    grid before the argmax.
+    grid before the argmax. ``intensity_window`` (the model's :attr:`VNetInfo.intensity_window`) normalises the
+    image as in training (:func:`~SFRSegmentLib.data.normalize_intensities`).
     """
     working = image if spacing is None else to_working_grid(image, spacing)
-    probabilities = to_native_grid(sliding_window_probabilities(model, zscore(working.array), config), image.shape)
+    network_input = normalize_intensities(working.array, intensity_window)
+    probabilities = to_native_grid(sliding_window_probabilities(model, network_input, config), image.shape)
     n_classes = probabilities.shape[0]
     classes = dict(classes) if classes is not None else {c: f"class_{c}" for c in range(1, n_classes)}
     if len(classes) != n_classes - 1:
@@ -186,7 +190,8 @@ def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, 
     def predict(name: str) -> Tuple[Volume, float]:
         image = read_volume(images[name])
         check_image(image)
-        labels, probabilities = predict_volume(model, image, config, info.classes, info.spacing)
+        labels, probabilities = predict_volume(model, image, config, info.classes, info.spacing,
+                                               info.intensity_window)
         return labels, volume_confidence(probabilities)
 
     def write(name: str, result: Tuple[Volume, float]) -> None:

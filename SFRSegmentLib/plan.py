@@ -17,6 +17,10 @@ class lies in its largest connected piece) decides the rest, with nnU-Net's publ
   the patch covers the median number of slices (rounded down to the axis's stride product, at least one
   product), and the in-plane sides grow, in the preset's proportions, to keep the preset's voxel budget, but not
   beyond the median in-plane size (rounded up to the stride product).
+* **Intensity normalisation.** Per modality, as nnU-Net: a cohort that looks like CT (every volume
+  integer-valued with air below ``CT_AIR_BELOW`` Hounsfield units) is clipped to its labeled foreground's 0.5 and
+  99.5 percentiles and standardised with that foreground's mean and standard deviation, the same numbers for every
+  volume, since CT's units are absolute; any other cohort (MRI) is z-scored volume by volume.
 * **Augmentation.** With a thick axis, the strong augmentation rotates and scales in the slice plane only.
 * **Largest component.** Kept (in pseudo-labels and predictions) only if the preset keeps it and, for every
   class, the median labeled volume has at least ``LARGEST_COMPONENT_SHARE`` of the class in one 26-connected
@@ -47,14 +51,19 @@ from .config import REFERENCE_DOWNSAMPLING, RunConfig, Shape, Spacing, preset
 from .data import Cohort, load_case
 from .volumes import read_volume
 
+CT_AIR_BELOW = -500.0
+"""A volume whose minimum is below this (and whose voxels are integers) is in Hounsfield units: air is −1000."""
+FOREGROUND_SAMPLES = 10000
+"""Foreground voxels drawn per labeled volume for the intensity statistics (nnU-Net draws as many)."""
+FOREGROUND_PERCENTILES = (0.5, 99.5)
 LARGEST_COMPONENT_SHARE = 0.9
 """A class counts as one piece when its largest 26-connected component holds at least this share of its voxels in
 the median labeled volume."""
 POOLINGS = 4
 """The V-Net's downsamplings."""
 PLANNED_FIELDS = ("retrain.downsampling", "inference.stride_xy", "inference.stride_z", "patch_size", "retrain.spacing",
-                  "finetune.spacing", "retrain.in_plane_rotation_only", "pseudolabel.largest_component",
-                  "inference.largest_component")
+                  "finetune.spacing", "retrain.in_plane_rotation_only", "retrain.intensity_window",
+                  "pseudolabel.largest_component", "inference.largest_component")
 """The configuration fields a plan sets (each only while it has its preset's value), in an order in which each
 intermediate configuration passes the checks (strides before the patch they must fit)."""
 
@@ -69,6 +78,16 @@ class Fingerprint:
     """Every volume's size in voxels, in the same order."""
     largest_component_shares: Dict[int, float]
     """Class value → median, over the labeled volumes, of the share of the class in its largest piece."""
+    minima: Tuple[float, ...]
+    """Every volume's smallest voxel value, in the same order."""
+    integer_valued: bool
+    """Whether every volume holds integer values only (CT's Hounsfield units do)."""
+    foreground: Tuple[float, float, float, float]
+    """The labeled volumes' foreground voxels (a sample of each): 0.5 and 99.5 percentiles, mean, std."""
+
+    @property
+    def looks_like_ct(self) -> bool:
+        return self.integer_valued and bool(self.minima) and max(self.minima) < CT_AIR_BELOW
 
     @property
     def median_spacing(self) -> Spacing:
@@ -90,6 +109,7 @@ class Plan:
     largest_component: bool
     stride_xy: int
     stride_z: int
+    intensity_window: Optional[Tuple[float, float, float, float]]
     reasons: Dict[str, str]
 
     def values(self) -> Dict[str, Any]:
@@ -99,6 +119,7 @@ class Plan:
                   "inference.stride_xy": self.stride_xy,
                   "inference.stride_z": self.stride_z, "patch_size": self.patch_size, "retrain.spacing": self.spacing,
                   "finetune.spacing": self.spacing, "retrain.in_plane_rotation_only": self.in_plane_rotation_only,
+                  "retrain.intensity_window": self.intensity_window,
                   "pseudolabel.largest_component": self.largest_component,
                   "inference.largest_component": self.largest_component}
         return {path: values[path] for path in PLANNED_FIELDS}
@@ -108,13 +129,18 @@ class Plan:
         strides = " ".join("×".join(map(str, s)) for s in self.downsampling)
         return (f"spacing {_text(self.spacing)} mm, V-Net patch {_text(self.patch_size)}, strides {strides}, "
                 f"largest component {'kept' if self.largest_component else 'not kept'}"
-                + (", in-plane augmentation" if self.in_plane_rotation_only else ""))
+                + (", in-plane augmentation" if self.in_plane_rotation_only else "")
+                + (", CT normalisation clipped to [{:g}, {:g}]".format(*self.intensity_window[:2])
+                   if self.intensity_window else ""))
 
 
 def fingerprint(cohort: Cohort) -> Fingerprint:
-    """The cohort's :class:`Fingerprint`: the headers of every training case, the labels of the labeled ones."""
-    spacings, shapes = [], []
+    """The cohort's :class:`Fingerprint`: every training volume's header and intensity range, and the labels and
+    foreground intensities of the labeled ones."""
+    spacings, shapes, minima, samples = [], [], [], []
+    integer_valued = True
     shares: Dict[int, List[float]] = {value: [] for value in cohort.classes}
+    rng = np.random.default_rng(0)
     for case in cohort.cases:
         if case.label is None:
             image = read_volume(case.image)
@@ -122,10 +148,22 @@ def fingerprint(cohort: Cohort) -> Fingerprint:
             image, label = load_case(case, cohort.classes)
             for value in shares:
                 shares[value].append(_largest_share(label.array == value))
+            foreground = image.array[label.array > 0]
+            samples.append(rng.choice(foreground, min(FOREGROUND_SAMPLES, foreground.size), replace=False))
         spacings.append(tuple(float(s) for s in image.spacing))
         shapes.append(image.shape)
+        minima.append(float(image.array.min()))
+        integer_valued = integer_valued and _integer_valued(image.array)
+    sampled = np.concatenate(samples).astype(np.float64) if samples else np.zeros(1)
+    low, high = np.percentile(sampled, FOREGROUND_PERCENTILES)
     return Fingerprint(tuple(spacings), tuple(shapes),
-                       {value: float(np.median(found)) for value, found in shares.items() if found})
+                       {value: float(np.median(found)) for value, found in shares.items() if found},
+                       tuple(minima), integer_valued,
+                       (float(low), float(high), float(sampled.mean()), float(sampled.std())))
+
+
+def _integer_valued(array: np.ndarray) -> bool:
+    return array.dtype.kind in "iub" or bool(np.all(np.mod(array, 1) == 0))
 
 
 def _largest_share(mask: np.ndarray) -> float:
@@ -164,13 +202,18 @@ def make_plan(found: Fingerprint, config: RunConfig) -> Plan:
             f"{value}: {share:.0%}" for value, share in sorted(found.largest_component_shares.items()))
         + f"; kept only if the preset keeps it and every class has ≥ {LARGEST_COMPONENT_SHARE:.0%}")
     stride_xy, stride_z = _window_strides(base, patch)
+    window = found.foreground if found.looks_like_ct and found.foreground[3] > 0 else None
+    reasons["retrain.intensity_window"] = (
+        f"CT (integer voxels, air below {CT_AIR_BELOW:g} HU): clipped to the labeled foreground's "
+        f"{FOREGROUND_PERCENTILES[0]:g} and {FOREGROUND_PERCENTILES[1]:g} percentiles, standardised with its mean "
+        "and std" if window else "not CT (relative intensities, such as MRI): each volume z-scored")
     reasons["inference.stride_xy"] = reasons["inference.stride_z"] = (
         "the preset's overlap of windows: its stride scaled by the window's size, at most half the window")
     reasons["finetune.spacing"] = "the V-Net's working spacing: SAM fine-tunes and pseudo-labels on the same grid"
     reasons["pseudolabel.largest_component"] = reasons["inference.largest_component"]
     reasons["retrain.in_plane_rotation_only"] = ("a thick axis: no rotation across it" if any(thick)
                                                  else "no thick axis")
-    return Plan(spacing, patch, downsampling, any(thick), keep, stride_xy, stride_z, reasons)
+    return Plan(spacing, patch, downsampling, any(thick), keep, stride_xy, stride_z, window, reasons)
 
 
 def _window_strides(base: RunConfig, window: Shape) -> Tuple[int, int]:
@@ -241,7 +284,9 @@ def plan_record(config: RunConfig, plan: Plan, found: Fingerprint) -> Dict[str, 
     return {
         "fingerprint": {"median_spacing": found.median_spacing, "median_shape": found.median_shape,
                         "volumes": len(found.shapes),
-                        "largest_component_shares": {str(k): v for k, v in found.largest_component_shares.items()}},
+                        "largest_component_shares": {str(k): v for k, v in found.largest_component_shares.items()},
+                        "minimum_intensity": min(found.minima), "integer_valued": found.integer_valued,
+                        "foreground_intensity": dict(zip(("p0.5", "p99.5", "mean", "std"), found.foreground))},
         "planned": {path: {"plan": _plain(value), "used": _plain(_get(config, path)),
                            "reason": plan.reasons.get(path, "")}
                     for path, value in plan.values().items()},

@@ -45,7 +45,7 @@ from .augment import augment_crop
 from .checkpoint import load_checkpoint, reuse_trained, save_checkpoint
 from .config import REFERENCE_DOWNSAMPLING, RetrainConfig
 from .config_io import to_dict
-from .data import Case, Cohort, load_case, sample_patch, zscore
+from .data import Case, Cohort, load_case, normalize_intensities, sample_patch
 from .distributed import (any_rank, barrier, broadcast_buffers, data_parallel, gather_to_main, mean_over_ranks,
                           rank_slice, ranks)
 from .errors import InputError
@@ -62,13 +62,17 @@ from .validation import check_same_geometry
 STAGE = "retrain"
 EXECUTION_ONLY = ("checkpoint_every", "device", "init_weights")
 """Options that do not change the trained V-Net, or (``init_weights``) that its inputs identify by content."""
+ADDED_OPTIONS = {"in_plane_rotation_only": False}
+"""Options added since V-Nets were first trained, with the value those were trained with (options whose older
+value is null need no entry: a missing record reads as null)."""
 
 
 def trained_vnet_info(config: RetrainConfig, classes: Mapping[int, str]) -> VNetInfo:
     """What the model file of a V-Net trained with ``config`` records (architecture, patch, spacing, options)."""
     return VNetInfo(classes=dict(classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
                     normalization=config.normalization, spacing=config.spacing,
-                    downsampling=config.downsampling or REFERENCE_DOWNSAMPLING, training=to_dict(config))
+                    downsampling=config.downsampling or REFERENCE_DOWNSAMPLING,
+                    intensity_window=config.intensity_window, training=to_dict(config))
 
 
 def learning_rate(iteration: int, config: RetrainConfig) -> float:
@@ -178,9 +182,11 @@ def required_pseudo_labels(cohort: Cohort, run: RunFolder) -> Dict[str, Path]:
 
 
 def load_training_cases(cohort: Cohort, cases: Sequence[Case], pseudo_labels: Mapping[str, Path],
-                        spacing: Optional[Tuple[float, float, float]] = None) -> List[TrainingCase]:
-    """The cases z-scored, with their label (labeled cases) or pseudo-label (when one is given) as class indices;
-    with ``spacing``, image and target resampled to that working voxel size first."""
+                        spacing: Optional[Tuple[float, float, float]] = None,
+                        intensity_window: Optional[Sequence[float]] = None) -> List[TrainingCase]:
+    """The cases normalised (:func:`~SFRSegmentLib.data.normalize_intensities` with ``intensity_window``), with
+    their label (labeled cases) or pseudo-label (when one is given) as class indices; with ``spacing``, image and
+    target resampled to that working voxel size first."""
     table = class_index_table(cohort.classes)
     loaded = []
     for case in cases:
@@ -195,7 +201,7 @@ def load_training_cases(cohort: Cohort, cases: Sequence[Case], pseudo_labels: Ma
                 target = to_working_grid(label.with_array(target), spacing, labels=True).array
         if spacing is not None:
             image = to_working_grid(image, spacing)
-        loaded.append(TrainingCase(case.name, zscore(image.array), target))
+        loaded.append(TrainingCase(case.name, normalize_intensities(image.array, intensity_window), target))
     return loaded
 
 
@@ -358,8 +364,9 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
     if reuse_trained([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs, STAGE, config.iterations, progress,
                      "already re-trained", "the V-Net is stale ({reason}): re-training it again"):
         return run.vnet_weights
-    labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing)
-    unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing)
+    labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing, config.intensity_window)
+    unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing,
+                                     config.intensity_window)
                  if trainer.method.uses_unlabeled else [])
     state = load_checkpoint(run.retrain_checkpoint, inputs, STAGE, config.iterations, progress, device)
     if state is not None:
@@ -434,7 +441,7 @@ def retrain_inputs(config: RetrainConfig, cohort: Cohort, pseudo_labels: Mapping
     upstream = {f"pseudo-label of case {name}": identity_of(path) for name, path in sorted(pseudo_labels.items())}
     if config.init_weights is not None:
         upstream["V-Net re-training continues from"] = identity_of(config.init_weights)
-    return Inputs(options, files, upstream)
+    return Inputs(options, files, upstream, ADDED_OPTIONS)
 
 
 def _save_checkpoint(trainer: Trainer, run: RunFolder, inputs: Inputs) -> None:

@@ -137,7 +137,8 @@ def _score_volumes(run: RunFolder, round_index: int, cases: Sequence[Case], conf
     scored: Dict[str, Tuple[float, Volume]] = {}
 
     def score(case: Case) -> Tuple[float, Volume]:
-        labels, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes, info.spacing)
+        labels, probabilities = predict_volume(model, read_volume(case.image), inference, info.classes, info.spacing,
+                                               info.intensity_window)
         return volume_confidence(probabilities, config.confidence_voxels), labels
 
     def collect(case: Case, result: Tuple[float, Volume]) -> None:

@@ -258,6 +258,9 @@ class VNetInfo:
     probabilities back (:mod:`SFRSegmentLib.resample`). None: each image's own grid."""
     downsampling: Downsampling = REFERENCE_DOWNSAMPLING
     """The strides of the four downsamplings (:class:`VNet`); files made before it existed have the reference's."""
+    intensity_window: Optional[Tuple[float, float, float, float]] = None
+    """The input normalisation it was trained with (:func:`~SFRSegmentLib.data.normalize_intensities`): None
+    z-scores each volume (files made before it existed too)."""
     training: Dict[str, Any] = field(default_factory=dict)
     """The re-training configuration (for the record)."""
 
@@ -332,5 +335,6 @@ def _stored_info(record: Mapping[str, Any]) -> VNetInfo:
         normalization=record["normalization"],
         spacing=tuple(record["spacing"]) if record.get("spacing") else None,
         downsampling=tuple(tuple(strides) for strides in record.get("downsampling", REFERENCE_DOWNSAMPLING)),
+        intensity_window=tuple(record["intensity_window"]) if record.get("intensity_window") else None,
         training=record["training"],
     )

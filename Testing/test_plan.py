@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SFRSegmentLib.config import CPU_PATCH, CPU_SPACING, preset
+from SFRSegmentLib.config import CPU_PATCH, CPU_SPACING, InferenceConfig, preset
 from SFRSegmentLib.config_io import given_paths, with_overrides
-from SFRSegmentLib.data import discover_cohort
+from SFRSegmentLib.data import discover_cohort, normalize_intensities
+from SFRSegmentLib.inference import predict_volume
 from SFRSegmentLib.plan import LARGEST_COMPONENT_SHARE, fingerprint, make_plan, plan_config
+from SFRSegmentLib.vnet import load_vnet
 from SFRSegmentLib.volumes import read_volume
 from small_runs import events, run
 
@@ -62,6 +64,7 @@ def test_on_real_cine_cardiac_mri_the_plan_keeps_the_thick_slices(tmp_path) -> N
     assert all(side % 16 == 0 for side in plan.patch_size[:2])
     assert np.prod(plan.patch_size) <= np.prod(CPU_PATCH)  # within the preset's voxel budget
     assert plan.in_plane_rotation_only and plan.stride_z <= depth // 2
+    assert not found.looks_like_ct and plan.intensity_window is None  # MRI: each volume z-scored
     cpu = preset("cpu")  # a wider window steps as far, in windows, as the preset's: same overlap, not 4× the windows
     assert plan.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * min(plan.patch_size[:2])
     assert config.retrain.downsampling == THICK_SLICES and config.retrain.spacing == (1.5, 1.5, 10.0)
@@ -131,3 +134,65 @@ def test_a_thick_slice_cohort_runs_end_to_end_on_its_plan(tmp_path) -> None:
         image = read_volume(cohort / name / "image.nrrd")
         assert prediction.shape == image.shape and prediction.spacing == pytest.approx(image.spacing)
     assert "Plan" in (tmp_path / "run" / "report.html").read_text()
+
+
+def ct_cohort(root: Path, n_labeled: int = 2, n_unlabeled: int = 1) -> Path:
+    """CT-like volumes in Hounsfield units (int16: air −1000 around a 40 HU body, a 120 ± 15 HU organ, bright
+    bone specks of 1500 HU), 1 mm voxels, as real NRRD files."""
+    rng = np.random.default_rng(1)
+    for index in range(n_labeled + n_unlabeled):
+        shape = (48, 48, 32)
+        label = np.zeros(shape, np.uint8)
+        label[14:30, 16:34, 8:24] = 1
+        image = np.full(shape, -1000.0)
+        image[4:44, 4:44, :] = 40 + rng.normal(0, 10, (40, 40, shape[2]))
+        image[label == 1] = 120 + rng.normal(0, 15, int(label.sum()))
+        image[rng.random(shape) < 0.002] = 1500
+        name = f"ct{index}"
+        write_volume(root / name / "image.nrrd", np.round(image).astype(np.int16), (1.0, 1.0, 1.0))
+        folder = root / name if index < n_labeled else root / "truth" / name
+        write_volume(folder / "label.nrrd", label, (1.0, 1.0, 1.0))
+    return root
+
+
+def test_a_ct_cohort_is_clipped_and_standardised_with_its_foreground_statistics(tmp_path) -> None:
+    root = ct_cohort(tmp_path / "cohort")
+    cohort = discover_cohort(root)
+    found = fingerprint(cohort)
+    assert found.integer_valued and min(found.minima) == -1000 and found.looks_like_ct
+    organ = np.concatenate([read_volume(root / f"ct{i}" / "image.nrrd").array[
+        read_volume(root / f"ct{i}" / "label.nrrd").array == 1] for i in range(2)]).astype(float)
+    low, high, mean, std = found.foreground
+    assert low == pytest.approx(np.percentile(organ, 0.5), abs=2) and high == pytest.approx(np.percentile(organ, 99.5),
+                                                                                            abs=2)
+    assert mean == pytest.approx(organ.mean(), abs=0.5) and std == pytest.approx(organ.std(), rel=0.02)
+    config, plan, _ = plan_config(preset("cpu"), cohort)
+    assert config.retrain.intensity_window == plan.intensity_window == found.foreground
+    image = read_volume(root / "ct2" / "image.nrrd").array
+    normalised = normalize_intensities(image, plan.intensity_window)
+    assert normalised.min() == pytest.approx((low - mean) / std) and normalised.max() == pytest.approx(
+        (high - mean) / std)  # air and bone are clipped to the organ's range, not stretched over −1000 … 1500
+    body = (image > -500) & (image < low)
+    assert np.all(normalised[body] == normalised.min())
+    mri = discover_cohort(thick_slice_cohort(tmp_path / "mri"))  # float intensities: z-scored per volume
+    assert make_plan(fingerprint(mri), preset("cpu")).intensity_window is None
+
+
+def test_a_ct_run_records_its_normalisation_in_the_model_and_predicts_with_it(tmp_path) -> None:
+    cohort = ct_cohort(tmp_path / "cohort", n_labeled=1, n_unlabeled=1)
+    config = {"patch_size": [32, 32, 16], "plan": {"enabled": True},
+              "retrain": {"method": "mt", "iterations": 2, "checkpoint_every": 2}, "estimate": False}
+    result = run(cohort, tmp_path / "run", config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = json.loads((tmp_path / "run" / "plan.json").read_text())["planned"]["retrain.intensity_window"]
+    assert planned["used"] == planned["plan"] and len(planned["plan"]) == 4 and "CT" in planned["reason"]
+    _, info = load_vnet(tmp_path / "run")
+    assert info.intensity_window == tuple(planned["plan"])
+    image = read_volume(cohort / "ct1" / "image.nrrd")
+    model, _ = load_vnet(tmp_path / "run")
+    inference = InferenceConfig(patch_size=(32, 32, 16), stride_xy=16, stride_z=16, device="cpu")
+    _, with_window = predict_volume(model, image, inference, info.classes, info.spacing, info.intensity_window)
+    _, zscored = predict_volume(model, image, inference, info.classes, info.spacing)
+    saved = read_volume(next((tmp_path / "run" / "predictions").glob("ct1.*")))
+    assert np.array_equal(saved.array, with_window.argmax(0).astype(saved.array.dtype))  # the run used the window
+    assert not np.allclose(with_window, zscored)

@@ -160,16 +160,20 @@ def test_per_axis_downsampling_keeps_a_few_thick_slices() -> None:
 
 
 def test_the_model_file_keeps_the_strides_and_older_files_read_as_the_reference(tmp_path) -> None:
-    info = VNetInfo(classes={1: "a", 2: "b"}, patch_size=(32, 32, 8), downsampling=THICK_SLICES)
+    window = (-150.0, 250.0, 60.5, 42.25)
+    info = VNetInfo(classes={1: "a", 2: "b"}, patch_size=(32, 32, 8), downsampling=THICK_SLICES,
+                    intensity_window=window)
     model = info.build_model()
     path = save_vnet(tmp_path / "vnet.pt", model, info)
     loaded, loaded_info = load_vnet(path)
     assert loaded_info.downsampling == THICK_SLICES and loaded.downsampling == THICK_SLICES
+    assert loaded_info.intensity_window == window
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     record = json.loads(vnet_info_path(path).read_text())
-    del record["downsampling"]  # a file written before per-axis strides existed
+    del record["downsampling"], record["intensity_window"]  # a file written before these existed
     old = VNetInfo(classes={1: "a"}, patch_size=(32, 32, 16))
     stored = {"format": MODEL_FORMAT, "info": record | {"classes": {"1": "a"}, "patch_size": [32, 32, 16]},
               "state_dict": old.build_model().state_dict()}
     torch.save(stored, tmp_path / "old.pt")
-    assert load_vnet(tmp_path / "old.pt")[1].downsampling == ((2, 2, 2),) * 4
+    old_info = load_vnet(tmp_path / "old.pt")[1]
+    assert old_info.downsampling == ((2, 2, 2),) * 4 and old_info.intensity_window is None  # z-scored, as trained
