@@ -62,6 +62,9 @@ class Inputs:
     options: Mapping[str, Any]
     files: Mapping[str, str] = field(default_factory=dict)
     upstream: Mapping[str, str] = field(default_factory=dict)
+    added_options: Mapping[str, Any] = field(default_factory=dict)
+    """Options added after records existed → the value a record without them was made with (so that adding an
+    option does not make every earlier output stale); not recorded, only used to read older records."""
 
     def as_dict(self) -> Dict[str, Any]:
         # A JSON round trip makes tuples lists, so that a record read back compares equal.
@@ -75,7 +78,7 @@ class Inputs:
         if not isinstance(recorded, Mapping) or not all(isinstance(recorded.get(s) or {}, Mapping) for s in sections):
             return ["no record of its inputs"]
         now = self.as_dict()
-        options = _changed_fields(recorded.get("options") or {}, now["options"])
+        options = _changed_fields({**self.added_options, **(recorded.get("options") or {})}, now["options"])
         changes = [f"options changed: {', '.join(options)}"] if options else []
         for kind in ("upstream", "files"):
             before, after = recorded.get(kind) or {}, now[kind]

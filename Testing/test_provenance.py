@@ -33,6 +33,15 @@ def test_inputs_name_what_changed(tmp_path):
     assert after.changes_from({"options": 5, "files": []}) == ["no record of its inputs"]
 
 
+def test_an_option_added_later_keeps_older_records_current_while_it_has_their_value():
+    older = Inputs({"lr": 0.01}).as_dict()  # recorded before "flip" existed, when nothing was flipped
+    assert Inputs({"lr": 0.01, "flip": False}, added_options={"flip": False}).changes_from(older) == []
+    assert Inputs({"lr": 0.01, "flip": True}, added_options={"flip": False}).changes_from(older) == [
+        "options changed: flip"]
+    assert Inputs({"lr": 0.01, "flip": False}).changes_from(older) == ["options changed: flip"]
+    assert "added_options" not in Inputs({"lr": 0.01}, added_options={"flip": False}).as_dict()
+
+
 def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     output, other = tmp_path / "out.nrrd", tmp_path / "second.nrrd"
     inputs = Inputs({"a": (1, 2)}, {"image of case x": "abc"})
