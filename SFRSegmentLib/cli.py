@@ -147,13 +147,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .update import parent_overrides
 
     overrides = load_overrides(args.config) if args.config else {}
-    if args.parent:  # an update starts from its parent's configuration
+    remote = args.server and not args.print_config  # the server's engine resolves the configuration as below
+    if args.parent and not remote:  # an update starts from its parent's configuration
         parent = parent_overrides(args.parent)
         config = with_overrides(preset(starting_preset(args.preset, parent, args.parent)), parent, args.parent)
         config = with_overrides(config, overrides, args.config)
-    else:
+    elif not args.parent:  # checked here first, also before a cohort is sent to a server
         config = with_overrides(preset(starting_preset(args.preset, overrides, args.config)), overrides, args.config)
-    if args.server and not args.print_config:  # the server's engine resolves the configuration as below
+    if remote:  # with a server, --from names the server's job: its configuration is read there
         from .jobserver.remote import run_remotely
 
         return run_remotely(args, overrides, _given_options(args), _downloaded_run_summary)

@@ -18,7 +18,7 @@ import httpx
 
 from ..atomic import atomic_path
 from ..errors import PathLike
-from .protocol import TOKEN_ENVIRONMENT, ServerError
+from .protocol import TLS_FAILED, TOKEN_ENVIRONMENT, TOKEN_REFUSED, UNREACHABLE, ServerError
 from .store import CHUNK_BYTES, file_sha256
 
 RECONNECTS = 5
@@ -54,10 +54,10 @@ class JobServerClient:
     def _unreachable(self, error: Exception) -> ServerError:
         text = str(error) or type(error).__name__
         if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
-            return ServerError(f"TLS with {self.url} failed ({text}): check that the URL starts with https:// only "
-                               "when the server uses TLS, and give its certificate with --ca-file when it is "
+            return ServerError(f"{TLS_FAILED} at {self.url} failed ({text}): check that the URL starts with https:// "
+                               "only when the server uses TLS, and give its certificate with --ca-file when it is "
                                "self-signed")
-        return ServerError(f"cannot reach the SFRSegment server at {self.url} ({text}): check the URL and port, "
+        return ServerError(f"{UNREACHABLE} at {self.url} ({text}): check the URL and port, "
                            "that the server runs (python -m SFRSegmentLib serve), and that the network or an SSH "
                            "tunnel lets you through")
 
@@ -168,7 +168,7 @@ def _raise_for_status(response: httpx.Response) -> None:
     if not isinstance(detail, str):
         detail = json.dumps(detail) if detail is not None else (response.text[:500] or response.reason_phrase)
     if response.status_code == 401:
-        detail += (f" (the server refused the token: check --token-file or ${TOKEN_ENVIRONMENT}; the token is in "
+        detail += (f" ({TOKEN_REFUSED}: check --token-file or ${TOKEN_ENVIRONMENT}; the token is in "
                    "the server's token file)")
     raise ServerError(detail, response.status_code)
 

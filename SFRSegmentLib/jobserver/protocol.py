@@ -10,6 +10,14 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 TOKEN_ENVIRONMENT = "SFRSEGMENT_TOKEN"
 """The environment variable a client reads the token from when no --token-file is given."""
+SERVER_JOB_FILE = "server-job.json"
+"""In a client's ``--out`` folder: the server, the job and a fingerprint of what was sent (see :mod:`.remote`)."""
+
+# How the client's errors begin, so that other front ends (the Slicer module) recognise them and say what to check
+# in their own terms.
+TOKEN_REFUSED = "the server refused the token"
+UNREACHABLE = "cannot reach the SFRSegment server"
+TLS_FAILED = "TLS with the SFRSegment server"
 
 
 class ServerError(Exception):

@@ -26,10 +26,9 @@ from ..atomic import atomic_write_text
 from ..errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
 from ..events import parse_progress_line
 from .client import JobServerClient, token_from
-from .protocol import ServerError
+from .protocol import SERVER_JOB_FILE, ServerError
 from .store import file_sha256
 
-SERVER_JOB_FILE = "server-job.json"
 EXIT_FAILURE = 1
 EXIT_CANCELLED = 130
 
