@@ -42,7 +42,7 @@ import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib import choices  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, review  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, remote, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
@@ -52,6 +52,7 @@ from SFRSegmentLogicLib.process import (  # noqa: E402
     ProgressEvent,
     engine_environment,
 )
+from SFRSegmentLogicLib.remote import ComputeServer, ComputeSettings  # noqa: E402
 from SFRSegmentLogicLib.review import ReviewRow  # noqa: E402
 from SFRSegmentLogicLib.runs import EngineRun, JobRunner  # noqa: E402
 
@@ -206,6 +207,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The bundled JSON's models, nothing downloaded; LiteMedSAM first on a computer without a CUDA GPU.
         for entry in jobs.model_order(catalog.load_catalog().values(), self.logic.hasCudaGpu()):
             self.ui.modelComboBox.addItem(entry.title, entry.id)
+        self._setupComputeOn()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -218,6 +220,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.importWeightsButton.clicked.connect(self.onImportWeightsButton)
         self.ui.jobsFolderPathLineEdit.currentPathChanged.connect(self.onJobsFolderChanged)
+        self.ui.computeOnComboBox.currentIndexChanged.connect(self.onComputeSettingsChanged)
+        self.ui.serverUrlLineEdit.editingFinished.connect(self.onComputeSettingsChanged)
+        self.ui.serverTokenLineEdit.editingFinished.connect(self.onComputeSettingsChanged)
+        self.ui.serverCaFilePathLineEdit.currentPathChanged.connect(self.onComputeSettingsChanged)
         self.ui.runButton.clicked.connect(self.onRunButton)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.openReportButton.clicked.connect(self.onOpenReportButton)
@@ -387,6 +393,35 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.jobsFolder = path
             self.updatePastJobs()
 
+    # Compute on: kept in the application's settings (the token must never be in the scene), so synced by hand.
+
+    def _setupComputeOn(self) -> None:
+        """Offer this computer and a server, and show the choice the application's settings keep (called before the
+        fields' signals are connected, so showing it writes nothing back)."""
+        compute = self.logic.computeSettings()
+        combo = self.ui.computeOnComboBox
+        combo.addItem(_("this computer"), remote.THIS_COMPUTER)
+        combo.addItem(_("a server"), remote.A_SERVER)
+        combo.currentIndex = combo.findData(remote.A_SERVER if compute.on_server else remote.THIS_COMPUTER)
+        self.ui.serverUrlLineEdit.text = compute.url
+        self.ui.serverTokenLineEdit.text = compute.token
+        self.ui.serverCaFilePathLineEdit.currentPath = compute.ca_file
+        self._enableServerFields(compute.on_server)
+
+    def onComputeSettingsChanged(self, *signalArguments) -> None:
+        """Keep what the Compute on fields show (one of them changed) in the application's settings."""
+        combo = self.ui.computeOnComboBox
+        compute = ComputeSettings(on_server=combo.itemData(combo.currentIndex) == remote.A_SERVER,
+                                  url=self.ui.serverUrlLineEdit.text, token=self.ui.serverTokenLineEdit.text,
+                                  ca_file=self.ui.serverCaFilePathLineEdit.currentPath)
+        self.logic.setComputeSettings(compute)
+        self._enableServerFields(compute.on_server)
+
+    def _enableServerFields(self, onServer: bool) -> None:
+        for field in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenLabel,
+                      self.ui.serverTokenLineEdit, self.ui.serverCaFileLabel, self.ui.serverCaFilePathLineEdit):
+            field.enabled = onServer
+
     def onImportWeightsButton(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Import SAM weights"), "",
                                               _("PyTorch checkpoints (*.pth *.pt)"))
@@ -442,27 +477,30 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.runButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the run."), waitCursor=True):
-            settings = self._readySettings()
+            server = self.logic.computeServer()
+            settings = self._readySettings(server)
             if settings is None:
                 return
             inputs = self._inputs()
             segmentNames = self._segmentNames(inputs)
-            unfinished = self.logic.unfinishedJob(inputs, segmentNames, settings, self._jobsFolder())
+            unfinished = self.logic.unfinishedJob(inputs, segmentNames, settings, self._jobsFolder(), server)
             carryOn = False if unfinished is None else self._askToContinue(unfinished)
             if carryOn is None:
                 return
             if carryOn:
-                self._startRun(lambda: self.logic.resume(unfinished, **self._followRun()))
+                self._startRun(lambda: self.logic.resume(unfinished, server=server, **self._followRun()))
             else:
                 self._startRun(lambda: self.logic.run(inputs, segmentNames, settings, jobsFolder=self._jobsFolder(),
-                                                      resume=False, **self._followRun()))
+                                                      resume=False, server=server, **self._followRun()))
 
-    def _readySettings(self) -> Optional[RunSettings]:
+    def _readySettings(self, server: Optional[ComputeServer]) -> Optional[RunSettings]:
         """The panel's run settings, once the engine's packages and the SAM weights they need are installed; None
-        when the user declined something the run cannot do without."""
+        when the user declined something the run cannot do without. On a server, the SAM weights are the server's
+        to fetch (its engine downloads or skips them as the preset says), so none are fetched here."""
         settings = runSettings(self._parameterNode)
         self.logic.setupPythonRequirements()
-        if settings.uses_checkpoint and not self._ensureWeights(settings.model, settings.checkpoint_required):
+        if (server is None and settings.uses_checkpoint
+                and not self._ensureWeights(settings.model, settings.checkpoint_required)):
             return None
         return settings
 
@@ -488,8 +526,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start segmenting the volume."), waitCursor=True):
             self.logic.setupPythonRequirements()
+            server = self.logic.computeServer()
             self._startRun(lambda: self.logic.applyModel(
-                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), **self._followRun()))
+                self._parameterNode.applyVolume, Path(self._parameterNode.lastJob), server=server,
+                **self._followRun()))
 
     def _startRun(self, start: Callable[[], "EngineRun"]) -> None:
         self.ui.logTextEdit.clear()
@@ -504,7 +544,11 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = ""
             raise
-        self.ui.statusLabel.text = _("Started; job folder: {folder}").format(folder=self._run.job.folder)
+        if self._run.server is None:
+            self.ui.statusLabel.text = _("Started; job folder: {folder}").format(folder=self._run.job.folder)
+        else:
+            self.ui.statusLabel.text = _("Started on {server}; job folder: {folder}").format(
+                server=self._run.server.url, folder=self._run.job.folder)
         self._updateButtons()
         self.updatePastJobs()
 
@@ -639,7 +683,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      _("{count}: {names}").format(count=len(job.volumes), names=", ".join(job.volumes)),
                      Path(job.model).name if job.model else _("none"), job.method, jobStateTitle(job.state),
                      formatSize(job.size_bytes)]
-            toolTip = "\n".join(line for line in (str(job.folder), job.message) if line)
+            where = _("on the server {url}").format(url=job.server) if job.server else ""
+            toolTip = "\n".join(line for line in (str(job.folder), where, job.message) if line)
             for column, text in enumerate(cells):
                 item = qt.QTableWidgetItem(text)
                 item.setToolTip(toolTip)
@@ -670,7 +715,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = self._selectedJob()
         with slicer.util.tryWithErrorDisplay(_("Failed to resume the job."), waitCursor=True):
             self.logic.setupPythonRequirements()
-            self._startRun(lambda: self.logic.resume(job.folder, **self._followRun()))
+            server = self.logic.computeServer()
+            self._startRun(lambda: self.logic.resume(job.folder, server=server, **self._followRun()))
 
     def onDeleteJobButton(self) -> None:
         job = self._selectedJob()
@@ -745,12 +791,13 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUpdateModelButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the update."), waitCursor=True):
-            settings = self._readySettings()
+            server = self.logic.computeServer()
+            settings = self._readySettings(server)
             if settings is None:
                 return
             parent = self._reviewJob
             self._startRun(lambda: self.logic.update(parent, self._inputs(), settings, jobsFolder=self._jobsFolder(),
-                                                     **self._followRun()))
+                                                     server=server, **self._followRun()))
 
 
 Row = TypeVar("Row")
@@ -833,15 +880,22 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
 
     The process is started through ``processRunner`` (``ChildProcessRunner`` by default), which can be replaced, and
     whether the computer has a CUDA GPU is asked of ``hasCudaGpu`` (``hardware.has_cuda_gpu`` by default).
+
+    Every method that starts the engine takes ``server``: None runs it on this computer, a :class:`ComputeServer`
+    on that job server (the same child process, as the server's client: see ``SFRSegmentLogicLib.remote``). A job
+    is resumed, updated and applied where it ran. The panel's choice ("Compute on") is kept in the application's
+    settings (``settings``, ``qt.QSettings()`` by default), not in the scene: :meth:`computeServer` reads it.
     """
 
     POLL_INTERVAL_MS = 200
 
     def __init__(self, processRunner: Optional[ChildProcessRunner] = None,
-                 hasCudaGpu: Optional[Callable[[], bool]] = None) -> None:
+                 hasCudaGpu: Optional[Callable[[], bool]] = None, settings: Optional["qt.QSettings"] = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.jobRunner = JobRunner(slicer.mrmlScene, processRunner or ChildProcessRunner(), ENGINE_ROOT)
         self.hasCudaGpu = hasCudaGpu or hardware.has_cuda_gpu
+        self.settings = settings if settings is not None else qt.QSettings()
+        """The application's settings, where the compute choice is kept (with the server's token: never the scene)."""
 
     def getParameterNode(self) -> SFRSegmentParameterNode:
         """The module's parameter node. A new one starts on the preset for this computer (cpu without a CUDA GPU,
@@ -910,6 +964,27 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         """Copy a checkpoint fetched elsewhere into the cache; one matching no catalog model needs ``allowUnknown``."""
         return weights.import_local(path, allow_unknown=allowUnknown)
 
+    # Where the engine computes: this computer or a job server
+
+    def computeSettings(self) -> ComputeSettings:
+        """The compute choice kept in the application's settings: this computer, or a server with its URL, token
+        and CA file."""
+        return remote.load_compute_settings(self.settings)
+
+    def setComputeSettings(self, compute: ComputeSettings) -> None:
+        """Keep ``compute`` in the application's settings (the settings file is then readable by its owner only)."""
+        remote.store_compute_settings(self.settings, compute)
+
+    def computeServer(self) -> Optional[ComputeServer]:
+        """The job server the settings choose to compute on; None for this computer. Pass it as ``server``."""
+        return self.computeSettings().server()
+
+    @staticmethod
+    def _checkServer(server: Optional[ComputeServer]) -> None:
+        """Refuse settings the engine could not use before anything is written (InputError: what to fill in)."""
+        if server is not None:
+            server.check()
+
     # Running the engine
 
     def run(
@@ -923,6 +998,7 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
         resume: bool = True,
+        server: Optional[ComputeServer] = None,
     ) -> EngineRun:
         """Train on the labeled ``inputs`` and segment the others; results become segmentation nodes.
 
@@ -933,16 +1009,21 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         :param wait: block until the engine has finished (scripts), instead of polling with a Qt timer (GUI).
         :param onProgress: called with each progress event; ``onLog`` with each other line of output.
         :param onFinished: called with the run once its results are imported or it failed (``run.error``).
-        :param resume: continue the unfinished job these inputs and settings made before, if there is one
-            (:meth:`unfinishedJob`), instead of starting a new job folder.
+        :param resume: continue the unfinished job these inputs and settings made before on the same computer or
+            server, if there is one (:meth:`unfinishedJob`), through :meth:`resume`'s check, instead of starting a new
+            job folder.
+        :param server: the job server to train on (see :meth:`computeServer`); None: this computer.
         :return: the run; with ``wait``, finished, and its error raised if it failed.
         """
         python = self.enginePython()
-        job = self.unfinishedJob(inputs, segmentNames, settings, jobsFolder) if resume else None
-        if job is None:
-            job = jobs.prepare_training_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings)
+        self._checkServer(server)
+        job = self.unfinishedJob(inputs, segmentNames, settings, jobsFolder, server) if resume else None
+        if job is not None:
+            return self.resume(job, wait, onProgress, onLog, onFinished, server)
+        job = jobs.prepare_training_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings,
+                                        remote.server_url(server))
         return self._follow(self.jobRunner.train(job, python, self.engineEnvironment(), onProgress, onLog,
-                                                 onFinished), wait)
+                                                 onFinished, server), wait)
 
     def unfinishedJob(
         self,
@@ -950,11 +1031,13 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         segmentNames: Sequence[str],
         settings: RunSettings = RunSettings(),
         jobsFolder: Optional[Path] = None,
+        server: Optional[ComputeServer] = None,
     ) -> Optional[TrainingJob]:
         """The newest cancelled, failed or interrupted job made from these same inputs (their voxels, geometry and
-        labels) and settings, ready for :meth:`resume`; None if there is none. Arguments as in :meth:`run`."""
+        labels) and settings on the same computer or server, for :meth:`resume`; None if there is none. Arguments
+        as in :meth:`run`."""
         return history.unfinished_job(self._jobsRoot(jobsFolder), inputs, segmentNames, settings,
-                                      self.jobRunner.is_running)
+                                      self.jobRunner.is_running, remote.server_url(server))
 
     def resume(
         self,
@@ -963,15 +1046,20 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress: Optional[Callable[[ProgressEvent], None]] = None,
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
+        server: Optional[ComputeServer] = None,
     ) -> EngineRun:
-        """Continue an unfinished job from its checkpoints: the engine reruns in its folder. ``job`` is what
-        :meth:`unfinishedJob` found, or a job folder (its volumes are found in the scene by their fingerprints, or
-        loaded from the job). Other arguments as in :meth:`run`."""
-        if not isinstance(job, TrainingJob) or not job.volume_ids:
-            folder = job.folder if isinstance(job, TrainingJob) else Path(job)
-            job = history.resumable_job(slicer.mrmlScene, folder, self.jobRunner.is_running)
-        return self._follow(self.jobRunner.train(job, self.enginePython(), self.engineEnvironment(), onProgress,
-                                                 onLog, onFinished), wait)
+        """Continue an unfinished job from its checkpoints: the engine reruns in its folder, on the computer or
+        server it ran on (``server``). ``job`` is what :meth:`unfinishedJob` found, or a job folder (its volumes are
+        found in the scene by their fingerprints, or loaded from the job). Every resume (Run → Continue,
+        ``run(resume=True)``, a job, a folder) goes through one check, :func:`history.resumable_job`: a job that
+        is not unfinished, runs elsewhere, or whose copy of a volume changed is refused (InputError: what to do).
+        Other arguments as in :meth:`run`."""
+        python = self.enginePython()
+        self._checkServer(server)
+        job = history.resumable_job(slicer.mrmlScene, job if isinstance(job, TrainingJob) else Path(job),
+                                    self.jobRunner.is_running, remote.server_url(server))
+        return self._follow(self.jobRunner.train(job, python, self.engineEnvironment(), onProgress, onLog,
+                                                 onFinished, server), wait)
 
     def applyModel(
         self,
@@ -981,12 +1069,15 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress: Optional[Callable[[ProgressEvent], None]] = None,
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
+        server: Optional[ComputeServer] = None,
     ) -> EngineRun:
-        """Segment ``volume`` with the model the job in ``jobFolder`` trained; other arguments as in :meth:`run`
-        (one progress event per volume; cancelling removes the apply folder)."""
-        job = jobs.prepare_apply_job(TrainingJob.load(Path(jobFolder)), volume)
-        return self._follow(self.jobRunner.apply(job, self.enginePython(), self.engineEnvironment(), onProgress,
-                                                 onLog, onFinished), wait)
+        """Segment ``volume`` with the model the job in ``jobFolder`` trained, where it trained it (``server``);
+        other arguments as in :meth:`run` (one progress event per volume; cancelling removes the apply folder)."""
+        python = self.enginePython()
+        self._checkServer(server)
+        job = jobs.prepare_apply_job(TrainingJob.load(Path(jobFolder)), volume, remote.server_url(server))
+        return self._follow(self.jobRunner.apply(job, python, self.engineEnvironment(), onProgress, onLog,
+                                                 onFinished, server), wait)
 
     def update(
         self,
@@ -998,6 +1089,7 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress: Optional[Callable[[ProgressEvent], None]] = None,
         onLog: Optional[Callable[[str], None]] = None,
         onFinished: Optional[Callable[[EngineRun], None]] = None,
+        server: Optional[ComputeServer] = None,
     ) -> EngineRun:
         """Update the model of the finished job ``parentJob`` (a job or its folder): a new job that starts from its
         fine-tuned SAM and V-Net (the engine's ``run --from``) and learns from the labels the scene has now, the
@@ -1006,15 +1098,18 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         :param inputs: the volumes and labels (default: :meth:`inputs`, every volume of the scene); the segments are
             the parent's.
         :param settings: the run settings (default: the parent's).
+        :param server: where the parent ran, and so the update runs (None: this computer).
         :return: the run, as :meth:`run`'s. Once it has finished, each volume's unedited prediction is replaced by
             the new one; a segmentation the user edited or used as labels is kept
             (see :func:`SFRSegmentLogicLib.jobs.import_training_results`).
         """
+        python = self.enginePython()
+        self._checkServer(server)
         parent = parentJob if isinstance(parentJob, TrainingJob) else TrainingJob.load(Path(parentJob))
         job = jobs.prepare_update_job(self._jobsRoot(jobsFolder), parent, self.inputs() if inputs is None else inputs,
-                                      settings)
-        return self._follow(self.jobRunner.train(job, self.enginePython(), self.engineEnvironment(), onProgress,
-                                                 onLog, onFinished), wait)
+                                      settings, remote.server_url(server))
+        return self._follow(self.jobRunner.train(job, python, self.engineEnvironment(), onProgress, onLog,
+                                                 onFinished, server), wait)
 
     # The review queue
 

@@ -40,6 +40,7 @@ SUFFIX_CLASSES = {
     "ProgressBar": {"QProgressBar"},
     "Label": {"QLabel"},
     "PathLineEdit": {"ctkPathLineEdit"},
+    "LineEdit": {"QLineEdit"},
 }
 # Which widget classes connectGui can bind to which parameter types (Slicer's parameterNodeWrapper connectors).
 BINDABLE = {"bool": {"QCheckBox"}, "int": {"QSpinBox", "QSlider"}, "enum": {"QComboBox"},
@@ -495,3 +496,56 @@ def test_the_engines_bad_input_message_is_the_error_dialog_s_text(loaded_ui, tmp
     view.onRunFinished(types.SimpleNamespace(error=failed.value, job=None))
     assert shown == [(f"The run failed: {failed.value}", {})]
     assert "Traceback" not in shown[0][0] and view.ui.statusLabel.text == f"Failed: {failed.value}"
+
+
+def test_compute_on_shows_the_kept_choice_and_keeps_each_change_in_the_application_settings(loaded_ui, tmp_path):
+    """The widget's own code fills Compute on from the application's settings (a real QSettings file), greys out the
+    server's fields for this computer, and writes every change back there: the token is typed hidden, and kept in
+    the settings file only (readable by its owner), never in a parameter node."""
+    from SFRSegmentLogicLib import remote
+    from SFRSegmentLogicLib.remote import ComputeSettings
+
+    widget, QtWidgets = loaded_ui
+    QtCore = pytest.importorskip("PySide6.QtCore")
+    path = tmp_path / "Slicer.ini"
+
+    def settings():  # as each Slicer session opens the application's settings anew
+        return QtCore.QSettings(str(path), QtCore.QSettings.IniFormat)
+
+    kept = ComputeSettings(on_server=True, url="https://gpu.example.org:8765", token="s3cret-token")
+    remote.store_compute_settings(settings(), kept)
+    # The Logic's two methods the widget calls (SFRSegmentLogic.computeSettings, setComputeSettings).
+    logic = types.SimpleNamespace(computeSettings=lambda: remote.load_compute_settings(settings()),
+                                  setComputeSettings=lambda compute: remote.store_compute_settings(settings(), compute))
+    parts = module_code(widget_methods=["_setupComputeOn", "onComputeSettingsChanged", "_enableServerFields"],
+                        remote=remote, ComputeSettings=ComputeSettings)
+    view = parts.Widget()
+    fields = ("serverUrlLabel", "serverUrlLineEdit", "serverTokenLabel", "serverTokenLineEdit", "serverCaFileLabel",
+              "serverCaFilePathLineEdit")
+    view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name))
+                                       for name in ("computeOnComboBox", *fields)})
+    view.logic = logic
+    combo = view.ui.computeOnComboBox.widget
+    combo.clear()
+    view._setupComputeOn()
+
+    assert [combo.itemText(index) for index in range(combo.count())] == ["this computer", "a server"]
+    assert combo.currentText() == "a server"
+    token = view.ui.serverTokenLineEdit.widget
+    assert (view.ui.serverUrlLineEdit.text, token.text()) == (kept.url, kept.token)
+    assert token.echoMode() == QtWidgets.QLineEdit.Password
+    assert all(getattr(view.ui, name).enabled for name in fields)
+
+    combo.setCurrentIndex(combo.findText("this computer"))  # the user computes here again
+    view.onComputeSettingsChanged(0)
+    assert not any(getattr(view.ui, name).enabled for name in fields)
+    assert remote.load_compute_settings(settings()) == ComputeSettings(False, kept.url, kept.token)  # kept for later
+
+    combo.setCurrentIndex(combo.findText("a server"))
+    token.setText("  new-token ")
+    certificate = tmp_path / "server.pem"
+    view.ui.serverCaFilePathLineEdit.currentPath = str(certificate)
+    view.onComputeSettingsChanged()
+    assert remote.load_compute_settings(settings()) == ComputeSettings(True, kept.url, "new-token", str(certificate))
+    assert "new-token" in path.read_text(encoding="utf-8") and path.stat().st_mode & 0o777 == 0o600
+    assert all(getattr(view.ui, name).enabled for name in fields)

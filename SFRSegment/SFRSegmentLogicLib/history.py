@@ -19,7 +19,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLScene
 
@@ -41,6 +41,7 @@ from .jobs import (
     is_job_folder,
     require_intact_copy,
     require_job_folder,
+    require_place,
     run_config,
     write_cohort_classes,
 )
@@ -75,6 +76,8 @@ class JobSummary:
     message: str
     """A failure's message, what interrupted or damaged the job; empty otherwise."""
     size_bytes: int
+    server: Optional[str] = None
+    """The URL of the job server it runs on; None: this computer (and for a damaged job)."""
 
 
 def job_state(job: TrainingJob, is_running: IsRunning) -> Tuple[JobState, str]:
@@ -115,7 +118,7 @@ def _summary(folder: Path, is_running: IsRunning) -> JobSummary:
         return JobSummary(folder, created, [], None, "", "", JobState.DAMAGED, str(error), size)
     state, message = job_state(job, is_running)
     return JobSummary(folder, created, [record.volume for record in job.cases.values()], job.model, job.method,
-                      job.preset, state, message, size)
+                      job.preset, state, message, size, job.server)
 
 
 def folder_size(folder: Path) -> int:
@@ -124,13 +127,15 @@ def folder_size(folder: Path) -> int:
 
 
 def unfinished_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str],
-                   settings: RunSettings, is_running: IsRunning) -> Optional[TrainingJob]:
+                   settings: RunSettings, is_running: IsRunning,
+                   server_url: Optional[str] = None) -> Optional[TrainingJob]:
     """The newest unfinished job (cancelled, failed or interrupted) under ``jobs_root`` that these inputs and settings
-    would make again, with each case paired with its input's volume; None if there is none.
+    would make again on ``server_url`` (None: this computer), with each case paired with its input's volume; None if
+    there is none. Whether it can be resumed is :func:`resumable_job`'s to say.
 
-    It matches when its configuration is ``settings``'s, its segments are ``segment_names`` in the same order, and
-    its cases' fingerprints are the inputs' (in any order). The inputs are fingerprinted only when a job of the same
-    configuration, segments and number of volumes exists.
+    It matches when it runs there, its configuration is ``settings``'s, its segments are ``segment_names`` in the
+    same order, and its cases' fingerprints are the inputs' (in any order). The inputs are fingerprinted only when a
+    job of the same place, configuration, segments and number of volumes exists.
     """
     check_inputs(inputs, segment_names)
     overrides = run_config(settings)
@@ -140,7 +145,8 @@ def unfinished_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: 
             job = TrainingJob.load(folder)
         except InputError:
             continue  # a damaged job is no one's to continue
-        if (job.overrides == overrides and [c.name for c in job.classes] == list(segment_names)
+        if (job.server == server_url and job.overrides == overrides
+                and [c.name for c in job.classes] == list(segment_names)
                 and len(job.cases) == len(inputs) and job_state(job, is_running)[0] in RESUMABLE):
             candidates.append(job)
     if not candidates:
@@ -227,17 +233,30 @@ def reopen(scene: vtkMRMLScene, folder: Path, is_running: IsRunning) -> Training
     return import_training_results(scene, attach(scene, job))
 
 
-def resumable_job(scene: vtkMRMLScene, folder: Path, is_running: IsRunning) -> TrainingJob:
-    """The unfinished job in ``folder``, attached to ``scene``'s volumes (:func:`attach`), ready to resume: its
-    cohort, which the engine reads again, is checked (:func:`check_cohort`) and its classes.json written again."""
-    job = TrainingJob.load(folder)
-    state, _ = job_state(job, is_running)
+def resumable_job(scene: vtkMRMLScene, job: Union[TrainingJob, Path], is_running: IsRunning,
+                  server_url: Optional[str] = None) -> TrainingJob:
+    """The unfinished job ``job`` (a job, e.g. what :func:`unfinished_job` found, or its folder) ready to resume on
+    ``server_url`` (None: this computer), or the InputError that says why not and what to do.
+
+    The one check before any resume: the job is read again from its folder, and must be cancelled, failed or
+    interrupted, run where it is asked to (:func:`jobs.require_place`), and have its cohort as it wrote it
+    (:func:`check_cohort`: the engine reads it again, and a changed copy would silently restart training from
+    iteration 0 on other data). Its classes.json is written again. Its cases keep the volumes ``job`` pairs them with
+    when those are still in ``scene``; otherwise they are found or loaded (:func:`attach`).
+    """
+    folder = job.folder if isinstance(job, TrainingJob) else Path(job)
+    loaded = TrainingJob.load(folder)
+    state, _ = job_state(loaded, is_running)
     if state not in RESUMABLE:
         raise InputError(f"this job is {state.value}: only a cancelled, failed or interrupted job can be resumed. "
                          + _what_to_do(state), folder)
-    check_cohort(job)
-    write_cohort_classes(job)
-    return attach(scene, job)
+    require_place(loaded, server_url, "resumed")
+    check_cohort(loaded)
+    write_cohort_classes(loaded)
+    paired = job.volume_ids if isinstance(job, TrainingJob) else {}
+    if paired.keys() == loaded.cases.keys() and all(scene.GetNodeByID(i) is not None for i in paired.values()):
+        return dataclasses.replace(loaded, volume_ids=dict(paired))
+    return attach(scene, loaded)
 
 
 def _what_to_do(state: JobState) -> str:

@@ -4,8 +4,9 @@ A training job folder::
 
     JOB/
       job.json                  the classes (label value, segment name, colour), each case's volume: its name
-                                and the fingerprints of its image and label (:class:`CaseRecord`), and for an
-                                update, its parent job's folder
+                                and the fingerprints of its image and label (:class:`CaseRecord`), the
+                                SHA-256 of each exported file, the job server it runs on (null: this
+                                computer), and for an update, its parent job's folder
       config.json               the run configuration (see :func:`run_config`)
       state.json                running, finished, cancelled or failed (with the message): :class:`JobState`
       cohort/classes.json       {"1": "<segment name>", ...}
@@ -18,6 +19,10 @@ The engine is started as ``<python> -m SFRSegmentLib run --cohort JOB/cohort --o
 JOB/config.json --progress jsonl``; the same command in the same folder resumes an unfinished job from its
 checkpoints. An *update* (:func:`prepare_update_job`) is a training job that starts from a finished job's models:
 its command adds ``--from PARENT/run``, and its results replace the parent's unedited predictions.
+
+A job on a job server (:mod:`remote`) has the same folder: the engine's command adds ``--server URL``, uploads the
+cohort, follows the server's job and downloads its results into ``run/`` (with ``run/server-job.json`` naming the
+server's job, which a rerun continues).
 
 Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists, matches,
 reopens and deletes job folders, :mod:`runs` runs the engine on them, :mod:`review` ranks a job's results.
@@ -68,6 +73,7 @@ from .nodes import (
 )
 from .nodes import segment_names as segment_names_of
 from .process import Outcome, Status
+from .remote import ComputeServer, place, server_job_id
 
 PRESET_PARAMETER = "preset"
 """The name of the preset in the module's parameter node (``SFRSegment.SFRSegmentParameterNode.preset``)."""
@@ -266,6 +272,9 @@ class TrainingJob:
     cohort_digests: Dict[str, str] = field(default_factory=dict)
     """Path of each exported cohort file, relative to the folder → its SHA-256 (job.json's ``files``; jobs made
     before it was recorded have none), so that a damaged copy is recognised (:func:`require_intact_copy`)."""
+    server: Optional[str] = None
+    """The URL of the job server it runs on (job.json's ``server``); None: this computer. Its checkpoints are there,
+    so it is resumed, updated and applied there only (:func:`require_place`)."""
 
     @property
     def cohort(self) -> Path:
@@ -298,12 +307,18 @@ class TrainingJob:
         """The SAM checkpoint the run was given; None when it uses none (see :attr:`RunSettings.uses_checkpoint`)."""
         return self.overrides["finetune"].get("base_checkpoint")
 
-    def command(self, python: str) -> List[str]:
+    def command(self, python: str, server: Optional[ComputeServer] = None) -> List[str]:
         """The engine's command line for this job; run again in the same folder, it resumes. An update starts from
-        its parent's run folder (``--from``)."""
-        warm_start = [] if self.parent is None else ["--from", str(self.parent / RUN_FOLDER)]
+        its parent's run folder (``--from``). On a server (``server``, which must be the job's: see
+        :func:`require_place`) the engine is that server's client, and an update's ``--from`` is the parent's job
+        on the server."""
+        if server is None:
+            warm_start = [] if self.parent is None else ["--from", str(self.parent / RUN_FOLDER)]
+        else:
+            warm_start = [] if self.parent is None else ["--from", server_job_id(self.parent / RUN_FOLDER)]
+        remote = [] if server is None else server.arguments()
         return [python, "-m", "SFRSegmentLib", "run", "--cohort", str(self.cohort), "--out", str(self.run.root),
-                "--preset", self.preset, "--config", str(self.config), "--progress", "jsonl", *warm_start]
+                "--preset", self.preset, "--config", str(self.config), "--progress", "jsonl", *warm_start, *remote]
 
     @classmethod
     def load(cls, folder: Path) -> "TrainingJob":
@@ -320,9 +335,10 @@ class TrainingJob:
             cases = {name: CaseRecord(**record) for name, record in description["cases"].items()}
             parent = None if description.get("parent") is None else Path(description["parent"])
             digests = {str(name): str(digest) for name, digest in description.get("files", {}).items()}
+            server = None if description.get("server") is None else str(description["server"])
         with _damaged_unless_readable(folder, CONFIG_FILE):
             job = cls(folder, classes, cases, json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")),
-                      parent=parent, cohort_digests=digests)
+                      parent=parent, cohort_digests=digests, server=server)
             job.preset, job.method, job.model  # noqa: B018 (read now, so that a damaged config.json is found here)
         return job
 
@@ -384,8 +400,19 @@ def require_intact_copy(job: TrainingJob, path: Path) -> None:
 
 def damaged_copy_error(path: Path, what: str) -> InputError:
     """The InputError for a damaged file of a job's cohort: it names the file and says what to do."""
-    return InputError(f"this job's copy of a volume {what}. Load the original volumes into the scene and run again "
-                      "(Run makes a new job), or delete this job (Past jobs, Delete).", path)
+    return InputError(f"this job's copy of a volume {what}. Load the original volumes into the scene and start a "
+                      "new job (Run, then Start afresh; in a script, run(..., resume=False)), or delete this job "
+                      "(Past jobs, Delete).", path)
+
+
+def require_place(job: TrainingJob, server_url: Optional[str], action: str) -> None:
+    """Raise the InputError that says where ``job`` runs and what to choose unless that is ``server_url`` (None: this
+    computer): its checkpoints and its model are there, so it is resumed, updated and applied there only."""
+    if job.server != server_url:
+        raise InputError(f"this job ran on {place(job.server)}, where its checkpoints and model are; it cannot be "
+                         f"{action} on {place(server_url)}. Choose Compute on: "
+                         + ("this computer" if job.server is None else f"a server, with the URL {job.server}")
+                         + ", and try again.", job.folder)
 
 
 def require_model(job: TrainingJob) -> None:
@@ -412,41 +439,47 @@ def require_job_folder(folder: Path) -> None:
 
 
 def prepare_training_job(
-    jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str], settings: RunSettings
+    jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str], settings: RunSettings,
+    server_url: Optional[str] = None,
 ) -> TrainingJob:
     """Check the inputs, then write a new job folder under ``jobs_root``: cohort (images, labels, classes), job
-    description (with the inputs' fingerprints) and configuration. Nothing is created when the inputs are wrong."""
+    description (with the inputs' fingerprints, and the server it runs on: ``server_url``, None for this computer)
+    and configuration. Nothing is created when the inputs are wrong."""
     check_inputs(inputs, segment_names)
-    return _write_job(jobs_root, inputs, segment_names, run_config(settings), None)
+    return _write_job(jobs_root, inputs, segment_names, run_config(settings), None, server_url)
 
 
 def prepare_update_job(
-    jobs_root: Path, parent: TrainingJob, inputs: Sequence[CaseInput], settings: Optional[RunSettings] = None
+    jobs_root: Path, parent: TrainingJob, inputs: Sequence[CaseInput], settings: Optional[RunSettings] = None,
+    server_url: Optional[str] = None,
 ) -> TrainingJob:
     """A new training job folder that starts from the finished job ``parent``'s fine-tuned SAM and V-Net (its
     command's ``--from``), made like any job from the scene's ``inputs`` as they are now: the segmentations used as
     labels since (see :func:`nodes.set_label_segmentation`) are exported as labels, new volumes join as unlabeled.
 
     It learns the parent's segments, in the parent's order (the models it starts from have those outputs), with
-    ``settings`` or, when None, the parent's configuration. ``parent`` is never modified.
+    ``settings`` or, when None, the parent's configuration. ``parent`` is never modified. It runs where the parent's
+    models are: ``server_url`` must be the parent's place (:func:`require_place`).
     """
+    require_place(parent, server_url, "updated")
     require_model(parent)
     segment_names = [segment_class.name for segment_class in parent.classes]
     check_inputs(inputs, segment_names)
     config = parent.overrides if settings is None else run_config(settings)
-    return _write_job(jobs_root, inputs, segment_names, config, parent.folder)
+    return _write_job(jobs_root, inputs, segment_names, config, parent.folder, server_url)
 
 
 def _write_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequence[str], config: Dict[str, Any],
-               parent: Optional[Path]) -> TrainingJob:
-    """Write a new job folder of checked inputs (see :func:`prepare_training_job`), recording ``parent`` if any."""
+               parent: Optional[Path], server_url: Optional[str]) -> TrainingJob:
+    """Write a new job folder of checked inputs (see :func:`prepare_training_job`), recording ``parent`` if any and
+    the server it runs on."""
     labeled = [item.segmentation for item in inputs if item.segmentation is not None]
     classes = segment_classes(list(segment_names), labeled)
     names = case_names([item.volume.GetName() for item in inputs])
     records = {name: CaseRecord(item.volume.GetName(), *fingerprints)
                for name, item, fingerprints in zip(names, inputs, input_fingerprints(inputs, classes))}
     job = TrainingJob(new_job_folder(jobs_root), classes, records, config,
-                      {name: item.volume.GetID() for name, item in zip(names, inputs)}, parent)
+                      {name: item.volume.GetID() for name, item in zip(names, inputs)}, parent, server=server_url)
     for name, item in zip(names, inputs):
         write_volume(item.volume, job.image(name))
         if item.segmentation is not None:
@@ -459,6 +492,7 @@ def _write_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequ
         "cases": {name: dataclasses.asdict(record) for name, record in records.items()},
         "parent": None if parent is None else str(parent),
         "files": job.cohort_digests,
+        "server": server_url,
     })
     _write_json(job.config, config)
     return job
@@ -575,13 +609,15 @@ class ApplyJob:
     def prediction(self) -> Path:
         return self.folder / "predictions" / f"{self.case}.seg.nrrd"
 
-    def command(self, python: str) -> List[str]:
+    def command(self, python: str, server: Optional[ComputeServer] = None) -> List[str]:
         """The engine's command line: ``predict --model RUN --images IMAGE --out DIR --preset P --progress jsonl``,
-        with the training job's preset, so that the volume is predicted as the run predicted its own."""
+        with the training job's preset, so that the volume is predicted as the run predicted its own. On the
+        training job's server, ``--model`` is its job there."""
         preset_name = json.loads(self.training.config.read_text(encoding="utf-8"))["preset"]
-        return [python, "-m", "SFRSegmentLib", "predict", "--model", str(self.training.run.root),
-                "--images", str(self.image), "--out", str(self.prediction.parent), "--preset", preset_name,
-                "--progress", "jsonl"]
+        model = str(self.training.run.root) if server is None else server_job_id(self.training.run.root)
+        return [python, "-m", "SFRSegmentLib", "predict", "--model", model, "--images", str(self.image), "--out",
+                str(self.prediction.parent), "--preset", preset_name, "--progress", "jsonl",
+                *([] if server is None else server.arguments())]
 
     def ended(self, outcome: Outcome) -> None:
         """A cancelled apply job leaves nothing behind: its folder (the exported volume) is removed."""
@@ -589,8 +625,11 @@ class ApplyJob:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode) -> ApplyJob:
-    """Write ``volume`` into a new apply folder of ``training``; its model must exist."""
+def prepare_apply_job(training: TrainingJob, volume: vtkMRMLScalarVolumeNode,
+                      server_url: Optional[str] = None) -> ApplyJob:
+    """Write ``volume`` into a new apply folder of ``training``; its model must exist, on ``server_url`` (None: this
+    computer), where the training job ran."""
+    require_place(training, server_url, "applied")
     require_model(training)
     job = ApplyJob(new_job_folder(training.folder / "apply"), training, case_names([volume.GetName()])[0],
                    volume.GetID())

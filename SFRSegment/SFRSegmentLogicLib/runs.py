@@ -1,5 +1,8 @@
 """Running the engine on a job folder and following it to its end, without the application.
 
+The engine runs here, or on a job server (:mod:`remote`): then the child process is the engine's client of that
+server, with the same progress, exit codes and result files, so everything below is the same for both.
+
 :class:`JobRunner` starts the engine's child process for a training job (``run``, which resumes what the folder
 holds) or an apply job (``predict``), records a training job's state in its folder (running, then finished,
 cancelled or failed), and knows which jobs it runs. Each start gives an :class:`EngineRun`: :meth:`EngineRun.poll`
@@ -26,8 +29,10 @@ from .jobs import (
     TrainingResults,
     import_apply_result,
     import_training_results,
+    require_place,
 )
-from .process import ChildProcessRunner, EngineJob, ProgressEvent
+from .process import CANCEL_GRACE_S, ChildProcessRunner, EngineJob, ProgressEvent
+from .remote import REMOTE_CANCEL_GRACE_S, ComputeServer, explained, server_url
 
 OnProgress = Optional[Callable[[ProgressEvent], None]]
 OnLog = Optional[Callable[[str], None]]
@@ -49,6 +54,8 @@ class EngineRun:
     finished: bool = False
     timer: Any = None
     """The GUI's poll timer (a qt.QTimer), kept with the run it polls."""
+    server: Optional[ComputeServer] = None
+    """The job server it runs on; None: this computer."""
 
     def cancel(self) -> None:
         """Stop the engine and everything it started; ``error`` becomes an EngineCancelled."""
@@ -66,7 +73,7 @@ class EngineRun:
             self.engine.raise_for_outcome()
             self.results = self.import_results()
         except Exception as error:  # reported to the caller through run.error, raised by wait()
-            self.error = error
+            self.error = error if self.server is None else explained(error)
         self.finished = True
         if self.on_finished is not None:
             self.on_finished(self)
@@ -93,21 +100,27 @@ class JobRunner:
         self._runs: List[EngineRun] = []
 
     def train(self, job: TrainingJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
-              on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
-        """Run (or resume: the engine continues from the folder's checkpoints) a training job; its results are
-        imported for the volumes of ``job.volume_ids``. A job that is running already is refused."""
+              on_log: OnLog = None, on_finished: OnFinished = None,
+              server: Optional[ComputeServer] = None) -> EngineRun:
+        """Run (or resume: the engine continues from the folder's checkpoints) a training job, here or on the job
+        server ``server`` (which must be the job's); its results are imported for the volumes of
+        ``job.volume_ids``. A job that is running already is refused."""
         if self.is_running(job.folder):
             raise InputError("this job is running already; wait for it to finish, or cancel it.", job.folder)
-        run = self._start(job, job.command(python), environment, lambda: import_training_results(self.scene, job),
-                          on_progress, on_log, on_finished)
+        require_place(job, server_url(server), "run")
+        run = self._start(job, job.command(python, server), environment,
+                          lambda: import_training_results(self.scene, job), on_progress, on_log, on_finished, server)
         job.record_state(JobState.RUNNING)
         return run
 
     def apply(self, job: ApplyJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
-              on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
-        """Segment an apply job's volume; the result is imported as a segmentation."""
-        return self._start(job, job.command(python), environment, lambda: import_apply_result(self.scene, job),
-                           on_progress, on_log, on_finished)
+              on_log: OnLog = None, on_finished: OnFinished = None,
+              server: Optional[ComputeServer] = None) -> EngineRun:
+        """Segment an apply job's volume, here or on the training job's server ``server``; the result is imported as
+        a segmentation."""
+        require_place(job.training, server_url(server), "applied")
+        return self._start(job, job.command(python, server), environment,
+                           lambda: import_apply_result(self.scene, job), on_progress, on_log, on_finished, server)
 
     def is_running(self, folder: Path) -> bool:
         """Whether an engine works in the job folder ``folder`` now: one this runner started (also while it has not
@@ -119,8 +132,12 @@ class JobRunner:
 
     def _start(self, job: Union[TrainingJob, ApplyJob], command: List[str], environment: Mapping[str, str],
                import_results: Callable[[], Any], on_progress: OnProgress, on_log: OnLog,
-               on_finished: OnFinished) -> EngineRun:
+               on_finished: OnFinished, server: Optional[ComputeServer]) -> EngineRun:
+        if server is not None:
+            environment = server.environment(environment)
         process = self.process_runner.start(command, environment, self.working_directory)
-        run = EngineRun(job, EngineJob(process, on_progress=on_progress, on_log=on_log), import_results, on_finished)
+        grace = CANCEL_GRACE_S if server is None else REMOTE_CANCEL_GRACE_S
+        engine = EngineJob(process, on_progress=on_progress, on_log=on_log, cancel_grace_s=grace)
+        run = EngineRun(job, engine, import_results, on_finished, server=server)
         self._runs = [other for other in self._runs if not other.finished] + [run]
         return run
