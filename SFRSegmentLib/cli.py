@@ -140,6 +140,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.plan_only and args.server:
+        raise InputError("--plan-only plans and times the run on this computer: leave out --server", field="--server")
+    if args.plan_only and args.parent:
+        raise InputError("--plan-only plans a new run; an update (--from) keeps its parent's plan", field="--from")
     from .config import preset, starting_preset
     from .config_io import given_paths, load_overrides, to_dict, with_overrides
     from .pipeline import run_pipeline
@@ -172,6 +176,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config, plan, _ = plan_config(config, discover_cohort(args.cohort), given)
             print(f"plan from the cohort: {plan.summary()}", file=sys.stderr)
         print(json.dumps(to_dict(config.resolved()), indent=2))
+        return 0
+    if args.plan_only:
+        from .pipeline import plan_run
+        from .runfolder import RunFolder
+
+        plan_run(args.cohort, args.out, config, progress=make_reporter(args.progress), test=args.test, given=given)
+        print(f"plan and estimate: {RunFolder(args.out).plan}", file=sys.stderr if args.progress == "jsonl"
+              else sys.stdout)
         return 0
     cancellation = Cancellation()
     with cancellation.on_signals():
@@ -356,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGES,
                    help="delete this stage's outputs and those after it, then run (repeatable): %(choices)s")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--plan-only", action="store_true",
+                   help="validate the cohort, plan from it and time a few steps of each stage on this computer, "
+                        "write both to OUT/plan.json and exit without training (a later run in OUT keeps the plan)")
     add_server_options(p)
     p.set_defaults(func=_cmd_run)
 

@@ -123,6 +123,11 @@ class RunEstimate:
     def total_s(self) -> float:
         return sum(stage.seconds for stage in self.stages)
 
+    def record(self) -> Dict[str, object]:
+        """As plain JSON values: the device, the total and each stage's seconds and description."""
+        return {"device": self.device, "total_s": self.total_s,
+                "stages": [{"stage": s.stage, "seconds": s.seconds, "description": s.describe()} for s in self.stages]}
+
 
 def estimate_run(cohort: Cohort, config: RunConfig, work: Sequence[StageWork],
                  progress: Progress = ignore_progress) -> RunEstimate:

@@ -104,9 +104,40 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
     ``parent`` is a finished run folder to update (:mod:`SFRSegmentLib.update`): SAM and the V-Net continue from its
     weights with short schedules, and what did not change is taken over from it.
     """
-    resolve_device(config.device)  # a device this machine lacks stops the run now, not after validation
     run = RunFolder(out)
     clock = StageClock()
+    cohort, truths, config, planned = _prepared(cohort_path, config, progress, test, given)
+    update = read_parent(parent, out) if parent is not None else None
+    if config.preset == "small":
+        _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
+                                   "--preset cpu without a GPU, --preset paper with one")
+    clock.lap("validate")
+    # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
+    with on_main_rank(run.exclusive()):
+        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock, update, planned)
+
+
+def plan_run(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
+             test: Optional[PathLike] = None, given: Collection[str] = ()) -> Dict[str, object]:
+    """What :func:`run_pipeline` would do, without training: validate the cohort, plan from it, time a few steps of
+    each stage with work left in ``out`` (:func:`~SFRSegmentLib.estimate.estimate_run`), and write it all to the
+    run folder's ``plan.json`` (returned: the plan's record, or ``planned: null`` when planning is off, and
+    ``estimate``). A run in ``out`` afterwards starts from the same plan."""
+    run = RunFolder(out)
+    cohort, _, config, planned = _prepared(cohort_path, config, progress, test, given)
+    with on_main_rank(run.exclusive()):
+        estimate = estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+        record = {**(planned or {"planned": None}), "estimate": estimate.record()}
+        if ranks().is_main:
+            atomic_write_text(run.plan, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _prepared(cohort_path: PathLike, config: RunConfig, progress: Progress, test: Optional[PathLike],
+              given: Collection[str]) -> Tuple[Cohort, Truths, RunConfig, Optional[Dict[str, object]]]:
+    """The validated cohort, its true labels, the run's planned and resolved configuration and the plan's record
+    (None when planning is off)."""
+    resolve_device(config.device)  # a device this machine lacks stops the run now, not after validation
     cohort = discover_cohort(cohort_path, test=test)
     _say(progress, "validate", f"validating {len(cohort.cases)} cases"
          + (f" and {len(cohort.test)} held-out test cases" if cohort.test else ""))
@@ -119,15 +150,7 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
     planned = None if plan is None else plan_record(config, plan, found)
     if plan is not None:
         _say(progress, "validate", f"plan from the cohort: {plan.summary()}")
-    config = _without_missing_sam(config.resolved(len(cohort.classes)), progress)
-    update = read_parent(parent, out) if parent is not None else None
-    if config.preset == "small":
-        _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
-                                   "--preset cpu without a GPU, --preset paper with one")
-    clock.lap("validate")
-    # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
-    with on_main_rank(run.exclusive()):
-        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock, update, planned)
+    return cohort, truths, _without_missing_sam(config.resolved(len(cohort.classes)), progress), planned
 
 
 def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,

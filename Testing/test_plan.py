@@ -196,3 +196,24 @@ def test_a_ct_run_records_its_normalisation_in_the_model_and_predicts_with_it(tm
     saved = read_volume(next((tmp_path / "run" / "predictions").glob("ct1.*")))
     assert np.array_equal(saved.array, with_window.argmax(0).astype(saved.array.dtype))  # the run used the window
     assert not np.allclose(with_window, zscored)
+
+
+def test_plan_only_writes_the_plan_and_the_estimate_and_trains_nothing(tmp_path) -> None:
+    cohort = thick_slice_cohort(tmp_path / "cohort", n_labeled=1, n_unlabeled=2)
+    config = {"plan": {"enabled": True}, "retrain": {"method": "mt", "iterations": 30}, "estimate": False}
+    result = run(cohort, tmp_path / "run", config, "--plan-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert record["planned"]["retrain.spacing"]["used"] == [1.5, 1.5, 10.0]
+    stages = {stage["stage"]: stage for stage in record["estimate"]["stages"]}
+    assert {"retrain", "predict"} <= set(stages) and "finetune" not in stages  # mt: no SAM stages
+    assert all(stage["seconds"] > 0 for stage in stages.values())
+    assert record["estimate"]["total_s"] == pytest.approx(sum(stage["seconds"] for stage in stages.values()))
+    assert "(30 mt iterations" in stages["retrain"]["description"]
+    messages = [e.get("message", "") for e in events(result.stdout)]
+    assert any("plan from the cohort" in m for m in messages) and any("estimated time" in m for m in messages)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["plan.json"]
+    for extra, named in ((("--from", str(tmp_path / "run")), "--from"), (("--server", "http://127.0.0.1:9"),
+                                                                        "--server")):
+        refused = run(cohort, tmp_path / "other", config, "--plan-only", *extra)
+        assert refused.returncode != 0 and named in refused.stderr and not (tmp_path / "other").exists()
