@@ -8,14 +8,24 @@ module can show it as is.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
 EXIT_BAD_INPUT = 2
-"""The command line's exit status for an InputError, whose message is then its last line on stderr, after
-:data:`ERROR_PREFIX` (the Slicer module shows that line as the whole message)."""
+"""The command line's exit status for an InputError, whose message it prints last on stderr, after
+:data:`ERROR_PREFIX` (read back by :func:`printed_error`)."""
 ERROR_PREFIX = "error: "
+
+
+def printed_error(stderr_lines: Sequence[str]) -> Optional[str]:
+    """The message a command line printed after :data:`ERROR_PREFIX`, or None: from the last line that starts with
+    it to the end, since a message may run over several lines (a cohort's problems, one case per line)."""
+    lines = list(stderr_lines)
+    starts = [i for i, line in enumerate(lines) if line.startswith(ERROR_PREFIX)]
+    if not starts:
+        return None
+    return "\n".join([lines[starts[-1]][len(ERROR_PREFIX):], *lines[starts[-1] + 1:]]).rstrip()
 
 
 class InputError(ValueError):

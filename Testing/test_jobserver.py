@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -18,8 +19,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import httpx
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from SFRSegmentLib.errors import EXIT_BAD_INPUT
 from SFRSegmentLib.jobserver.client import JobServerClient
 from SFRSegmentLib.jobserver.protocol import ServerError
 from SFRSegmentLib.jobserver.store import file_sha256
@@ -137,7 +141,8 @@ def cohort_upload(client: JobServerClient, cohort: Path, config: Dict) -> Dict:
     for name, path in files.items():
         client.upload(job["id"], name, path, hashes[name])
     return client.start(job["id"], {"preset": "small", "config": {**config, "device": "cpu"},
-                                    "cohort": {"cases": cases}, "files": hashes})
+                                    "cohort": {"classes": json.loads((cohort / "classes.json").read_text()),
+                                               "cases": cases}, "files": hashes})
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +417,20 @@ def test_two_clients_uploading_and_starting_at_once_both_get_queued_jobs(cohort,
         assert states() == {first: "cancelled", second: "cancelled"}
     finally:
         server.stop()
+
+
+def test_a_bad_cohort_ends_the_job_with_the_engines_own_message_shown_to_the_client(server, cohort, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(cohort, broken)
+    label = next(broken.glob("case_*/label.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 20, 20), np.uint8)), str(label))  # not the image's size
+    client = server.client()
+    job = cohort_upload(client, broken, TINY)  # straight to the server: nothing checked on this side
+    ended = wait_for(lambda: (lambda j: j if j["state"] not in ("queued", "running") else None)(client.job(job["id"])),
+                     "the job's end")
+    assert ended["state"] == "failed" and ended["exit_code"] == EXIT_BAD_INPUT
+    assert f"{label.parent.name}: " in ended["message"]  # every line of the engine's message: the case, the reason
+    assert "does not match image" in ended["message"] and "(20, 20, 10) in the label" in ended["message"]
+    assert str(server.data) not in ended["message"]  # paths inside the job only
+    shown = server.cli(*engine("jobs", "show", job["id"]))
+    assert "does not match image" in shown.stdout + shown.stderr

@@ -61,6 +61,11 @@ FAKE_ENGINE = textwrap.dedent('''
         print(json.dumps({"no": "stage"}), flush=True)
         print(json.dumps({"stage": "retrain", "step": 1, "total": 2, "message": "ü on stdout"}), flush=True)
         print("warning on stderr", file=sys.stderr, flush=True)
+    elif mode == "bad-input":
+        print("validating", file=sys.stderr)
+        print("error: 2 of 3 cases have problems:\\n  a: label a.nrrd is empty\\n  b: image b.nrrd is 2D",
+              file=sys.stderr)
+        sys.exit(2)
     elif mode == "fail":
         for index in range(30):
             print(f"err {index}", file=sys.stderr)
@@ -138,6 +143,13 @@ def test_failure_reports_the_exit_code_and_the_last_stderr_lines(fake_engine):
     assert len(logs) == 30  # all of them went to the log
     with pytest.raises(EngineFailed, match="err 29"):
         job.raise_for_outcome()
+
+
+def test_bad_input_shows_the_engines_whole_message_over_several_lines(fake_engine):
+    job, _, _ = fake_engine("bad-input")
+    outcome = job.wait(interval_s=0.02)
+    assert outcome.status == Status.FAILED and outcome.exit_code == 2
+    assert outcome.message == "2 of 3 cases have problems:\n  a: label a.nrrd is empty\n  b: image b.nrrd is 2D"
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks process states through /proc")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from SFRSegmentLib.errors import ERROR_PREFIX, EXIT_BAD_INPUT
+from SFRSegmentLib.errors import EXIT_BAD_INPUT, printed_error
 from SFRSegmentLib.events import ProgressEvent, parse_progress_line
 
 STDOUT = "stdout"
@@ -242,9 +242,9 @@ class EngineJob:
             return Outcome(Status.CANCELLED, exit_code)
         if exit_code == 0:
             return Outcome(Status.SUCCEEDED, exit_code)
-        last = self._stderr_tail[-1] if self._stderr_tail else ""
-        if exit_code == EXIT_BAD_INPUT and last.startswith(ERROR_PREFIX):
-            return Outcome(Status.FAILED, exit_code, last[len(ERROR_PREFIX):])  # names the file and what to do
+        printed = printed_error(self._stderr_tail)
+        if exit_code == EXIT_BAD_INPUT and printed is not None:
+            return Outcome(Status.FAILED, exit_code, printed)  # names the file and what to do
         tail = "\n".join(self._stderr_tail) or "(no error output)"
         return Outcome(Status.FAILED, exit_code,
                        f"The engine stopped with exit code {exit_code}. Last lines of its error output:\n{tail}")

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Sequence
 
-from ..errors import ERROR_PREFIX, EXIT_BAD_INPUT
+from ..errors import EXIT_BAD_INPUT, printed_error
 from ..events import parse_progress_line
 from .store import COHORT_MANIFEST, JobError, JobFolder, JobState, JobStore
 
@@ -234,11 +234,11 @@ def engine_command(store: JobStore, job: JobFolder, python: str, processes_per_j
 
 
 def failure_message(code: int, stderr_lines: Sequence[str]) -> str:
-    """The engine's own message: its ``error: …`` line for bad input (exit 2) or a write error, else the last lines
-    of its error output."""
-    errors = [line[len(ERROR_PREFIX):] for line in stderr_lines if line.startswith(ERROR_PREFIX)]
-    if errors:
-        return errors[-1]
+    """The engine's own message: what it printed after ``error:`` for bad input (exit 2) or a write error, every
+    line of it, else the last lines of its error output."""
+    printed = printed_error(stderr_lines)
+    if printed is not None:
+        return printed
     tail = "\n".join(stderr_lines[-STDERR_LINES_QUOTED:])
     what = "refused its input" if code == EXIT_BAD_INPUT else f"stopped with exit code {code}"
     return f"the engine {what}" + (f":\n{tail}" if tail else "")
