@@ -639,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except WriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Cancelled:
         print("cancelled: the last checkpoint is saved; rerun the same command to resume", file=sys.stderr)

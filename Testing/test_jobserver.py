@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -44,8 +46,11 @@ ENDLESS = {**TINY, "retrain": {"iterations": 100000, "lr_step": 1000}}
 class Server:
     """``python -m SFRSegmentLib serve`` in a subprocess, on a free port of 127.0.0.1."""
 
-    def __init__(self, data: Path, *extra: str, host: str = "127.0.0.1", ca_file: Optional[Path] = None) -> None:
+    def __init__(self, data: Path, *extra: str, host: str = "127.0.0.1", ca_file: Optional[Path] = None,
+                 file_size_limit: Optional[int] = None) -> None:
         self.data, self.extra, self.host, self.ca_file = data, extra, host, ca_file
+        self.file_size_limit = file_size_limit
+        """Bytes any file the server and its engines write may reach; past it a write fails as on a full disk."""
         self.token_file = data / "token"
         self.log = data.parent / f"{data.name}-server.log"
         self.process: Optional[subprocess.Popen] = None
@@ -60,7 +65,7 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "SFRSegmentLib", "serve", "--host", self.host, "--port", str(self.port),
                  "--data", str(self.data), "--token-file", str(self.token_file), *self.extra],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._limit_file_size)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
@@ -70,6 +75,13 @@ class Server:
             except (ServerError, OSError):
                 time.sleep(0.2)
         raise AssertionError(f"the server did not answer:\n{self.log.read_text()}")
+
+    def _limit_file_size(self) -> None:
+        """In the server's process before it starts; its engines inherit the limit and the ignored SIGXFSZ, so a
+        write past the limit fails with EFBIG, as one on a full disk fails with ENOSPC."""
+        if self.file_size_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def client(self) -> JobServerClient:
         return JobServerClient(self.url, self.token, self.ca_file)
@@ -434,3 +446,18 @@ def test_a_bad_cohort_ends_the_job_with_the_engines_own_message_shown_to_the_cli
     assert str(server.data) not in ended["message"]  # paths inside the job only
     shown = server.cli(*engine("jobs", "show", job["id"]))
     assert "does not match image" in shown.stdout + shown.stderr
+
+
+def test_a_full_disk_ends_the_job_with_the_engines_own_message(cohort, tmp_path):
+    server = Server(tmp_path / "data", file_size_limit=2 * 2 ** 20).start()  # the uploads fit, a checkpoint not
+    try:
+        client = server.client()
+        job = cohort_upload(client, cohort, TINY)
+        ended = wait_for(lambda: (lambda j: j if j["state"] not in ("queued", "running") else None)(
+            client.job(job["id"])), "the job's end")
+        assert ended["state"] == "failed" and ended["exit_code"] not in (0, None)
+        assert "could not write the file; the disk may be full" in ended["message"]
+        assert str(server.data) not in ended["message"]
+        assert client.job(job["id"])["state"] == "failed"  # the server itself still answers
+    finally:
+        server.stop()
