@@ -4,6 +4,8 @@
 * :mod:`.nodes`: Slicer nodes ↔ files and scene queries (MRML classes, VTK, numpy: runs under ``slicer-core``);
 * :mod:`.jobs`: job folders, the run configuration, the engine's command lines, a job's state, importing results
   (as ``nodes``);
+* :mod:`.plans`: the plan of a run before it starts (the engine's ``run --plan-only`` on the exported inputs, in a
+  temporary folder), and its estimated time on this computer (as ``nodes``);
 * :mod:`.runs`: starting the engine on a job folder, following it to its end, recording how it ended (as ``nodes``);
 * :mod:`.history`: past jobs: listing them, finding the unfinished one the scene would make again, reopening,
   deleting (as ``nodes``);

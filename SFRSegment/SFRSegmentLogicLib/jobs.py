@@ -25,7 +25,8 @@ cohort, follows the server's job and downloads its results into ``run/`` (with `
 server's job, which a rerun continues).
 
 Node ↔ file conversion is in :mod:`nodes`; this module decides names and paths; :mod:`history` lists, matches,
-reopens and deletes job folders, :mod:`runs` runs the engine on them, :mod:`review` ranks a job's results.
+reopens and deletes job folders, :mod:`runs` runs the engine on them, :mod:`review` ranks a job's results,
+:mod:`plans` exports one to a temporary folder only to plan the run.
 """
 
 from __future__ import annotations
@@ -473,8 +474,7 @@ def _write_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequ
                parent: Optional[Path], server_url: Optional[str]) -> TrainingJob:
     """Write a new job folder of checked inputs (see :func:`prepare_training_job`), recording ``parent`` if any and
     the server it runs on."""
-    labeled = [item.segmentation for item in inputs if item.segmentation is not None]
-    classes = segment_classes(list(segment_names), labeled)
+    classes = input_classes(inputs, segment_names)
     names = case_names([item.volume.GetName() for item in inputs])
     records = {name: CaseRecord(item.volume.GetName(), *fingerprints)
                for name, item, fingerprints in zip(names, inputs, input_fingerprints(inputs, classes))}
@@ -496,6 +496,23 @@ def _write_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: Sequ
     })
     _write_json(job.config, config)
     return job
+
+
+def label_segment_names(inputs: Sequence[CaseInput]) -> List[str]:
+    """The segment names of the inputs' labels, in order of first appearance: the segments a run can learn."""
+    names: List[str] = []
+    for item in inputs:
+        if item.segmentation is not None:
+            names += [name for name in segment_names_of(item.segmentation) if name not in names]
+    return names
+
+
+def input_classes(inputs: Sequence[CaseInput], segment_names: Sequence[str]) -> List[SegmentClass]:
+    """The classes a run of ``inputs`` learning ``segment_names`` has: label values 1, 2, … in that order, each
+    with its segment's name and the colour it has in the first labeled input having it (:func:`nodes.segment_classes`),
+    which its results are imported with."""
+    labeled = [item.segmentation for item in inputs if item.segmentation is not None]
+    return segment_classes(list(segment_names), labeled)
 
 
 Fingerprints = Tuple[str, Optional[str]]

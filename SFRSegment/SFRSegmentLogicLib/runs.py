@@ -4,10 +4,11 @@ The engine runs here, or on a job server (:mod:`remote`): then the child process
 server, with the same progress, exit codes and result files, so everything below is the same for both.
 
 :class:`JobRunner` starts the engine's child process for a training job (``run``, which resumes what the folder
-holds) or an apply job (``predict``), records a training job's state in its folder (running, then finished,
-cancelled or failed), and knows which jobs it runs. Each start gives an :class:`EngineRun`: :meth:`EngineRun.poll`
-(from a GUI timer) or :meth:`EngineRun.wait` (scripts) dispatches the engine's progress events and log lines, and once
-the engine has ended records how, imports the results into the scene and calls ``on_finished``.
+holds), a plan job (``run --plan-only``: :mod:`plans`) or an apply job (``predict``), records a training job's state
+in its folder (running, then finished, cancelled or failed), and knows which jobs it runs. Each start gives an
+:class:`EngineRun`: :meth:`EngineRun.poll` (from a GUI timer) or :meth:`EngineRun.wait` (scripts) dispatches the
+engine's progress events and log lines, and once the engine has ended records how, imports the results into the scene
+and calls ``on_finished``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .jobs import (
     import_training_results,
     require_place,
 )
+from .plans import PlanJob, RunPlan
 from .process import CANCEL_GRACE_S, ChildProcessRunner, EngineJob, ProgressEvent
 from .remote import REMOTE_CANCEL_GRACE_S, ComputeServer, explained, server_url
 
@@ -43,11 +45,11 @@ OnFinished = Optional[Callable[["EngineRun"], None]]
 class EngineRun:
     """A started engine job: its folder, its process, and once it has finished, its results or its error."""
 
-    job: Union[TrainingJob, ApplyJob]
+    job: Union[TrainingJob, PlanJob, ApplyJob]
     engine: EngineJob
     import_results: Callable[[], Any]
     on_finished: OnFinished = None
-    results: Union[TrainingResults, vtkMRMLSegmentationNode, None] = None
+    results: Union[TrainingResults, RunPlan, vtkMRMLSegmentationNode, None] = None
     error: Optional[Exception] = None
     """Why it did not succeed: the engine's failure (EngineFailed), a cancellation (EngineCancelled), or an import
     error."""
@@ -113,6 +115,12 @@ class JobRunner:
         job.record_state(JobState.RUNNING)
         return run
 
+    def plan(self, job: PlanJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
+             on_log: OnLog = None, on_finished: OnFinished = None) -> EngineRun:
+        """Plan a run and time a few of its steps, on this computer; the results are its :class:`RunPlan`. Its
+        temporary folder is removed once the engine has ended, cancelled or not."""
+        return self._start(job, job.command(python), environment, job.plan, on_progress, on_log, on_finished, None)
+
     def apply(self, job: ApplyJob, python: str, environment: Mapping[str, str], on_progress: OnProgress = None,
               on_log: OnLog = None, on_finished: OnFinished = None,
               server: Optional[ComputeServer] = None) -> EngineRun:
@@ -130,7 +138,7 @@ class JobRunner:
                    for run in self._runs)
         return mine or RunFolder(folder / RUN_FOLDER).in_use()
 
-    def _start(self, job: Union[TrainingJob, ApplyJob], command: List[str], environment: Mapping[str, str],
+    def _start(self, job: Union[TrainingJob, PlanJob, ApplyJob], command: List[str], environment: Mapping[str, str],
                import_results: Callable[[], Any], on_progress: OnProgress, on_log: OnLog,
                on_finished: OnFinished, server: Optional[ComputeServer]) -> EngineRun:
         if server is not None:
