@@ -11,6 +11,7 @@ root, which is then added to ``sys.path``. Either way the folder holding ``SFRSe
 ``Resources/`` (:data:`ENGINE_ROOT`), and the child process runs there.
 """
 
+import dataclasses
 import enum
 import importlib.util
 import shutil
@@ -42,9 +43,11 @@ import SFRSegmentLib  # noqa: E402
 from SFRSegmentLib import choices  # noqa: E402
 from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, remote, review  # noqa: E402
+from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, plans, remote, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
+from SFRSegmentLogicLib.nodes import SegmentClass  # noqa: E402
+from SFRSegmentLogicLib.plans import PlanJob, RunPlan  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
     ChildProcessRunner,
     EngineCancelled,
@@ -193,6 +196,8 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with its cases paired with the scene's volumes; Update model starts from it."""
         self._reviewRows: List[ReviewRow] = []
         """The rows of the review table."""
+        self._planOnServer = False
+        """Whether the plan being made was asked for while computing on a server (its times are this computer's)."""
 
     def setup(self) -> None:
         """Build the GUI. No installs, downloads or dialogs here: the generic module test builds it headless."""
@@ -215,7 +220,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
 
         self.ui.inputsTable.itemChanged.connect(self.onInputsTableItemChanged)
-        self.ui.segmentsListWidget.itemChanged.connect(self.onSegmentsListItemChanged)
+        self.ui.segmentsTable.itemChanged.connect(self.onSegmentsTableItemChanged)
         self.ui.refreshInputsButton.clicked.connect(self.updateInputs)
         self.ui.modelComboBox.currentIndexChanged.connect(self.onModelChanged)
         self.ui.importWeightsButton.clicked.connect(self.onImportWeightsButton)
@@ -224,6 +229,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlLineEdit.editingFinished.connect(self.onComputeSettingsChanged)
         self.ui.serverTokenLineEdit.editingFinished.connect(self.onComputeSettingsChanged)
         self.ui.serverCaFilePathLineEdit.currentPathChanged.connect(self.onComputeSettingsChanged)
+        self.ui.planButton.clicked.connect(self.onPlanButton)
         self.ui.runButton.clicked.connect(self.onRunButton)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.openReportButton.clicked.connect(self.onOpenReportButton)
@@ -291,10 +297,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.jobsFolderPathLineEdit.currentPath = self._parameterNode.jobsFolder
             self._updateButtons()
 
-    # Inputs: the volumes table and the segments list are built from the scene, so they are synced by hand.
+    # Inputs: the volumes table and the segments table are built from the scene, so they are synced by hand.
 
     def updateInputs(self) -> None:
-        """Rebuild the volumes table and the segments list from the scene and the parameter node."""
+        """Rebuild the volumes table and the segments table from the scene and the parameter node."""
         self._inputsUpdatePending = False
         if not self._parameterNode:
             return
@@ -311,7 +317,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 0, item)
             table.setCellWidget(row, 1, self._labelSelector(volume))
         table.blockSignals(wasBlocked)
-        self._updateSegmentsList()
+        self._updateSegmentsTable()
         self._updateButtons()
 
     def _labelSelector(self, volume: vtkMRMLScalarVolumeNode) -> slicer.qMRMLNodeComboBox:
@@ -331,7 +337,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLabelChosen(self, volume: vtkMRMLScalarVolumeNode, segmentation: Optional[vtkMRMLSegmentationNode]) -> None:
         self.logic.setLabelSegmentation(volume, segmentation)
-        self._updateSegmentsList()
+        self._updateSegmentsTable()
         self._updateButtons()
         self.updateReview()  # a reviewed volume's segmentation may have become its labels
 
@@ -343,26 +349,54 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if item.checkState() == qt.Qt.Unchecked:
             excluded.append(volume)
         self._parameterNode.excludedVolumes = excluded
-        self._updateSegmentsList()
+        self._updateSegmentsTable()
 
-    def _updateSegmentsList(self) -> None:
+    def _updateSegmentsTable(self) -> None:
+        """One row per segment name of the labels: ticked unless excluded, with its colour and, ticked, its label
+        value (the classes a run learns: SFRSegmentLogic.segmentClasses)."""
         excluded = set(self._parameterNode.excludedSegments)
-        names = self.logic.segmentNames(self._inputs())
-        listWidget = self.ui.segmentsListWidget
-        wasBlocked = listWidget.blockSignals(True)
-        listWidget.clear()
-        for name in names:
-            item = qt.QListWidgetItem(name)
+        inputs = self._inputs()
+        names = self.logic.segmentNames(inputs)
+        table = self.ui.segmentsTable
+        wasBlocked = table.blockSignals(True)
+        table.setRowCount(len(names))
+        for row, segmentClass in enumerate(self.logic.segmentClasses(inputs, names)):
+            item = qt.QTableWidgetItem(segmentClass.name)
             item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
-            item.setCheckState(qt.Qt.Unchecked if name in excluded else qt.Qt.Checked)
-            listWidget.addItem(item)
-        listWidget.blockSignals(wasBlocked)
+            item.setCheckState(qt.Qt.Unchecked if segmentClass.name in excluded else qt.Qt.Checked)
+            item.setToolTip(_("Tick to learn this segment; every labeled volume must have it."))
+            table.setItem(row, 0, item)
+            swatch = qt.QTableWidgetItem()
+            swatch.setFlags(qt.Qt.ItemIsEnabled)
+            swatch.setBackground(qt.QBrush(qt.QColor.fromRgbF(*segmentClass.color)))
+            swatch.setToolTip(_("The colour of this segment in the first labeled volume having it; its results "
+                                "get it too."))
+            table.setItem(row, 1, swatch)
+        table.blockSignals(wasBlocked)
+        self._showLabelValues(inputs)
 
-    def onSegmentsListItemChanged(self, item) -> None:
+    def _showLabelValues(self, inputs: Sequence[CaseInput]) -> None:
+        """Show the label value each ticked segment gets, in the segments table's order (1, 2, …)."""
+        values = {c.name: c.value for c in self.logic.segmentClasses(inputs, self._segmentNames(inputs))}
+        table = self.ui.segmentsTable
+        wasBlocked = table.blockSignals(True)
+        for row in range(table.rowCount):
+            name = table.item(row, 0).text()
+            item = qt.QTableWidgetItem(str(values[name]) if name in values else "")
+            item.setFlags(qt.Qt.ItemIsEnabled)
+            item.setToolTip(_("The value of this class in the label maps the engine learns from.") if name in values
+                            else _("Not learned: tick the segment to learn it."))
+            table.setItem(row, 2, item)
+        table.blockSignals(wasBlocked)
+
+    def onSegmentsTableItemChanged(self, item) -> None:
+        if item.column() != 0:
+            return
         excluded = [name for name in self._parameterNode.excludedSegments if name != item.text()]
         if item.checkState() == qt.Qt.Unchecked:
             excluded.append(item.text())
         self._parameterNode.excludedSegments = excluded
+        self._showLabelValues(self._inputs())
         self._updateButtons()
 
     def _inputs(self) -> List[CaseInput]:
@@ -450,9 +484,12 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         canRun = any(item.segmentation for item in inputs) and bool(self._segmentNames(inputs))
         self.ui.runButton.text = _("Cancel") if running else _("Run")
         self.ui.runButton.enabled = running or canRun
-        self.ui.runButton.toolTip = (_("Stop the run; what it has finished is kept in its job folder.") if running
+        planning = running and isinstance(self._run.job, PlanJob)
+        self.ui.runButton.toolTip = (_("Stop planning.") if planning
+                                     else _("Stop the run; what it has finished is kept in its job folder.") if running
                                      else _("Train on the labeled volumes and segment the others.") if canRun
                                      else _("Label at least one volume and tick at least one segment."))
+        self.ui.planButton.enabled = not running and canRun
         lastJob = self._lastJob()
         trainedModel = lastJob is not None and lastJob.run.vnet_weights.is_file()
         self.ui.applyButton.enabled = not running and trainedModel and self._parameterNode.applyVolume is not None
@@ -493,6 +530,53 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._startRun(lambda: self.logic.run(inputs, segmentNames, settings, jobsFolder=self._jobsFolder(),
                                                       resume=False, server=server, **self._followRun()))
 
+    def onPlanButton(self) -> None:
+        """Plan the run Run would start, on this computer: the plan and the times appear in the plan table. Run
+        (then Cancel) stops it. No SAM weights are fetched: the engine times SAM's steps with random weights."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start planning the run."), waitCursor=True):
+            settings = runSettings(self._parameterNode)
+            self._planOnServer = self.logic.computeSettings().on_server
+            if self._planOnServer:
+                # The engine plans and times on this computer only: its own device, whatever the server's is.
+                settings = dataclasses.replace(settings, device=Device.AUTO.value)
+            self.logic.setupPythonRequirements()
+            inputs = self._inputs()
+            segmentNames = self._segmentNames(inputs)
+            self._showPlan(None)
+            self._startRun(lambda: self.logic.plan(inputs, segmentNames, settings, **self._followRun()))
+
+    def _showPlan(self, plan: Optional[RunPlan]) -> None:
+        """Fill the plan table (empty it for None): the values the run would use, then each stage's estimated time
+        and the total, on this computer."""
+        table = self.ui.planTable
+        if plan is None:
+            table.setRowCount(0)
+            self.ui.planLabel.text = ""
+            return
+        spacing = (_("each volume's own") if plan.spacing is None
+                   else _("{spacing} mm").format(spacing=formatShape(plan.spacing)))
+        strides = ", ".join(formatShape(stride) for stride in plan.strides)
+        rows = [(_("Working spacing"), spacing, plan.reasons.get(plans.SPACING, "")),
+                (_("V-Net patch"), _("{patch} voxels").format(patch=formatShape(plan.patch_size)),
+                 plan.reasons.get(plans.PATCH_SIZE, "")),
+                (_("V-Net strides"), strides, plan.reasons.get(plans.STRIDES, "")),
+                (_("Largest component"), _("kept") if plan.largest_component else _("not kept"),
+                 plan.reasons.get(plans.LARGEST_COMPONENT, ""))]
+        rows += [(stageTitle(stage.stage), formatDuration(stage.seconds), stage.description) for stage in plan.stages]
+        rows.append((_("Total"), formatDuration(plan.total_s), ""))
+        table.setRowCount(len(rows))
+        for row, (name, value, toolTip) in enumerate(rows):
+            for column, text in enumerate((name, value)):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(toolTip)
+                table.setItem(row, column, item)
+        source = (_("Planned from the volumes.") if plan.from_volumes
+                  else _("The preset's values (this preset does not plan from the volumes)."))
+        where = _("Times estimated on this computer ({device})").format(device=plan.device)
+        if self._planOnServer:
+            where += _(", not on the server, which computes the run")
+        self.ui.planLabel.text = source + " " + where + "."
+
     def _readySettings(self, server: Optional[ComputeServer]) -> Optional[RunSettings]:
         """The panel's run settings, once the engine's packages and the SAM weights they need are installed; None
         when the user declined something the run cannot do without. On a server, the SAM weights are the server's
@@ -520,7 +604,7 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return {continueButton: True, afreshButton: False}.get(box.clickedButton())
 
     def _followRun(self) -> dict:
-        """The arguments with which the Logic's run, resume and applyModel report to this widget."""
+        """The arguments with which the Logic's run, resume, plan and applyModel report to this widget."""
         return dict(wait=False, onProgress=self.onProgress, onLog=self.onLog, onFinished=self.onRunFinished)
 
     def onApplyButton(self) -> None:
@@ -544,7 +628,9 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = ""
             raise
-        if self._run.server is None:
+        if isinstance(self._run.job, PlanJob):
+            self.ui.statusLabel.text = _("Planning, and timing a few steps of each stage on this computer…")
+        elif self._run.server is None:
             self.ui.statusLabel.text = _("Started; job folder: {folder}").format(folder=self._run.job.folder)
         else:
             self.ui.statusLabel.text = _("Started on {server}; job folder: {folder}").format(
@@ -648,6 +734,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif run.error is not None:
             self._showStatus(_("Failed; see the log."))
             slicer.util.errorDisplay(_("The run failed."), detailedText=str(run.error))
+        elif isinstance(run.job, PlanJob):
+            self._showPlan(run.results)
+            self._showStatus(_("Planned: about {duration} on this computer.").format(
+                duration=formatDuration(run.results.total_s)))
         elif isinstance(run.job, TrainingJob):
             if self._parameterNode:  # None when the scene was closed during the run
                 self._parameterNode.lastJob = str(run.job.folder)
@@ -837,6 +927,11 @@ def jobStateTitle(state: JobState) -> str:
     }[state]
 
 
+def formatShape(values: Sequence[float]) -> str:
+    """Sizes along the three axes: '1.5 × 1.5 × 10', '128 × 128 × 8'."""
+    return " × ".join(f"{value:g}" for value in values)
+
+
 def formatSize(size: int) -> str:
     """A short human size on disk: '820 KB', '12.5 MB', '1.4 GB'."""
     if size >= 1e9:
@@ -847,7 +942,10 @@ def formatSize(size: int) -> str:
 
 
 def formatDuration(seconds: float) -> str:
-    """A short human duration: '1 h 05 min', '4 min 20 s', '12 s'."""
+    """A short human duration, as the engine writes them (SFRSegmentLib.estimate.format_duration, which needs torch):
+    '1 h 05 min', '4 min 20 s', '12 s', '0.4 s'."""
+    if seconds < 10:
+        return _("{seconds:.1f} s").format(seconds=seconds)
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
@@ -875,6 +973,8 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
         logic = SFRSegmentLogic()
         logic.setupPythonRequirements()
         inputs = logic.inputs()
+        plan = logic.plan(inputs, logic.segmentNames(inputs), RunSettings(preset="cpu"), wait=True).results
+        print(plan.spacing, plan.patch_size, plan.total_s)  # what the run would use, its time on this computer
         run = logic.run(inputs, logic.segmentNames(inputs), RunSettings(preset="cpu"), wait=True)
         print(run.results.segmentations)
 
@@ -922,11 +1022,13 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def segmentNames(inputs: Sequence[CaseInput]) -> List[str]:
         """The segment names of the inputs' labels, in order of first appearance."""
-        names: List[str] = []
-        for item in inputs:
-            if item.segmentation is not None:
-                names += [name for name in nodes.segment_names(item.segmentation) if name not in names]
-        return names
+        return jobs.label_segment_names(inputs)
+
+    @staticmethod
+    def segmentClasses(inputs: Sequence[CaseInput], segmentNames: Sequence[str]) -> List[SegmentClass]:
+        """The classes a run learning ``segmentNames`` has: label values 1, 2, … in that order, with each segment's
+        name and colour (from the first labeled input having it), which its results get."""
+        return jobs.input_classes(inputs, segmentNames)
 
     @staticmethod
     def setLabelSegmentation(volume: vtkMRMLScalarVolumeNode,
@@ -1024,6 +1126,29 @@ class SFRSegmentLogic(ScriptedLoadableModuleLogic):
                                         remote.server_url(server))
         return self._follow(self.jobRunner.train(job, python, self.engineEnvironment(), onProgress, onLog,
                                                  onFinished, server), wait)
+
+    def plan(
+        self,
+        inputs: Sequence[CaseInput],
+        segmentNames: Sequence[str],
+        settings: RunSettings = RunSettings(),
+        wait: bool = False,
+        onProgress: Optional[Callable[[ProgressEvent], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
+        onFinished: Optional[Callable[[EngineRun], None]] = None,
+    ) -> EngineRun:
+        """What :meth:`run` with these arguments would use and how long it would take on this computer, without
+        training (the engine's ``run --plan-only``): ``run.results`` is the :class:`RunPlan` (working spacing, V-Net
+        patch and strides, largest component, each stage's estimated time), with plan.json as ``record``.
+
+        The inputs are exported into a temporary folder, removed when the engine ends (see
+        ``SFRSegmentLogicLib.plans``): planning leaves no job behind. No SAM weights are needed (the steps are
+        timed with random weights). Cancelling stops it as it stops a run; other arguments as in :meth:`run`.
+        """
+        python = self.enginePython()
+        job = plans.prepare_plan_job(inputs, segmentNames, settings)
+        return self._follow(self.jobRunner.plan(job, python, self.engineEnvironment(), onProgress, onLog,
+                                                onFinished), wait)
 
     def unfinishedJob(
         self,
