@@ -39,8 +39,10 @@ STDOUT = "stdout"
 STDERR = "stderr"
 STDERR_LINES_KEPT = 20
 """How many of the last stderr lines a failure message quotes."""
-CANCEL_GRACE_S = 10.0
-"""How long a cancelled engine may take to save its checkpoint before its process group is killed."""
+CANCEL_GRACE_S = 30.0
+"""How long a cancelled engine may take to save its checkpoint before its process group is killed: generous, since
+a busy computer (a heavy job beside Slicer) slows the save, and a save cut short loses the run's progress; an engine
+that exits sooner is never waited for."""
 _POLL_INTERVAL_S = 0.2
 _CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 """Windows: start console programs without a console window (0 elsewhere)."""
