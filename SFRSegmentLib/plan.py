@@ -175,9 +175,10 @@ def _largest_share(mask: np.ndarray) -> float:
     return float(sizes.max() / sizes.sum())
 
 
-def make_plan(found: Fingerprint, config: RunConfig) -> Plan:
+def make_plan(found: Fingerprint, config: RunConfig, patch_by_hand: Optional[Shape] = None) -> Plan:
     """The plan for a cohort of fingerprint ``found`` under ``config``'s budget (``config.plan``) and its preset's
-    values (see the module docstring for the rules)."""
+    values (see the module docstring for the rules); with ``patch_by_hand`` (a patch the user set) the choices that
+    depend on the patch (the prediction strides) follow that patch instead of the planned one."""
     budget = config.plan
     base = preset(config.preset)
     median = found.median_spacing
@@ -191,8 +192,9 @@ def make_plan(found: Fingerprint, config: RunConfig) -> Plan:
     reasons["retrain.downsampling"] = ("each axis halved while its spacing is at most twice the finest "
                                        f"(nnU-Net's rule): input multiples {_text(multiples)}")
     shape = tuple(int(round(n * s / w)) for n, s, w in zip(found.median_shape, median, spacing))
-    patch = _patch(base.patch_size, shape, thick, multiples)
-    reasons["patch_size"] = ("the preset's patch" if patch == base.patch_size else
+    patch = tuple(patch_by_hand) if patch_by_hand is not None else _patch(base.patch_size, shape, thick, multiples)
+    reasons["patch_size"] = ("set by hand" if patch_by_hand is not None else "the preset's patch"
+                             if patch == base.patch_size else
                              f"the thick axis covers the median {shape[thick.index(True)]} slices, the in-plane sides "
                              f"keep the preset's {math.prod(base.patch_size)} voxels")
     one_piece = {value: share >= LARGEST_COMPONENT_SHARE for value, share in found.largest_component_shares.items()}
@@ -270,8 +272,9 @@ def plan_config(config: RunConfig, cohort: Cohort, given: Collection[str] = ()
     if not config.plan.enabled:
         return config, None, None
     found = fingerprint(cohort)
-    plan = make_plan(found, config)
     base = preset(config.preset)
+    by_hand = "patch_size" in given or config.patch_size != base.patch_size
+    plan = make_plan(found, config, config.patch_size if by_hand else None)
     for path, value in plan.values().items():
         if path not in given and _get(config, path) == _get(base, path):
             config = _set(config, path, value)

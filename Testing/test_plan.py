@@ -109,6 +109,9 @@ def test_a_value_set_by_hand_wins_and_planning_can_be_turned_off(tmp_path) -> No
     overrides = {"patch_size": [96, 96, 16], "inference": {"largest_component": True}}
     config, _, _ = plan_config(with_overrides(preset("cpu"), overrides), cohort, given_paths(overrides))
     assert config.patch_size == (96, 96, 16) and config.inference.largest_component  # even the preset's own value
+    cpu = preset("cpu")  # the windows of prediction overlap as the preset's do, around the patch set by hand
+    assert config.inference.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * 96
+    assert config.inference.stride_z * CPU_PATCH[2] == cpu.inference.stride_z * 16
     assert config.retrain.spacing == (1.5, 1.5, 10.0) and not config.pseudolabel.largest_component
     off = dataclasses.replace(preset("cpu"), plan=dataclasses.replace(preset("cpu").plan, enabled=False))
     assert plan_config(off, cohort) == (off, None, None)
