@@ -30,7 +30,7 @@ from SFRSegmentLib.errors import InputError  # noqa: E402
 from SFRSegmentLib.sam import catalog, weights  # noqa: E402
 from SFRSegmentLib.synthetic import make_synthetic_cohort  # noqa: E402
 from SFRSegmentLib.volumes import read_volume, write_volume  # noqa: E402
-from SFRSegmentLogicLib import hardware, history, jobs, nodes, remote, review  # noqa: E402
+from SFRSegmentLogicLib import hardware, history, jobs, nodes, plans, remote, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
 from SFRSegmentLogicLib.process import (  # noqa: E402
@@ -94,7 +94,8 @@ def logic_class(scene, settings=None) -> type:
         JobSummary=JobSummary, ReviewRow=ReviewRow, InputError=InputError, engine_environment=engine_environment,
         catalog=catalog, weights=weights, dependencies=None,  # installs into Slicer's Python: not here
         hardware=hardware, history=history, jobs=jobs,
-        nodes=nodes, review=review, remote=remote, ComputeServer=ComputeServer, ComputeSettings=ComputeSettings)
+        nodes=nodes, review=review, remote=remote, ComputeServer=ComputeServer, ComputeSettings=ComputeSettings,
+        SegmentClass=nodes.SegmentClass, plans=plans, PlanJob=plans.PlanJob, RunPlan=plans.RunPlan)
     namespace = module_code(classes=["SFRSegmentLogic"], **names)
 
     class Logic(namespace.SFRSegmentLogic):
