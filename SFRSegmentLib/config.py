@@ -732,15 +732,21 @@ class RunConfig(_Options):
                              f"(finetune.sam.image_size): its in-plane size must be at most {canvas}",
                              field=sam_field)
         vnet_patch, vnet_field = self._stage_patch("retrain")
-        multiples = input_multiples(self.retrain.downsampling)
-        if self.retrain.patch_size is None and any(size % m for size, m in zip(vnet_patch, multiples)):
-            raise InputError(f"patch_size {_text(vnet_patch)} is the V-Net's patch too (retrain.patch_size is null), "
-                             f"which needs multiples of {_text(multiples)}: change patch_size, or set "
-                             "retrain.patch_size", field="patch_size")
+        if not (self.plan.enabled and self.retrain.downsampling is None):  # else the plan chooses the strides
+            self._check_vnet_patch()
         if self.inference.patch_size is None:
             self.inference.check_window(vnet_patch, f"{vnet_field}, the V-Net's patch", "inference.")
         else:
             self.inference.for_model(vnet_patch, self.retrain.downsampling)
+
+    def _check_vnet_patch(self) -> None:
+        """InputError unless the run's patch, where it is the V-Net's too, suits the V-Net's strides."""
+        vnet_patch = self._stage_patch("retrain")[0]
+        multiples = input_multiples(self.retrain.downsampling)
+        if self.retrain.patch_size is None and any(size % m for size, m in zip(vnet_patch, multiples)):
+            raise InputError(f"patch_size {_text(vnet_patch)} is the V-Net's patch too (retrain.patch_size is null), "
+                             f"which needs multiples of {_text(multiples)} (retrain.downsampling): change patch_size, "
+                             "or set retrain.patch_size", field="patch_size")
 
     def _stage_patch(self, section: str) -> Tuple[Shape, str]:
         """The patch of ``finetune`` or ``retrain`` once resolved, and the field that gives it."""
@@ -750,7 +756,9 @@ class RunConfig(_Options):
     def resolved(self, n_classes: Optional[int] = None) -> "RunConfig":
         """This configuration with every derived value set (module docstring): the stages' patches, the method's
         recipe, ``device`` in every stage and, given ``n_classes`` (the cohort's foreground classes), the SAM
-        head. Resolving a resolved configuration changes nothing."""
+        head. Resolving a resolved configuration changes nothing. The V-Net's strides are final here (planned or
+        not), so its patch is checked against them."""
+        self._check_vnet_patch()
         finetune, retrain = self.finetune, self.retrain
         sam = finetune.sam if n_classes is None else dataclasses.replace(finetune.sam, num_classes=n_classes)
         recipe = {name: value for name, value in method_recipe(retrain.method).items()

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from SFRSegmentLib.config import CPU_PATCH, CPU_SPACING, InferenceConfig, preset
 from SFRSegmentLib.config_io import given_paths, with_overrides
 from SFRSegmentLib.data import discover_cohort, normalize_intensities
+from SFRSegmentLib.errors import InputError
 from SFRSegmentLib.inference import predict_volume
 from SFRSegmentLib.plan import LARGEST_COMPONENT_SHARE, fingerprint, make_plan, plan_config
 from SFRSegmentLib.vnet import load_vnet
@@ -113,6 +114,11 @@ def test_a_value_set_by_hand_wins_and_planning_can_be_turned_off(tmp_path) -> No
     assert config.inference.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * 96
     assert config.inference.stride_z * CPU_PATCH[2] == cpu.inference.stride_z * 16
     assert config.retrain.spacing == (1.5, 1.5, 10.0) and not config.pseudolabel.largest_component
+    thin = {"patch_size": [80, 80, 8]}  # thin for the reference strides, but the plan's suit it
+    config, _, _ = plan_config(with_overrides(preset("cpu"), thin), cohort, given_paths(thin))
+    assert config.retrain.downsampling == THICK_SLICES and config.resolved(2).retrain.patch_size == (80, 80, 8)
+    with pytest.raises(InputError, match=r"patch_size 80×80×8 is the V-Net's patch too"):
+        with_overrides(preset("cpu"), thin).resolved(2)  # where the strides stay the reference's, it is refused
     off = dataclasses.replace(preset("cpu"), plan=dataclasses.replace(preset("cpu").plan, enabled=False))
     assert plan_config(off, cohort) == (off, None, None)
 
