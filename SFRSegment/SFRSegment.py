@@ -40,9 +40,10 @@ if importlib.util.find_spec("SFRSegmentLib") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the source tree: see the module docstring
 
 import SFRSegmentLib  # noqa: E402
-from SFRSegmentLib import choices  # noqa: E402
-from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLib.sam import catalog, weights  # noqa: E402
+from SFRSegmentLib.base import choices  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
+from SFRSegmentLib.base.events import format_duration  # noqa: E402
+from SFRSegmentLib.models.sam import catalog, weights  # noqa: E402
 from SFRSegmentLogicLib import dependencies, hardware, history, jobs, nodes, plans, remote, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402
@@ -84,7 +85,7 @@ class SFRSegment(ScriptedLoadableModule):
 Semi-supervised 3D segmentation with the Segment Anything Model (the SFR method: Stitching, Fine-tuning,
 Re-training). Segment one or a few volumes in Segment Editor, press Run, and the other volumes of the scene are
 segmented by a model trained on yours. Training runs in the background and can be cancelled.
-See the <a href="https://github.com/SFRSegment/SlicerSFRSegment/blob/main/README.md#using-it-in-3d-slicer">user guide</a>.
+See the <a href="https://github.com/SFRSegment/SlicerSFRSegment/blob/main/docs/slicer.md">user guide</a>.
 """)
         self.parent.acknowledgementText = _("""
 SFR is by Li et al., "Stitching, Fine-tuning, Re-training: A SAM-enabled Framework for Semi-supervised 3D Medical
@@ -102,7 +103,7 @@ Ma et al. The module follows the 3D Slicer scripted-module template.
 
 
 def choiceEnum(name: str, values: Sequence[str], label: Callable[[str], str]) -> type:
-    """An enum of one of the engine's lists of choices (SFRSegmentLib.choices): members named by their values, which
+    """An enum of one of the engine's lists of choices (SFRSegmentLib.base.choices): members named by their values, which
     are what the engine's configuration expects, each shown by ``label(value)``."""
     choice = enum.Enum(name, [(value.upper(), value) for value in values], module=__name__)
     choice.label = lambda self: label(self.value)
@@ -114,7 +115,7 @@ Method = choiceEnum("Method", choices.METHODS, lambda value: _(choices.METHOD_TI
 Device = choiceEnum("Device", choices.DEVICES, lambda value: _(choices.DEVICE_TITLES[value]))
 Preset = choiceEnum("Preset", choices.PRESETS, lambda value: "{title} ({description})".format(
     title=_(choices.PRESET_TITLES[value]), description=_(choices.PRESET_DESCRIPTIONS[value])))
-"""Where every "From preset" value comes from (SFRSegmentLib.config.preset)."""
+"""Where every "From preset" value comes from (SFRSegmentLib.base.config.preset)."""
 
 
 @parameterNodeWrapper
@@ -911,7 +912,7 @@ class DownloadCancelled(Exception):
 
 
 def stageTitle(stage: str) -> str:
-    """The title of an engine stage (SFRSegmentLib.choices.STAGE_TITLES); other stages show their name."""
+    """The title of an engine stage (SFRSegmentLib.base.choices.STAGE_TITLES); other stages show their name."""
     return _(choices.STAGE_TITLES[stage]) if stage in choices.STAGE_TITLES else stage
 
 
@@ -942,18 +943,8 @@ def formatSize(size: int) -> str:
 
 
 def formatDuration(seconds: float) -> str:
-    """A short human duration, as the engine writes them (SFRSegmentLib.estimate.format_duration, which needs torch):
-    '1 h 05 min', '4 min 20 s', '12 s', '0.4 s'."""
-    if seconds < 10:
-        return _("{seconds:.1f} s").format(seconds=seconds)
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return _("{hours} h {minutes:02d} min").format(hours=hours, minutes=minutes)
-    if minutes:
-        return _("{minutes} min {seconds:02d} s").format(minutes=minutes, seconds=seconds)
-    return _("{seconds} s").format(seconds=seconds)
+    """A short human duration in the user's language, as the engine writes them: '1 h 05 min', '4 min 20 s'."""
+    return format_duration(seconds, _)
 
 
 #
@@ -1346,7 +1337,7 @@ class SFRSegmentTest(ScriptedLoadableModuleTest):
                                             or importlib.util.find_spec("torch") is None):
             self.skipTest("the engine's packages are not installed in Slicer's Python")
         SFRSegmentLogic.setupPythonRequirements()
-        from SFRSegmentLib.synthetic import make_synthetic_cohort  # needs scipy: only importable after the setup
+        from SFRSegmentLib.research.synthetic import make_synthetic_cohort  # needs scipy: only importable after the setup
 
         self.delayDisplay("Loading a synthetic scene: 1 labeled and 2 unlabeled volumes, 2 segments")
         folder = Path(slicer.util.tempDirectory("SFRSegmentTest"))

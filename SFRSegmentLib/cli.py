@@ -16,11 +16,11 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import WriteError
-from .choices import METHODS, PRESET_DESCRIPTIONS, PRESETS, STAGES
-from .errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
+from .base.choices import METHODS, PRESET_DESCRIPTIONS, PRESETS, STAGES
+from .base.errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
+from .base.progress import REPORTER_KINDS, Cancelled
 from .jobserver.protocol import DEFAULT_HOST, DEFAULT_PORT, ServerError, add_server_options
-from .progress import REPORTER_KINDS, Cancelled
+from .storage.atomic import WriteError
 
 EXIT_FAILURE = 1
 EXIT_CANCELLED = 130
@@ -28,8 +28,8 @@ EXIT_CANCELLED = 130
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .volumes import read_volume
-    from .validation import check_image, check_label
+    from .storage.volumes import read_volume
+    from .data.validation import check_image, check_label
 
     image = read_volume(args.image)
     check_image(image)
@@ -54,7 +54,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_stitch_preview(args: argparse.Namespace) -> int:
-    from .preview import write_stitch_preview
+    from .research.preview import write_stitch_preview
 
     written = write_stitch_preview(args.image, args.out, label_path=args.label, patch=tuple(args.patch),
                                    canvas=args.canvas)
@@ -63,7 +63,7 @@ def _cmd_stitch_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
-    from .data import discover_cohort, validate_cohort
+    from .data.cohort import discover_cohort, validate_cohort
 
     cohort = discover_cohort(args.path, test=args.test)
     print(cohort.summary())
@@ -74,7 +74,7 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .synthetic import make_synthetic_cohort
+    from .research.synthetic import make_synthetic_cohort
 
     cohort = make_synthetic_cohort(args.out, n_cases=args.cases, n_labeled=args.labeled, n_classes=args.classes,
                                    seed=args.seed)
@@ -83,18 +83,18 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .research.demo import run_demo
 
     run_demo(Path(args.out))
     return 0
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from .data import discover_cohort
-    from .distributed import on_main_rank
-    from .progress import Cancellation, make_reporter
-    from .retrain import retrain
-    from .runfolder import RunFolder
+    from .data.cohort import discover_cohort
+    from .base.distributed import on_main_rank
+    from .base.progress import Cancellation, make_reporter
+    from .stages.retrain import retrain
+    from .storage.runfolder import RunFolder
 
     config = _stage_config(args, "retrain")
     run = RunFolder(args.out)
@@ -107,16 +107,16 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.server:
-        from .config_io import load_overrides
+        from .base.config_io import load_overrides
         from .jobserver.remote import merged, predict_remotely
 
         given = _given_options(args)
         section = merged(load_overrides(args.config) if args.config else {}, given.get("inference", {}))
         return predict_remotely(args, section, given.get("device"))
-    from .device import resolve_device
-    from .inference import predict_to_folder
-    from .vnet import load_vnet
-    from .progress import make_reporter
+    from .base.device import resolve_device
+    from .stages.inference import predict_to_folder
+    from .models.vnet import load_vnet
+    from .base.progress import make_reporter
 
     config = _stage_config(args, "inference")
     model, info = load_vnet(args.model, resolve_device(config.device))
@@ -127,7 +127,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import evaluate_folders, summarise, write_metrics_csv
+    from .evaluation.metrics import evaluate_folders, summarise, write_metrics_csv
 
     rows = evaluate_folders(args.pred, args.truth, args.classes)
     write_metrics_csv(rows, args.out)
@@ -144,11 +144,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--plan-only plans and times the run on this computer: leave out --server", field="--server")
     if args.plan_only and args.parent:
         raise InputError("--plan-only plans a new run; an update (--from) keeps its parent's plan", field="--from")
-    from .config import preset, starting_preset
-    from .config_io import given_paths, load_overrides, to_dict, with_overrides
-    from .pipeline import run_pipeline
-    from .progress import Cancellation, make_reporter
-    from .update import parent_overrides
+    from .base.config import preset, starting_preset
+    from .base.config_io import given_paths, load_overrides, to_dict, with_overrides
+    from .run.pipeline import run_pipeline
+    from .base.progress import Cancellation, make_reporter
+    from .run.update import parent_overrides
 
     overrides = load_overrides(args.config) if args.config else {}
     remote = args.server and not args.print_config  # the server's engine resolves the configuration as below
@@ -169,8 +169,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         import json
 
-        from .data import discover_cohort
-        from .plan import plan_config
+        from .data.cohort import discover_cohort
+        from .run.plan import plan_config
 
         if config.plan.enabled and args.cohort.exists():
             config, plan, _ = plan_config(config, discover_cohort(args.cohort), given)
@@ -178,8 +178,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(to_dict(config.resolved()), indent=2))
         return 0
     if args.plan_only:
-        from .pipeline import plan_run
-        from .runfolder import RunFolder
+        from .run.pipeline import plan_run
+        from .storage.runfolder import RunFolder
 
         plan_run(args.cohort, args.out, config, progress=make_reporter(args.progress), test=args.test, given=given)
         print(f"plan and estimate: {RunFolder(args.out).plan}", file=sys.stderr if args.progress == "jsonl"
@@ -199,8 +199,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_summary(report: Path, metrics_by_method: Sequence[Tuple[Optional[str], Optional[Path]]]) -> str:
     """What ``run`` prints at its end: the report, and the mean Dice of each method's metrics table."""
-    from .metrics import SPLIT_DESCRIPTIONS
-    from .pipeline import mean_dice, scored_split
+    from .evaluation.metrics import SPLIT_DESCRIPTIONS
+    from .evaluation.metrics import mean_dice, scored_split
 
     lines = [f"report: {report}"]
     for method, metrics in metrics_by_method:
@@ -214,7 +214,7 @@ def _downloaded_run_summary(out: Path) -> str:
     """:func:`_run_summary` of a run folder downloaded from a server (its config.json, metrics tables)."""
     import json
 
-    from .runfolder import RunFolder
+    from .storage.runfolder import RunFolder
 
     run = RunFolder(out)
     used = json.loads(run.config.read_text(encoding="utf-8"))
@@ -237,9 +237,18 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .config import starting_preset
-    from .config_io import load_overrides
-    from .reproduce import RESULTS_CSV, RESULTS_MD, CellFailed, Protocol, grid, la_split, run_grid, write_table
+    from .base.config import starting_preset
+    from .base.config_io import load_overrides
+    from .research.reproduce import (
+        RESULTS_CSV,
+        RESULTS_MD,
+        CellFailed,
+        Protocol,
+        grid,
+        la_split,
+        run_grid,
+        write_table,
+    )
 
     if not args.table_only:
         if args.data is None:
@@ -260,11 +269,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import discover_cohort
-    from .distributed import on_main_rank
-    from .progress import Cancellation, make_reporter
-    from .runfolder import RunFolder
-    from .finetune import finetune
+    from .data.cohort import discover_cohort
+    from .base.distributed import on_main_rank
+    from .base.progress import Cancellation, make_reporter
+    from .storage.runfolder import RunFolder
+    from .stages.finetune import finetune
 
     cohort = discover_cohort(args.cohort)
     random_init = {"finetune": {"base_checkpoint": None, "allow_random_init": True}} if args.random_init else {}
@@ -277,11 +286,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
-    from .data import discover_cohort
-    from .distributed import on_main_rank
-    from .progress import Cancellation, make_reporter
-    from .runfolder import RunFolder
-    from .pseudolabel import pseudolabel
+    from .data.cohort import discover_cohort
+    from .base.distributed import on_main_rank
+    from .base.progress import Cancellation, make_reporter
+    from .storage.runfolder import RunFolder
+    from .stages.pseudolabel import pseudolabel
 
     cohort = discover_cohort(args.cohort)
     config = _stage_config(args, "pseudolabel")
@@ -299,9 +308,9 @@ def _stage_config(args: argparse.Namespace, section: str, n_classes: Optional[in
     """The ``section`` of the run configuration that a one-stage command runs with: ``--preset``'s, changed by the
     ``--config`` file (the section's options), then by the flags given and ``overrides``, resolved as a run resolves
     it (``n_classes``: the cohort's foreground classes). Its device is checked on this machine at once."""
-    from .config import preset
-    from .config_io import load_overrides, with_overrides
-    from .device import resolve_device
+    from .base.config import preset
+    from .base.config_io import load_overrides, with_overrides
+    from .base.device import resolve_device
 
     config = preset(args.preset)
     if args.config:
@@ -492,14 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Options of the configuration (SFRSegmentLib.config): their types, choices, help and defaults come from there
+# Options of the configuration (SFRSegmentLib.base.config): their types, choices, help and defaults come from there
 
 _OPTION_DEST = "option:"
 """The argparse destination of a configuration flag is this prefix and the field's dotted path in RunConfig."""
 
 
 def _add_config_options(parser: Any, flags: Mapping[str, str]) -> None:
-    """One flag per configuration field (flag → dotted path in :class:`~SFRSegmentLib.config.RunConfig`), typed,
+    """One flag per configuration field (flag → dotted path in :class:`~SFRSegmentLib.base.config.RunConfig`), typed,
     checked and explained as the field is, showing each preset's value as its default. A flag not given leaves the
     value to the preset and the ``--config`` file (:func:`_given_options`)."""
     for flag, path in flags.items():
@@ -550,7 +559,7 @@ def _given_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _config_field(path: str) -> Tuple[dataclasses.Field, Any]:
     """The dataclass field at ``path`` in RunConfig and its type, without ``Optional``."""
-    from .config import RunConfig
+    from .base.config import RunConfig
 
     owner: Any = RunConfig
     for name in path.split("."):
@@ -566,7 +575,7 @@ def _config_field(path: str) -> Tuple[dataclasses.Field, Any]:
 def _preset_defaults(path: str) -> str:
     """Each preset's resolved value at ``path``: ``default X`` when they agree, else ``default: paper X, cpu Y,
     small Z``."""
-    from .config import preset
+    from .base.config import preset
 
     values = {name: _shown(_value_at(preset(name).resolved(), path)) for name in PRESETS}
     if len(set(values.values())) == 1:
@@ -575,7 +584,7 @@ def _preset_defaults(path: str) -> str:
 
 
 def _paper_value(path: str) -> Any:
-    from .config import preset
+    from .base.config import preset
 
     return _value_at(preset("paper").resolved(), path)
 
@@ -596,7 +605,7 @@ def _shown(value: Any) -> str:
 
 def _device_name(text: str) -> str:
     """A device name for argparse: its spelling is checked here, whether the machine has it where it is used."""
-    from .config import check_device
+    from .base.config import check_device
 
     try:
         return check_device(text)
@@ -653,7 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _torchrun_group(args: argparse.Namespace) -> Iterator[None]:
     """Under torchrun, join the process group for the command, and let only rank 0 print on stdout (its JSON lines
     stay the one stream a caller parses); errors still reach stderr from every rank."""
-    from .distributed import launched_by_torchrun, process_group
+    from .base.distributed import launched_by_torchrun, process_group
 
     if not launched_by_torchrun():
         yield

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from SFRSegmentLib.config import PseudoLabelConfig, RetrainConfig, preset
-from SFRSegmentLib.data import discover_cohort
-from SFRSegmentLib.distributed import process_group
-from SFRSegmentLib.retrain import Trainer, retrain
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib import pseudolabel as pseudolabel_module
-from SFRSegmentLib import finetune as finetune_module
-from SFRSegmentLib.finetune import finetune
-from SFRSegmentLib.sam.lora import trainable_state_dict
-from SFRSegmentLib.pseudolabel import pseudolabel
+from SFRSegmentLib.base.config import PseudoLabelConfig, RetrainConfig, preset
+from SFRSegmentLib.data.cohort import discover_cohort
+from SFRSegmentLib.base.distributed import process_group
+from SFRSegmentLib.stages.retrain import Trainer, retrain
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.stages import pseudolabel as pseudolabel_module
+from SFRSegmentLib.stages import finetune as finetune_module
+from SFRSegmentLib.stages.finetune import finetune
+from SFRSegmentLib.models.sam.lora import trainable_state_dict
+from SFRSegmentLib.stages.pseudolabel import pseudolabel
 
 FINETUNE = dict(patch_size=(32, 32, 16), iterations=3, checkpoint_every=2, device="cpu")
 PSEUDOLABEL = dict(device="cpu")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping
 
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.volumes import Volume, read_volume, write_volume
+from SFRSegmentLib.storage.volumes import Volume, read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 1024
@@ -54,7 +54,7 @@ def test_a_full_disk_keeps_the_previous_volume_and_leaves_no_partial(tmp_path, s
     before = folder_bytes(tmp_path)
     result = run_with_full_disk(f"""
         import numpy as np
-        from SFRSegmentLib.volumes import Volume, write_volume
+        from SFRSegmentLib.storage.volumes import Volume, write_volume
         rng = np.random.default_rng(0)
         array = rng.integers(0, 200, (96, 96, 96)).astype(np.uint8)  # random: compresses to far more than the limit
         #FULL_DISK
@@ -71,7 +71,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
     before = folder_bytes(tmp_path)
     result = run_with_full_disk(f"""
         import torch
-        from SFRSegmentLib.atomic import atomic_path
+        from SFRSegmentLib.storage.atomic import atomic_path
         state = {{"iteration": 4, "weights": torch.randn(100_000)}}
         #FULL_DISK
         with atomic_path({str(target)!r}) as tmp:
@@ -101,7 +101,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_file(tmp_path):
     target = tmp_path / "checkpoint.pt"
     target.write_bytes(b"previous checkpoint")
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        from SFRSegmentLib.atomic import atomic_path
+        from SFRSegmentLib.storage.atomic import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "wb") as f:
                 f.write(b"x" * 1_000_000)

@@ -1,14 +1,14 @@
-"""The ``strong`` crop augmentation (SFRSegmentLib.augment): geometry, reproducibility, and its place in training."""
+"""The ``strong`` crop augmentation (SFRSegmentLib.data.augment): geometry, reproducibility, and its place in training."""
 
 import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib import augment
-from SFRSegmentLib.choices import AUGMENTATIONS
-from SFRSegmentLib.config import RetrainConfig
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.retrain import TrainingCase, TwoStreamSampler, draw_batch
+from SFRSegmentLib.data import augment
+from SFRSegmentLib.base.choices import AUGMENTATIONS
+from SFRSegmentLib.base.config import RetrainConfig
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.stages.retrain import TrainingCase, TwoStreamSampler, draw_batch
 
 
 class _Fixed:

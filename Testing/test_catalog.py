@@ -15,10 +15,10 @@ from typing import Any, Dict
 
 import pytest
 
-from SFRSegmentLib.choices import DEFAULT_MODEL_ID, SAM_ARCHITECTURES
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.sam import catalog
-from SFRSegmentLib.sam.catalog import FIELD_NAMES, ModelEntry, get_model, load_catalog
+from SFRSegmentLib.base.choices import DEFAULT_MODEL_ID, SAM_ARCHITECTURES
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.models.sam import catalog
+from SFRSegmentLib.models.sam.catalog import FIELD_NAMES, ModelEntry, get_model, load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "Resources" / "Models.json"
@@ -213,7 +213,7 @@ def test_a_wheel_installed_by_pip_carries_the_catalog(tmp_path: Path) -> None:
     wheel = next((tmp_path / "dist").glob("*.whl"))
     subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
                    capture_output=True)
-    code = ("import json, SFRSegmentLib; from SFRSegmentLib.sam import catalog; "
+    code = ("import json, SFRSegmentLib; from SFRSegmentLib.models.sam import catalog; "
             "print(json.dumps([SFRSegmentLib.__file__, str(catalog.find_catalog()), list(catalog.load_catalog())]))")
     environment = {key: value for key, value in os.environ.items() if key != catalog.MODELS_JSON_ENV}
     completed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

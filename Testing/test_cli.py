@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from SFRSegmentLib.volumes import Segment, Volume, read_volume, write_volume
-from SFRSegmentLib.sam.stitching import NON_SLICE_GREY
+from SFRSegmentLib.storage.volumes import Segment, Volume, read_volume, write_volume
+from SFRSegmentLib.models.sam.stitching import NON_SLICE_GREY
 
 REPO = Path(__file__).resolve().parents[1]
 LA_CASE = REPO.parent / "shared" / "data" / "LA" / "06SR5RBREL16DQ6M8LWS"
@@ -167,7 +167,7 @@ def test_run_prints_what_really_runs(tmp_path):
 @pytest.mark.parametrize("preset_name", ["paper", "cpu", "small"])
 def test_one_stage_commands_start_from_the_same_presets_as_run(preset_name, tmp_path):
     from SFRSegmentLib.cli import _stage_config, build_parser
-    from SFRSegmentLib.config import preset
+    from SFRSegmentLib.base.config import preset
 
     resolved = preset(preset_name).resolved(n_classes=1)
     common = ["--cohort", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", preset_name]

@@ -11,17 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from SFRSegmentLib import choices
-from SFRSegmentLib.config import (CPU_PATCH, CPU_SAM_PATCH, PATCH_SIZE, SMALL_PATCH, RunConfig, check_device,
-                                  parse_method, preset, starting_preset)
-from SFRSegmentLib.config_io import to_dict, with_overrides
-from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.base import choices
+from SFRSegmentLib.base.config import (
+    CPU_PATCH,
+    CPU_SAM_PATCH,
+    PATCH_SIZE,
+    SMALL_PATCH,
+    RunConfig,
+    check_device,
+    parse_method,
+    preset,
+    starting_preset,
+)
+from SFRSegmentLib.base.config_io import to_dict, with_overrides
+from SFRSegmentLib.base.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_config_layer_and_the_choices_import_without_torch():
-    code = ("import sys; import SFRSegmentLib.config, SFRSegmentLib.config_io, SFRSegmentLib.choices; "
+    code = ("import sys; import SFRSegmentLib.base.config, SFRSegmentLib.base.config_io, SFRSegmentLib.base.choices; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'monai')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -56,7 +65,7 @@ def test_the_cpu_preset_resolves_to_its_measured_settings():
     config = preset("cpu").resolved()
     assert config.device == "cpu" and config.retrain.iterations == 1500 and config.retrain.lr_schedule == "poly"
     assert {config.retrain.precision, config.inference.precision} == {"bf16_if_native"}
-    assert {config.finetune.precision, config.pseudolabel.precision} == {"fp32"}  # bf16 slowed SAM down (README)
+    assert {config.finetune.precision, config.pseudolabel.precision} == {"fp32"}  # bf16 slowed SAM down (docs/user-guide.md)
     assert {config.finetune.device, config.pseudolabel.device, config.retrain.device, config.inference.device} == \
         {"cpu"}
     assert config.finetune.sam.image_size == 256 and config.retrain.ssl.rampup_epoch_iterations == 12

@@ -8,8 +8,8 @@ from typing import Literal, Optional, Tuple
 
 import pytest
 
-from SFRSegmentLib.config_io import load_overrides, to_dict, with_overrides
-from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.base.config_io import load_overrides, to_dict, with_overrides
+from SFRSegmentLib.base.errors import InputError
 
 
 @dataclass(frozen=True)

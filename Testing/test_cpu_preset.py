@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from SFRSegmentLib.choices import PRESETS
-from SFRSegmentLib.config import CPU_SPACING, InferenceConfig, preset
-from SFRSegmentLib.inference import predict_volume
-from SFRSegmentLib.vnet import VNetInfo, load_vnet, save_vnet
-from SFRSegmentLib.volumes import Volume, read_volume
-from SFRSegmentLib.pipeline import _without_missing_sam
-from SFRSegmentLib.sam import weights
-from SFRSegmentLib.synthetic import make_synthetic_cohort
+from SFRSegmentLib.base.choices import PRESETS
+from SFRSegmentLib.base.config import CPU_SPACING, InferenceConfig, preset
+from SFRSegmentLib.stages.inference import predict_volume
+from SFRSegmentLib.models.vnet import VNetInfo, load_vnet, save_vnet
+from SFRSegmentLib.storage.volumes import Volume, read_volume
+from SFRSegmentLib.run.pipeline import _without_missing_sam
+from SFRSegmentLib.models.sam import weights
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"patch_size": [32, 32, 16], "retrain": {"iterations": 3, "checkpoint_every": 3},

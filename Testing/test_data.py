@@ -9,22 +9,18 @@ from typing import Optional, Tuple
 import numpy as np
 import pytest
 
-from SFRSegmentLib.data import (
-    Case,
-    Cohort,
+from SFRSegmentLib.data.cohort import Case, Cohort, discover_cohort, load_case, validate_cohort
+from SFRSegmentLib.data.patches import (
     center_crop_start,
     crop,
-    discover_cohort,
-    load_case,
     pad_to_shape,
     random_crop_start,
     random_rot_flip,
     sample_patch,
-    validate_cohort,
     zscore,
 )
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import Segment, Volume, write_volume
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import Segment, Volume, write_volume
 
 LA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LA"
 """The shared LA cases beside the repository: case folders plus ``train.list`` and ``README.md``."""

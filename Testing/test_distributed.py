@@ -19,12 +19,12 @@ from typing import Dict
 import pytest
 import torch
 
-from SFRSegmentLib.data import discover_cohort
-from SFRSegmentLib.config import RetrainConfig
-from SFRSegmentLib.provenance import read_record
-from SFRSegmentLib.retrain import retrain
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.synthetic import make_synthetic_cohort
+from SFRSegmentLib.data.cohort import discover_cohort
+from SFRSegmentLib.base.config import RetrainConfig
+from SFRSegmentLib.storage.provenance import read_record
+from SFRSegmentLib.stages.retrain import retrain
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))

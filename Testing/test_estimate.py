@@ -14,23 +14,24 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from SFRSegmentLib.checkpoint import FORMAT
-from SFRSegmentLib.config import RunConfig, preset
-from SFRSegmentLib.confidence import write_table
-from SFRSegmentLib.config_io import with_overrides
-from SFRSegmentLib.data import Case, Cohort
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.estimate import StageWork, StepTimes, estimate_run, estimate_stages, format_duration
-from SFRSegmentLib.inference import PREDICTION_SUFFIXES, monai_overlap
-from SFRSegmentLib.volumes import read_volume
-from SFRSegmentLib.pipeline import prediction_inputs, remaining_work
-from SFRSegmentLib.provenance import Inputs, write_record
-from SFRSegmentLib.retrain import retrain_inputs
-from SFRSegmentLib.finetune import finetune_inputs
-from SFRSegmentLib.pseudolabel import case_inputs
-from SFRSegmentLib.progress import JsonLinesReporter
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.synthetic import make_synthetic_cohort
+from SFRSegmentLib.storage.checkpoint import FORMAT
+from SFRSegmentLib.base.config import RunConfig, preset
+from SFRSegmentLib.stages.confidence import write_table
+from SFRSegmentLib.base.config_io import with_overrides
+from SFRSegmentLib.data.cohort import Case, Cohort
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.base.events import format_duration
+from SFRSegmentLib.run.estimate import StageWork, StepTimes, estimate_run, estimate_stages
+from SFRSegmentLib.stages.inference import PREDICTION_SUFFIXES, monai_overlap
+from SFRSegmentLib.storage.volumes import read_volume
+from SFRSegmentLib.run.pipeline import prediction_inputs, remaining_work
+from SFRSegmentLib.storage.provenance import Inputs, write_record
+from SFRSegmentLib.stages.retrain import retrain_inputs
+from SFRSegmentLib.stages.finetune import finetune_inputs
+from SFRSegmentLib.stages.pseudolabel import case_inputs
+from SFRSegmentLib.base.progress import JsonLinesReporter
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 
 TIMES = StepTimes(finetune_iteration=2.0, pseudolabel_pass=3.0, retrain_iteration={"sfr_mt": 5.0, "supervised": 7.0},
                   predict_pass=11.0)

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SFRSegment"
-GUIDE = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "slicer.md"
 
 
 def cmake_list(path: Path, variable: str):
@@ -44,7 +44,7 @@ def engine_files():
 def test_every_engine_file_is_listed_for_the_extension_build():
     listed = cmake_list(MODULE_DIR / "CMakeLists.txt", "ENGINE_PYTHON_SCRIPTS")
     files = engine_files()
-    assert "SFRSegmentLib/sam/catalog.py" in files  # the scan found the subpackages
+    assert "SFRSegmentLib/models/sam/catalog.py" in files  # the scan found the subpackages
     missing = sorted(files - set(listed))
     assert not missing, f"add to ENGINE_PYTHON_SCRIPTS in SFRSegment/CMakeLists.txt: {missing}"
     stale = sorted(f for f in listed if not (ROOT / f).is_file())
@@ -121,7 +121,7 @@ def test_requirements_are_the_engine_dependencies_without_torch_nor_the_catalogs
     its dependencies when that model is chosen (SFRSegmentLogicLib.dependencies.install_model_package); the rest of
     the engine's dependencies come from requirements.txt."""
     tomllib = pytest.importorskip("tomllib")
-    from SFRSegmentLib.sam.catalog import load_catalog
+    from SFRSegmentLib.models.sam.catalog import load_catalog
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     lines = [line.strip() for line in (ROOT / "Resources" / "requirements.txt").read_text().splitlines()
@@ -140,13 +140,13 @@ def test_requirements_are_the_engine_dependencies_without_torch_nor_the_catalogs
 
 def guide_sections():
     text = GUIDE.read_text(encoding="utf-8")
-    return text, re.findall(r'^#### "(.+)"$', text, re.M)
+    return text, re.findall(r'^### "(.+)"$', text, re.M)
 
 
-def test_guide_has_the_sections_the_readme_needs():
+def test_guide_has_the_sections_the_slicer_users_need():
     text, _ = guide_sections()
-    for heading in ("## Using it in 3D Slicer", "### Install", "### First run", "### Offline weights",
-                    "### Troubleshooting", "## Scripting"):
+    for heading in ("# Using SFRSegment in 3D Slicer", "## Install", "## First run", "## Offline weights",
+                    "## Troubleshooting", "## Scripting the module"):
         assert re.search(rf"^{re.escape(heading)}$", text, re.M), heading
 
 

@@ -26,11 +26,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.vnet import MODEL_FORMAT, load_vnet
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.finetune import load_finetuned_sam
-from SFRSegmentLib.sfrplus import _previous_sam_weights
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.models.vnet import MODEL_FORMAT, load_vnet
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.stages.finetune import load_finetuned_sam
+from SFRSegmentLib.stages.sfrplus import _previous_sam_weights
 from small_runs import TINY, events, finished_run, run, run_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ FILE_KINDS: Tuple[FileKind, ...] = (
     FileKind("provenance.json", read_back=False),
     FileKind("timings.json", read_back=False),
 )
-"""Every kind of file in a finished run folder (:mod:`SFRSegmentLib.runfolder`; one case stands for all). The logs
+"""Every kind of file in a finished run folder (:mod:`SFRSegmentLib.storage.runfolder`; one case stands for all). The logs
 are read back only by the report, which notes a damaged one; the next training of the stage rewrites it."""
 
 EXIT2: Dict[Tuple[str, str], str] = {}

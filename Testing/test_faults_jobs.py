@@ -21,7 +21,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the slicer-core wheels are not installed", allow_module_level=True)
 
 from test_slicer_jobs import job_runner, prepared_job  # noqa: E402 (first: it puts SFRSegmentLogicLib on the path)
-from SFRSegmentLib.errors import InputError  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
 from SFRSegmentLogicLib import history, jobs  # noqa: E402
 from SFRSegmentLogicLib.jobs import JobState, TrainingJob  # noqa: E402
 from test_faults import DAMAGES  # noqa: E402

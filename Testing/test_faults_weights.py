@@ -20,9 +20,9 @@ from typing import Callable, Dict, Tuple
 import pytest
 import torch
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.sam import catalog
-from SFRSegmentLib.sam.weights import available_offline, find_cached, resolve_checkpoint
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.models.sam import catalog
+from SFRSegmentLib.models.sam.weights import available_offline, find_cached, resolve_checkpoint
 from test_faults import DAMAGES
 from test_weights import PAYLOAD, PAYLOAD_SHA256, _isolated_environment, serve, tiny_entry  # noqa: F401 (fixtures)
 

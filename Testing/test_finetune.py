@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-import SFRSegmentLib.finetune as finetune_module
-from SFRSegmentLib.config import FinetuneConfig, preset
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
-from SFRSegmentLib.provenance import read_record
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.finetune import (
+import SFRSegmentLib.stages.finetune as finetune_module
+from SFRSegmentLib.base.config import FinetuneConfig, preset
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.base.progress import Cancellation, Cancelled, ProgressEvent
+from SFRSegmentLib.storage.provenance import read_record
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.stages.finetune import (
     RANDOM_INIT_MESSAGE,
     MosaicBatches,
     bezier_slices,
@@ -34,10 +34,10 @@ from SFRSegmentLib.finetune import (
     load_training_volume,
     training_layout,
 )
-from SFRSegmentLib.sam.lora import LoRAQKV
-from SFRSegmentLib.losses import SFRLoss
-from SFRSegmentLib.sam.weights import file_sha256
-from SFRSegmentLib.synthetic import make_synthetic_cohort
+from SFRSegmentLib.models.sam.lora import LoRAQKV
+from SFRSegmentLib.stages.losses import SFRLoss
+from SFRSegmentLib.models.sam.weights import file_sha256
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = (32, 32, 16)  # an 8×8 grid on the small config's 256² canvas, 16 tiles used

@@ -14,16 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.confidence import read_table, volume_confidence
-from SFRSegmentLib.config import InferenceConfig, RunConfig
-from SFRSegmentLib.data import zscore
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.events import parse_progress_line
-from SFRSegmentLib.inference import (keep_largest_components, monai_overlap, predict_volume, sliding_window_probabilities, window_starts)
-from SFRSegmentLib.vnet import VNetInfo, load_vnet, save_vnet
-from SFRSegmentLib.volumes import Volume, read_volume
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
-from SFRSegmentLib.vnet import VNet
+from SFRSegmentLib.stages.confidence import read_table, volume_confidence
+from SFRSegmentLib.base.config import InferenceConfig, RunConfig
+from SFRSegmentLib.data.patches import zscore
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.base.events import parse_progress_line
+from SFRSegmentLib.stages.inference import (
+    keep_largest_components,
+    monai_overlap,
+    predict_volume,
+    sliding_window_probabilities,
+    window_starts,
+)
+from SFRSegmentLib.models.vnet import VNetInfo, load_vnet, save_vnet
+from SFRSegmentLib.storage.volumes import Volume, read_volume
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.models.vnet import VNet
 
 REPO = Path(__file__).resolve().parents[1]
 LA_CASE = REPO.parent / "shared" / "data" / "LA" / "06SR5RBREL16DQ6M8LWS"

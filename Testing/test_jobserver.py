@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SFRSegmentLib.errors import EXIT_BAD_INPUT
+from SFRSegmentLib.base.errors import EXIT_BAD_INPUT
 from SFRSegmentLib.jobserver.client import JobServerClient
 from SFRSegmentLib.jobserver.protocol import ServerError
 from SFRSegmentLib.jobserver.store import file_sha256
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
 from small_runs import TINY, events, run, run_command
 

@@ -15,16 +15,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SFRSegmentLib.config import SamConfig, preset
-from SFRSegmentLib.data import discover_cohort
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.finetune import finetune
-from SFRSegmentLib.pseudolabel import pseudolabel
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam import catalog, weights
-from SFRSegmentLib.sam.lora import LoRAQKV, merge_lora
-from SFRSegmentLib.sam.model import build_sfr_sam
-from SFRSegmentLib.volumes import read_volume
+from SFRSegmentLib.base.config import SamConfig, preset
+from SFRSegmentLib.data.cohort import discover_cohort
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.stages.finetune import finetune
+from SFRSegmentLib.stages.pseudolabel import pseudolabel
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.models.sam import catalog, weights
+from SFRSegmentLib.models.sam.lora import LoRAQKV, merge_lora
+from SFRSegmentLib.models.sam.model import build_sfr_sam
+from SFRSegmentLib.storage.volumes import read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 LA = REPO.parent / "shared" / "data" / "LA"

@@ -14,9 +14,9 @@ import pytest
 from medpy.metric import binary as medpy
 from scipy import ndimage
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import Volume, read_volume, write_volume
-from SFRSegmentLib.metrics import (
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import Volume, read_volume, write_volume
+from SFRSegmentLib.evaluation.metrics import (
     CSV_COLUMNS,
     SPLIT_COLUMN,
     TEST_SPLIT,
@@ -274,7 +274,7 @@ def folders(tmp_path: Path) -> Tuple[Path, Path, Dict[str, Tuple[np.ndarray, np.
 
 def test_evaluate_folders_matches_cases_and_scores_every_class(folders, caplog) -> None:
     pred_dir, truth_dir, arrays = folders
-    with caplog.at_level(logging.INFO, logger="SFRSegmentLib.metrics"):
+    with caplog.at_level(logging.INFO, logger="SFRSegmentLib.evaluation.metrics"):
         rows = evaluate_folders(pred_dir, truth_dir)
     assert "not scored: caseC" in caplog.text
     assert [(r.case, r.metrics.class_value) for r in rows] == [

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.config import preset
-from SFRSegmentLib.config_io import with_overrides
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import read_volume, write_volume
-from SFRSegmentLib.metrics import CSV_COLUMNS, SPLIT_COLUMN, case_metrics
-from SFRSegmentLib.sam.weights import file_sha256
-from SFRSegmentLib.synthetic import make_synthetic_cohort
+from SFRSegmentLib.base.config import preset
+from SFRSegmentLib.base.config_io import with_overrides
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import read_volume, write_volume
+from SFRSegmentLib.evaluation.metrics import CSV_COLUMNS, SPLIT_COLUMN, case_metrics
+from SFRSegmentLib.models.sam.weights import file_sha256
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 from test_runfolder import start_holder  # a real process holding a run folder's lock
 
 REPO = Path(__file__).resolve().parents[1]

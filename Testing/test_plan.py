@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SFRSegmentLib.config import CPU_PATCH, CPU_SPACING, InferenceConfig, preset
-from SFRSegmentLib.config_io import given_paths, with_overrides
-from SFRSegmentLib.data import discover_cohort, normalize_intensities
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.inference import predict_volume
-from SFRSegmentLib.plan import LARGEST_COMPONENT_SHARE, fingerprint, make_plan, plan_config
-from SFRSegmentLib.vnet import load_vnet
-from SFRSegmentLib.volumes import read_volume
+from SFRSegmentLib.base.config import CPU_PATCH, CPU_SPACING, InferenceConfig, preset
+from SFRSegmentLib.base.config_io import given_paths, with_overrides
+from SFRSegmentLib.data.cohort import discover_cohort
+from SFRSegmentLib.data.patches import normalize_intensities
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.stages.inference import predict_volume
+from SFRSegmentLib.run.plan import LARGEST_COMPONENT_SHARE, fingerprint, make_plan, plan_config
+from SFRSegmentLib.models.vnet import load_vnet
+from SFRSegmentLib.storage.volumes import read_volume
 from small_runs import events, run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

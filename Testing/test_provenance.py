@@ -11,13 +11,21 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from SFRSegmentLib.volumes import read_volume, write_volume
-from SFRSegmentLib.confidence import read_table
-from SFRSegmentLib.provenance import (MISSING, Inputs, file_digest, identity_of, read_record, record_path,
-                                      stale_reason, write_record)
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.weights import file_sha256
-from SFRSegmentLib.synthetic import TRUTH_FOLDER
+from SFRSegmentLib.storage.volumes import read_volume, write_volume
+from SFRSegmentLib.stages.confidence import read_table
+from SFRSegmentLib.storage.provenance import (
+    MISSING,
+    Inputs,
+    file_digest,
+    identity_of,
+    read_record,
+    record_path,
+    stale_reason,
+    write_record,
+)
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.models.sam.weights import file_sha256
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER
 from small_runs import TINY, events, finished_run, run
 
 def test_inputs_name_what_changed(tmp_path):

@@ -15,17 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-import SFRSegmentLib.pseudolabel as pseudolabel_module
-from SFRSegmentLib.config import PseudoLabelConfig, preset
-from SFRSegmentLib.data import discover_cohort
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import read_volume
-from SFRSegmentLib.progress import Cancellation, Cancelled
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.finetune import finetune, training_layout
-from SFRSegmentLib.pseudolabel import predict_probabilities, pseudolabel, stored_confidence
-from SFRSegmentLib.sam.stitching import mosaic_layout
-from SFRSegmentLib.synthetic import make_synthetic_cohort
+import SFRSegmentLib.stages.pseudolabel as pseudolabel_module
+from SFRSegmentLib.base.config import PseudoLabelConfig, preset
+from SFRSegmentLib.data.cohort import discover_cohort
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import read_volume
+from SFRSegmentLib.base.progress import Cancellation, Cancelled
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.stages.finetune import finetune, training_layout
+from SFRSegmentLib.stages.pseudolabel import predict_probabilities, pseudolabel, stored_confidence
+from SFRSegmentLib.models.sam.stitching import mosaic_layout
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = (32, 32, 16)

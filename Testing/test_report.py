@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from SFRSegmentLib.data import Case
-from SFRSegmentLib.volumes import read_volume, write_volume
-from SFRSegmentLib.report import TRUTH_OUTLINE_RGB, write_report
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.data.cohort import Case
+from SFRSegmentLib.storage.volumes import read_volume, write_volume
+from SFRSegmentLib.evaluation.report import TRUTH_OUTLINE_RGB, write_report
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
 ODD_NAME = 'x<&>"y'
 """A case name made of HTML-special characters (it appears in the tables only, not in the cohort)."""

@@ -18,13 +18,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 
-from SFRSegmentLib.config import preset
-from SFRSegmentLib.config_io import to_dict
-from SFRSegmentLib.data import discover_cohort
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import write_volume
-from SFRSegmentLib.paper_results import paper_result
-from SFRSegmentLib.reproduce import (
+from SFRSegmentLib.base.config import preset
+from SFRSegmentLib.base.config_io import to_dict
+from SFRSegmentLib.data.cohort import discover_cohort
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import write_volume
+from SFRSegmentLib.research.paper_results import paper_result
+from SFRSegmentLib.research.reproduce import (
     CELL_FILE,
     COHORT_FILE,
     OVERRIDES_FILE,
@@ -41,7 +41,7 @@ from SFRSegmentLib.reproduce import (
     run_grid,
     write_table,
 )
-from SFRSegmentLib.synthetic import make_synthetic_volume
+from SFRSegmentLib.research.synthetic import make_synthetic_volume
 
 REPO = Path(__file__).resolve().parents[1]
 LA_ROOT = REPO.parent / "shared" / "data" / "LA"
@@ -175,7 +175,7 @@ def test_the_grid_and_each_cells_overrides():
 
 
 def test_the_paper_lookup_returns_the_tables_numbers():
-    # Values read from shared/docs/sfr-method.md §7 (columns there: Dice, Jaccard, ASD, 95HD).
+    # Values read from docs/sfr-method.md §7 (columns there: Dice, Jaccard, ASD, 95HD).
     table_1 = paper_result(16, "sfr_mt", sfr_plus=False, simplified=False)
     assert (table_1.table, table_1.row) == ("I", "SFR_MT")
     assert (table_1.dice, table_1.jaccard, table_1.asd_vox, table_1.hd95_vox) == (90.86, 83.34, 1.45, 6.15)

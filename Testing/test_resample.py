@@ -1,13 +1,13 @@
-"""Resampling to a working spacing and back (SFRSegmentLib.resample): geometry, values and round trips."""
+"""Resampling to a working spacing and back (SFRSegmentLib.data.resample): geometry, values and round trips."""
 
 import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.config import check_spacing
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import Volume
-from SFRSegmentLib.resample import to_native_grid, to_working_grid, working_shape
+from SFRSegmentLib.base.config import check_spacing
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import Volume
+from SFRSegmentLib.data.resample import to_native_grid, to_working_grid, working_shape
 
 
 def _rotation() -> np.ndarray:

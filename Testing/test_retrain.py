@@ -14,24 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.choices import METHODS
-from SFRSegmentLib.config import RetrainConfig, SSLConfig, preset
-from SFRSegmentLib.config_io import with_overrides
-from SFRSegmentLib.data import Cohort
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.vnet import load_vnet
-from SFRSegmentLib.volumes import read_volume, write_volume
-from SFRSegmentLib.progress import Cancellation, Cancelled, ProgressEvent
-from SFRSegmentLib.provenance import read_record
-from SFRSegmentLib.retrain import (
-    TrainingCase,
-    TwoStreamSampler,
-    draw_batch,
-    learning_rate,
-    retrain,
-)
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.base.choices import METHODS
+from SFRSegmentLib.base.config import RetrainConfig, SSLConfig, preset
+from SFRSegmentLib.base.config_io import with_overrides
+from SFRSegmentLib.data.cohort import Cohort
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.models.vnet import load_vnet
+from SFRSegmentLib.storage.volumes import read_volume, write_volume
+from SFRSegmentLib.base.progress import Cancellation, Cancelled, ProgressEvent
+from SFRSegmentLib.storage.provenance import read_record
+from SFRSegmentLib.stages.retrain import TrainingCase, TwoStreamSampler, draw_batch, learning_rate, retrain
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(patch_size=(32, 32, 16), iterations=2, lr_schedule="step", checkpoint_every=1, device="cpu", n_filters=4)

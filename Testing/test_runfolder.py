@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.runfolder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.storage.runfolder import RunFolder
     with RunFolder(sys.argv[1]).exclusive():
         print("locked", flush=True)
         time.sleep(600)
@@ -27,7 +27,7 @@ HOLDER = textwrap.dedent("""
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from SFRSegmentLib.atomic import atomic_path
+    from SFRSegmentLib.storage.atomic import atomic_path
     with atomic_path(sys.argv[1]) as partial:
         partial.write_bytes(b"half")
         print("writing", flush=True)

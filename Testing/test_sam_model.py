@@ -11,24 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SFRSegmentLib.config import SamConfig
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.sam import attention as attention_module
-from SFRSegmentLib.sam.attention import (
+from SFRSegmentLib.base.config import SamConfig
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.models.sam import attention as attention_module
+from SFRSegmentLib.models.sam.attention import (
     CheckpointedBlock,
     EfficientAttention,
     SamAttention,
     blockwise_rel_pos_attention,
     install_efficient_attention,
 )
-from SFRSegmentLib.sam.lora import (
-    LoRAQKV,
-    load_trainable_state_dict,
-    merge_lora,
-    trainable_state_dict,
-)
-from SFRSegmentLib.sam.model import SFRSam, build_sfr_sam
-from SFRSegmentLib.sam.segment_anything_import import load_segment_anything
+from SFRSegmentLib.models.sam.lora import LoRAQKV, load_trainable_state_dict, merge_lora, trainable_state_dict
+from SFRSegmentLib.models.sam.model import SFRSam, build_sfr_sam
+from SFRSegmentLib.models.sam.segment_anything_import import load_segment_anything
 
 SMALL = SamConfig.small()
 
@@ -123,7 +118,7 @@ def test_paper_vit_b_binary_trainable_parameter_count_matches_spec():
         "mask_decoder": mask_decoder,
         "all": lora + prompt_encoder + mask_decoder,
     }
-    assert counted["all"] == 3_931_374  # spec §2: ≈ 3.93M
+    assert counted["all"] == 3_931_374  # docs/sfr-method.md §2: ≈ 3.93M
 
 
 def test_only_lora_prompt_encoder_and_mask_decoder_are_trainable():

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from SFRSegmentLib import semisupervised
-from SFRSegmentLib.choices import BASE_METHODS, METHODS
-from SFRSegmentLib.config import SSLConfig, parse_method
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.semisupervised import (
+from SFRSegmentLib.stages import semisupervised
+from SFRSegmentLib.base.choices import BASE_METHODS, METHODS
+from SFRSegmentLib.base.config import SSLConfig, parse_method
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.stages.semisupervised import (
     Step,
     build_method,
     consistency_weight,
@@ -232,7 +232,7 @@ def test_method_names_and_parsing() -> None:
 
 
 def test_registering_a_method_gives_its_sfr_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    from SFRSegmentLib import choices, config
+    from SFRSegmentLib.base import choices, config
 
     monkeypatch.setattr(semisupervised, "_METHODS", dict(semisupervised._METHODS))
     monkeypatch.setattr(semisupervised, "BASE_METHODS", BASE_METHODS + ("entropy_min",))

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from SFRSegmentLib.config import InferenceConfig, SFRPlusConfig
-from SFRSegmentLib.data import Case, Cohort, load_case
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.inference import predict_volume
-from SFRSegmentLib.vnet import VNetInfo, save_vnet
-from SFRSegmentLib.volumes import read_volume, write_volume
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.confidence import volume_confidence
-from SFRSegmentLib.sfrplus import run_sfrplus, run_sfrplus_round, split_by_confidence
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
-from SFRSegmentLib.vnet import VNet
+from SFRSegmentLib.base.config import InferenceConfig, SFRPlusConfig
+from SFRSegmentLib.data.cohort import Case, Cohort, load_case
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.stages.inference import predict_volume
+from SFRSegmentLib.models.vnet import VNetInfo, save_vnet
+from SFRSegmentLib.storage.volumes import read_volume, write_volume
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.stages.confidence import volume_confidence
+from SFRSegmentLib.stages.sfrplus import run_sfrplus, run_sfrplus_round, split_by_confidence
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.models.vnet import VNet
 
 INFERENCE = InferenceConfig(patch_size=(32, 32, 16), stride_xy=16, stride_z=8, device="cpu")
 

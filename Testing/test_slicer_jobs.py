@@ -25,7 +25,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
-from SFRSegmentLib.errors import InputError  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
 from SFRSegmentLogicLib import history, jobs, nodes, review  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob  # noqa: E402
 from SFRSegmentLogicLib.process import ChildProcessRunner, EngineCancelled, engine_environment  # noqa: E402
@@ -244,7 +244,7 @@ def test_a_run_records_its_state_and_the_runner_knows_it_runs_until_it_has_ended
 
 def _la_scene(scene):
     """The three LA cases cropped around the atrium, the first labeled ('atrium'): as a user would have loaded them."""
-    from SFRSegmentLib.volumes import read_volume
+    from SFRSegmentLib.storage.volumes import read_volume
 
     for index, case in enumerate(LA_CASES):
         image, label = (read_volume(LA_ROOT / case / f"{name}.nrrd") for name in ("image", "label"))

@@ -222,8 +222,8 @@ def test_an_unknown_level_reads_as_info():
 
 
 def test_the_parser_reads_what_the_engine_writes():
-    progress = pytest.importorskip("SFRSegmentLib.progress")
-    assert progress.ProgressEvent is ProgressEvent  # one definition, in SFRSegmentLib.events
+    progress = pytest.importorskip("SFRSegmentLib.base.progress")
+    assert progress.ProgressEvent is ProgressEvent  # one definition, in SFRSegmentLib.base.events
     stream = io.StringIO()
     reporter = progress.JsonLinesReporter(stream)
     sent = [progress.ProgressEvent("finetune", 5, 10, loss=0.25, metric=0.8, eta_s=12.5, message="half"),

@@ -29,10 +29,10 @@ from vtk.util import numpy_support  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
-from SFRSegmentLib.data import discover_cohort, validate_cohort  # noqa: E402
-from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLib.volumes import Segment, read_volume, write_volume  # noqa: E402
-from SFRSegmentLib.runfolder import RunFolder  # noqa: E402
+from SFRSegmentLib.data.cohort import discover_cohort, validate_cohort  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
+from SFRSegmentLib.storage.volumes import Segment, read_volume, write_volume  # noqa: E402
+from SFRSegmentLib.storage.runfolder import RunFolder  # noqa: E402
 from SFRSegmentLogicLib import jobs, nodes  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, RunSettings  # noqa: E402
 from SFRSegmentLogicLib.process import ChildProcessRunner, engine_environment  # noqa: E402
@@ -280,8 +280,8 @@ def test_run_configuration_holds_only_what_differs_from_the_preset():
 
 
 def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_own_patches():
-    from SFRSegmentLib.config import CPU_SAM_PATCH, preset
-    from SFRSegmentLib.config_io import with_overrides
+    from SFRSegmentLib.base.config import CPU_SAM_PATCH, preset
+    from SFRSegmentLib.base.config_io import with_overrides
 
     cpu = RunSettings(model="medsam_vit_b", preset="cpu")
     assert cpu.uses_checkpoint and not cpu.checkpoint_required
@@ -305,8 +305,8 @@ def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_o
     ("litemedsam", "paper", "tiny_vit"), ("sam_vit_b", "cpu", "vit_b"), ("medsam_vit_b", "cpu", "vit_b"),
     ("litemedsam", "cpu", "tiny_vit"), ("sam_vit_h", "paper", "vit_h")])
 def test_a_catalog_model_brings_its_architecture_so_that_any_preset_runs_it(model, preset_name, arch):
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.config_io import with_overrides
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.base.config_io import with_overrides
 
     config = jobs.run_config(RunSettings(model=model, preset=preset_name))
     assert config["finetune"] == {"base_checkpoint": model, "sam": {"arch": arch}}
@@ -319,8 +319,8 @@ def test_a_catalog_model_brings_its_architecture_so_that_any_preset_runs_it(mode
 
 
 def test_a_checkpoint_file_keeps_the_presets_architecture(tmp_path):
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.config_io import with_overrides
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.base.config_io import with_overrides
 
     for preset_name in ("paper", "cpu"):
         custom = str(tmp_path / "my_sam.pth")
@@ -331,7 +331,7 @@ def test_a_checkpoint_file_keeps_the_presets_architecture(tmp_path):
 
 
 def test_the_presets_are_the_engines_one_list():
-    from SFRSegmentLib import choices
+    from SFRSegmentLib.base import choices
 
     assert jobs.PRESETS is choices.PRESETS
     assert jobs.PRESETS == ("paper", "cpu", "small")
@@ -350,9 +350,9 @@ def test_the_job_module_imports_without_the_packages_installed_at_the_first_run(
 
 
 def test_the_engine_accepts_the_run_configuration():
-    config_module = pytest.importorskip("SFRSegmentLib.config")
-    from SFRSegmentLib.config import parse_method
-    from SFRSegmentLib.config_io import with_overrides
+    config_module = pytest.importorskip("SFRSegmentLib.base.config")
+    from SFRSegmentLib.base.config import parse_method
+    from SFRSegmentLib.base.config_io import with_overrides
 
     for preset in jobs.PRESETS:
         settings = RunSettings(method="sfr_uamt", preset=preset, device="cpu", fine_tune_iterations=5,
@@ -445,7 +445,7 @@ def test_a_preset_already_in_the_parameter_node_is_kept(scene):
 
 @pytest.mark.parametrize("gpu, preset, model", [(False, "cpu", "litemedsam"), (True, "paper", "sam_vit_b")])
 def test_a_new_parameter_nodes_model_is_the_sam_its_preset_fine_tunes(scene, gpu, preset, model):
-    from SFRSegmentLib.config import preset as engine_preset
+    from SFRSegmentLib.base.config import preset as engine_preset
 
     node = module_parameter_node(scene)
     assert jobs.new_node_preset(node, Detector(gpu)) == preset
@@ -470,8 +470,8 @@ def test_a_model_already_in_the_parameter_node_is_kept(scene):
 
 
 def test_without_a_cuda_gpu_the_model_list_starts_with_litemedsam_and_keeps_the_catalogs_order_otherwise():
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.sam.catalog import load_catalog
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.models.sam.catalog import load_catalog
 
     catalog = load_catalog()
     assert list(catalog)[-1] == "litemedsam" == preset("cpu").finetune.base_checkpoint  # so that the order changes
@@ -687,7 +687,7 @@ def test_applying_a_trained_model_to_one_more_volume(scene, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The scripting example of README.md, as far as it runs without the application
+# The scripting example of docs/slicer.md, as far as it runs without the application
 
 
 STAND_IN_ENGINE = textwrap.dedent('''
@@ -695,10 +695,10 @@ STAND_IN_ENGINE = textwrap.dedent('''
     import argparse, json, sys
     from pathlib import Path
     import numpy as np
-    from SFRSegmentLib.choices import PRESETS
-    from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.volumes import Segment, read_volume, write_volume
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.base.choices import PRESETS
+    from SFRSegmentLib.data.cohort import discover_cohort
+    from SFRSegmentLib.storage.volumes import Segment, read_volume, write_volume
+    from SFRSegmentLib.storage.runfolder import RunFolder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["run"])

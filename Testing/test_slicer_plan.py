@@ -23,14 +23,14 @@ if not hasattr(slicer, "vtkMRMLScene"):
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
-from SFRSegmentLib import choices  # noqa: E402
-from SFRSegmentLib.config import preset  # noqa: E402
-from SFRSegmentLib.config_io import given_paths, with_overrides  # noqa: E402
-from SFRSegmentLib.data import discover_cohort  # noqa: E402
-from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLib.estimate import format_duration  # noqa: E402
-from SFRSegmentLib.plan import plan_config  # noqa: E402
-from SFRSegmentLib.volumes import read_volume  # noqa: E402
+from SFRSegmentLib.base import choices  # noqa: E402
+from SFRSegmentLib.base.config import preset  # noqa: E402
+from SFRSegmentLib.base.config_io import given_paths, with_overrides  # noqa: E402
+from SFRSegmentLib.data.cohort import discover_cohort  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
+from SFRSegmentLib.base.events import format_duration  # noqa: E402
+from SFRSegmentLib.run.plan import plan_config  # noqa: E402
+from SFRSegmentLib.storage.volumes import read_volume  # noqa: E402
 from SFRSegmentLogicLib import history, jobs, nodes, plans  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, RunSettings, TrainingJob  # noqa: E402
 from SFRSegmentLogicLib.plans import PlanJob, RunPlan  # noqa: E402
@@ -136,7 +136,8 @@ def test_the_plan_table_shows_the_plan_and_says_whose_times_they_are(planned, lo
     parts = module_code(functions=["stageTitle", "formatDuration", "formatShape"],
                         widget_methods=["_showPlan", "onRunFinished"], qt=qt, choices=choices, plans=plans,
                         PlanJob=PlanJob, RunPlan=RunPlan, TrainingJob=TrainingJob, EngineCancelled=EngineCancelled,
-                        EngineFailed=EngineFailed, Optional=Optional, Sequence=Sequence)
+                        EngineFailed=EngineFailed, Optional=Optional, Sequence=Sequence,
+                        format_duration=format_duration)
     view = parts.Widget()
     view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name))
                                        for name in ("planTable", "planLabel", "progressBar", "statusLabel")})

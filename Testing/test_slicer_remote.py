@@ -26,10 +26,10 @@ if not hasattr(slicer, "vtkMRMLScene"):
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
-from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLib.sam import catalog, weights  # noqa: E402
-from SFRSegmentLib.synthetic import make_synthetic_cohort  # noqa: E402
-from SFRSegmentLib.volumes import read_volume, write_volume  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
+from SFRSegmentLib.models.sam import catalog, weights  # noqa: E402
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort  # noqa: E402
+from SFRSegmentLib.storage.volumes import read_volume, write_volume  # noqa: E402
 from SFRSegmentLogicLib import hardware, history, jobs, nodes, plans, remote, review  # noqa: E402
 from SFRSegmentLogicLib.history import JobSummary  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, JobState, RunSettings, TrainingJob, TrainingResults  # noqa: E402

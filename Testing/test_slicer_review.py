@@ -23,9 +23,9 @@ from vtk.util import numpy_support  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
-from SFRSegmentLib.data import discover_cohort  # noqa: E402
-from SFRSegmentLib.errors import InputError  # noqa: E402
-from SFRSegmentLib.volumes import read_volume  # noqa: E402
+from SFRSegmentLib.data.cohort import discover_cohort  # noqa: E402
+from SFRSegmentLib.base.errors import InputError  # noqa: E402
+from SFRSegmentLib.storage.volumes import read_volume  # noqa: E402
 from SFRSegmentLogicLib import jobs, nodes, review  # noqa: E402
 from SFRSegmentLogicLib.jobs import CaseInput, RunSettings, TrainingJob  # noqa: E402
 from test_slicer_logic import (  # noqa: E402, F401 (segmentation_converters is an autouse fixture)

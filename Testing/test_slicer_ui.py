@@ -181,7 +181,7 @@ def test_bound_widgets_match_the_parameter_node():
 
 def module_enums():
     """The module's enums, built as the module builds them from the engine's lists."""
-    from SFRSegmentLib import choices
+    from SFRSegmentLib.base import choices
 
     names = enum_names()
     return module_code(functions=["choiceEnum"], assignments=names, enum=enum, choices=choices, Sequence=Sequence,
@@ -190,7 +190,7 @@ def module_enums():
 
 def test_enum_choices_are_the_engine_configuration_values():
     """The module, its job files and the command line offer the same lists: the engine's choices."""
-    from SFRSegmentLib import choices
+    from SFRSegmentLib.base import choices
     from SFRSegmentLib.cli import build_parser
     from SFRSegmentLogicLib import jobs
 
@@ -291,8 +291,8 @@ def test_the_ui_loads_and_every_referenced_widget_is_found(loaded_ui):
 
 
 def test_every_engine_stage_has_a_title():
-    from SFRSegmentLib import choices
-    from SFRSegmentLib.pipeline import STAGES
+    from SFRSegmentLib.base import choices
+    from SFRSegmentLib.run.pipeline import STAGES
 
     assert STAGES is choices.STAGES and set(choices.STAGE_TITLES) >= {"validate", "estimate", *STAGES}
     stage_title = module_code(functions=["stageTitle"], choices=choices).stageTitle
@@ -335,11 +335,13 @@ def test_an_engine_warning_stays_in_the_status_line_and_opens_the_log(loaded_ui,
     from SFRSegmentLogicLib.process import ChildProcessRunner, EngineJob, ProgressEvent, Status, engine_environment
 
     widget, QtWidgets = loaded_ui
-    from SFRSegmentLib import choices
+    from SFRSegmentLib.base import choices
+
+    from SFRSegmentLib.base.events import format_duration
 
     parts = module_code(functions=["stageTitle", "formatDuration"],
                         widget_methods=["onProgress", "_showStatus", "onLog"], ProgressEvent=ProgressEvent,
-                        choices=choices)
+                        choices=choices, format_duration=format_duration)
     view = parts.Widget()
     view.ui = types.SimpleNamespace(**{name: PythonQtWidget(widget.findChild(QtWidgets.QWidget, name)) for name in (
         "statusLabel", "logTextEdit", "progressBar", "logCollapsibleButton")})

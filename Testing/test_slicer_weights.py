@@ -21,7 +21,7 @@ pytest.importorskip("slicer.util")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SFRSegment"))
 
-from SFRSegmentLib.sam import catalog, weights  # noqa: E402
+from SFRSegmentLib.models.sam import catalog, weights  # noqa: E402
 from test_slicer_ui import module_code  # noqa: E402
 
 CHECKPOINT = b"the bytes of a small checkpoint " * 64

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from SFRSegmentLib.sam.stitching import (
+from SFRSegmentLib.models.sam.stitching import (
     DEFAULT_CANVAS,
     IGNORE_LABEL,
     NON_SLICE_GREY,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SFRSegmentLib.data import load_case, validate_cohort
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import read_volume
-from SFRSegmentLib.synthetic import make_synthetic_cohort, make_synthetic_volume
+from SFRSegmentLib.data.cohort import load_case, validate_cohort
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import read_volume
+from SFRSegmentLib.research.synthetic import make_synthetic_cohort, make_synthetic_volume
 
 SIZES = ((40, 48), (40, 48), (20, 24))
 SPACING = (0.8, 0.8, 1.6)

@@ -13,11 +13,11 @@ from typing import Dict, List
 import pytest
 import torch
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.provenance import read_record
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.synthetic import TRUTH_FOLDER, make_synthetic_cohort
-from SFRSegmentLib.update import lineage, read_parent
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.provenance import read_record
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
+from SFRSegmentLib.run.update import lineage, read_parent
 from small_runs import TINY, events, run
 
 CONFIG = {**TINY, "finetune": {"iterations": 4, "checkpoint_every": 4},

@@ -10,9 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from SFRSegmentLib.config import input_multiples
-from SFRSegmentLib.vnet import (MODEL_FORMAT, VNet, VNetInfo, check_input_shape, fold_batchnorm,
-                                load_vnet, save_vnet, vnet_info_path)
+from SFRSegmentLib.base.config import input_multiples
+from SFRSegmentLib.models.vnet import (
+    MODEL_FORMAT,
+    VNet,
+    VNetInfo,
+    check_input_shape,
+    fold_batchnorm,
+    load_vnet,
+    save_vnet,
+    vnet_info_path,
+)
 
 SMALL_INPUT = (1, 1, 32, 32, 16)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SFRSegmentLib.atomic import atomic_path
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.volumes import Segment, Volume, read_volume, write_volume
-from SFRSegmentLib.validation import check_image, check_label
+from SFRSegmentLib.storage.atomic import atomic_path
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.volumes import Segment, Volume, read_volume, write_volume
+from SFRSegmentLib.data.validation import check_image, check_label
 
 LA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "LA"
 LA_CASE = LA_ROOT / "06SR5RBREL16DQ6M8LWS"

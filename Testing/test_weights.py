@@ -17,10 +17,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 import torch
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.sam import catalog, weights
-from SFRSegmentLib.sam.catalog import ModelEntry
-from SFRSegmentLib.sam.weights import (
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.models.sam import catalog, weights
+from SFRSegmentLib.models.sam.catalog import ModelEntry
+from SFRSegmentLib.models.sam.weights import (
     DownloadError,
     cache_dir,
     download,

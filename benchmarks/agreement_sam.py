@@ -31,7 +31,7 @@ from bench_sam import finetune_config, synthetic_volume  # noqa: E402
 
 def random_state(config, seed: int = 7) -> Dict[str, torch.Tensor]:
     """The model's random initial state with every relative-position table and LoRA B filled with noise."""
-    from SFRSegmentLib.finetune import build_base_sam
+    from SFRSegmentLib.stages.finetune import build_base_sam
 
     state = build_base_sam(config.sam, None, config.seed).state_dict()
     generator = torch.Generator().manual_seed(seed)
@@ -45,8 +45,8 @@ def random_state(config, seed: int = 7) -> Dict[str, torch.Tensor]:
 
 def forward_backward(config, state, images, labels) -> Tuple[torch.Tensor, float, Dict[str, torch.Tensor]]:
     """Logits, loss and trainable gradients of one step of the model ``config`` describes, loaded with ``state``."""
-    from SFRSegmentLib.finetune import build_base_sam
-    from SFRSegmentLib.losses import SFRLoss
+    from SFRSegmentLib.stages.finetune import build_base_sam
+    from SFRSegmentLib.stages.losses import SFRLoss
 
     model = build_base_sam(config.sam, None, config.seed).train()
     model.load_state_dict(state)
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from SFRSegmentLib.finetune import MosaicBatches, training_layout
+    from SFRSegmentLib.stages.finetune import MosaicBatches, training_layout
 
     engine = finetune_config(f"{args.scale}-efficient")
     reference = dataclasses.replace(engine, sam=dataclasses.replace(engine.sam, efficient_attention=False))

@@ -1,7 +1,7 @@
 """Accuracy of the ``cpu`` preset on real LA scans, measured on held-out cases: Dice, Jaccard, 95HD, ASD, time per
 stage and peak memory, for several labeled counts and methods.
 
-It runs the engine's own ``reproduce`` command (:mod:`SFRSegmentLib.reproduce`) on the LA folder with a development
+It runs the engine's own ``reproduce`` command (:mod:`SFRSegmentLib.research.reproduce`) on the LA folder with a development
 split, so the numbers come from exactly what users run: the first N cases of ``train.list`` labeled, the next
 ``--unlabeled`` cases unlabeled, and the **last ``--dev-test`` cases of train.list held out** as the test set (never
 used by any stage; the standard ``test.list`` cases are not on this machine). Each cell is a ``run --preset cpu``
@@ -62,12 +62,12 @@ def print_sam_alone(out: Path) -> None:
     """Score the fine-tuned SAM of every finished SFR cell on the cell's held-out cases (SFR_FT)."""
     import time
 
-    from SFRSegmentLib.config import RunConfig
-    from SFRSegmentLib.config_io import with_overrides
-    from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.metrics import evaluate_cases, summarise
-    from SFRSegmentLib.pseudolabel import pseudolabel
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.base.config import RunConfig
+    from SFRSegmentLib.base.config_io import with_overrides
+    from SFRSegmentLib.data.cohort import discover_cohort
+    from SFRSegmentLib.evaluation.metrics import evaluate_cases, summarise
+    from SFRSegmentLib.stages.pseudolabel import pseudolabel
+    from SFRSegmentLib.storage.runfolder import RunFolder
 
     lines = []
     for weights in sorted(out.glob("*/finetune/sam_trainable.pt")):
@@ -95,12 +95,12 @@ def print_sam_alone(out: Path) -> None:
 
 def print_sam_stages(args: argparse.Namespace) -> None:
     """What fine-tuning and pseudo-labelling with the preset's SAM would add to a cell with 4 labeled volumes."""
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.estimate import estimate_run
-    from SFRSegmentLib.pipeline import remaining_work
-    from SFRSegmentLib.reproduce import cell_cohort, la_split
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.data.cohort import discover_cohort
+    from SFRSegmentLib.run.estimate import estimate_run
+    from SFRSegmentLib.run.pipeline import remaining_work
+    from SFRSegmentLib.research.reproduce import cell_cohort, la_split
+    from SFRSegmentLib.storage.runfolder import RunFolder
 
     folder = args.out / "sam-stages"
     folder.mkdir(parents=True, exist_ok=True)

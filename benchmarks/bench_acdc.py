@@ -5,7 +5,7 @@ Protocol (the semi-supervised literature's ACDC split, ``../shared/data/ACDC/REA
 patients of ``train.list`` (both frames of each, so 7 patients = 14 volumes) are labeled, the next
 ``--unlabeled`` patients unlabeled, and the 10 patients of ``val.list`` (20 volumes) are the held-out test set; a
 patient's two frames are always on the same side. Each method is one ``run --preset cpu`` of the engine in its own
-process (wall time and peak resident memory from :func:`SFRSegmentLib.reproduce.measured_run`); its test predictions
+process (wall time and peak resident memory from :func:`SFRSegmentLib.research.reproduce.measured_run`); its test predictions
 are scored by the run on each volume's own grid (``RUN/metrics.csv``; 95HD in mm, the literature's unit for ACDC).
 Finished runs in ``--out`` are reused.
 
@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from SFRSegmentLib.reproduce import measured_run  # noqa: E402
+from SFRSegmentLib.research.reproduce import measured_run  # noqa: E402
 
 CLASSES = {"1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
 LITERATURE = ("Literature, 7 labeled patients, 2D U-Nets on this split (ACDC README): semi-supervised methods 0.85 to "

@@ -2,9 +2,9 @@
 batch, for the fine-tuning step (stage F) and the re-training step (stage R), as the engine runs them.
 
 For each process count the script starts ``python -m torch.distributed.run --standalone --nproc_per_node=N`` on
-itself. Every rank builds the stage's real training object (:class:`SFRSegmentLib.finetune._Training` on
-:class:`~SFRSegmentLib.finetune.MosaicBatches`, :class:`SFRSegmentLib.retrain.Trainer` on
-:func:`~SFRSegmentLib.retrain.draw_batch`) over a synthetic cohort, runs ``--warmup`` untimed and ``--iterations``
+itself. Every rank builds the stage's real training object (:class:`SFRSegmentLib.stages.finetune._Training` on
+:class:`~SFRSegmentLib.stages.finetune.MosaicBatches`, :class:`SFRSegmentLib.stages.retrain.Trainer` on
+:func:`~SFRSegmentLib.stages.retrain.draw_batch`) over a synthetic cohort, runs ``--warmup`` untimed and ``--iterations``
 timed steps, and rank 0 prints the mean step time. With N processes every step trains N times as many samples
 (the global batch), so the printed throughput (samples / s) is the number to compare.
 
@@ -54,9 +54,15 @@ def time_steps(step, warmup: int, iterations: int) -> float:
 
 def finetune_step(cohort, device: torch.device, paper: bool):
     """One fine-tuning iteration (sample → forward → loss → backward → AdamW) and the per-rank batch."""
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.finetune import (MosaicBatches, _Training, build_base_sam, finetune_inputs,
-                                            load_training_volume, training_layout)
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.stages.finetune import (
+        MosaicBatches,
+        _Training,
+        build_base_sam,
+        finetune_inputs,
+        load_training_volume,
+        training_layout,
+    )
 
     config = preset("paper" if paper else "small").resolved(len(cohort.classes)).finetune
     config = dataclasses.replace(config, base_checkpoint=None, allow_random_init=True, device=str(device))
@@ -70,9 +76,9 @@ def finetune_step(cohort, device: torch.device, paper: bool):
 
 def retrain_step(cohort, device: torch.device, paper: bool):
     """One SFR_MT re-training iteration (with cached pseudo-labels: the labels of the 'unlabeled' cases)."""
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.vnet import VNetInfo
-    from SFRSegmentLib.retrain import Trainer, draw_batch, load_training_cases
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.models.vnet import VNetInfo
+    from SFRSegmentLib.stages.retrain import Trainer, draw_batch, load_training_cases
 
     config = dataclasses.replace(preset("paper" if paper else "small").resolved().retrain, method="sfr_mt",
                                  device=str(device))
@@ -92,8 +98,8 @@ def retrain_step(cohort, device: torch.device, paper: bool):
 
 def child(args: argparse.Namespace) -> None:
     """One rank: time the stage's step and, on rank 0, print one JSON line."""
-    from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.distributed import process_group
+    from SFRSegmentLib.data.cohort import discover_cohort
+    from SFRSegmentLib.base.distributed import process_group
 
     with process_group(use_cuda=args.device == "cuda") as here:
         device = torch.device(args.device)
@@ -135,7 +141,7 @@ def main(argv: List[str]) -> None:
     if args.child:
         return child(args)
 
-    from SFRSegmentLib.synthetic import make_synthetic_cohort
+    from SFRSegmentLib.research.synthetic import make_synthetic_cohort
 
     with tempfile.TemporaryDirectory() as folder:
         size = ((120, 128), (120, 128), (84, 90)) if args.paper else ((64, 72), (64, 72), (20, 24))

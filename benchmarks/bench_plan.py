@@ -26,8 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from SFRSegmentLib.config import preset  # noqa: E402
-from SFRSegmentLib.retrain import Trainer, TrainingCase, draw_batch, trained_vnet_info  # noqa: E402
+from SFRSegmentLib.base.config import preset  # noqa: E402
+from SFRSegmentLib.stages.retrain import Trainer, TrainingCase, draw_batch, trained_vnet_info  # noqa: E402
 
 THICK = ((2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2))
 PATCHES: Dict[str, Tuple[Tuple[int, int, int], Tuple[Tuple[int, int, int], ...]]] = {

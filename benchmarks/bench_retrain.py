@@ -3,7 +3,7 @@ whole-volume sliding-window inference, each measured in its own subprocess.
 
 Parts (``--parts``, all by default):
 
-* ``ours``: one SFR_MT iteration as :mod:`SFRSegmentLib.retrain` runs it: 2 labeled + 2 unlabeled crops of
+* ``ours``: one SFR_MT iteration as :mod:`SFRSegmentLib.stages.retrain` runs it: 2 labeled + 2 unlabeled crops of
   112×112×80 from real LA volumes, V-Net student forward/backward plus the EMA teacher's forward, the pseudo-label
   crops cut from whole-volume pseudo-labels cached in memory.
 * ``official``: the same iteration with the pseudo-labels computed online as the official ``train_retraining.py``
@@ -12,7 +12,7 @@ Parts (``--parts``, all by default):
   official code's plain attention) runs in eval mode without gradient, argmax, un-stitched.
 * ``ours-bf16``: ``ours`` with ``precision="bf16"`` (bf16 autocast on the CPU; AMX/AVX512-BF16 CPUs run it
   several times faster; the float32 default reproduces the reference numerics).
-* ``sliding-ours``: :func:`SFRSegmentLib.inference.sliding_window_probabilities` on one LA volume (patch
+* ``sliding-ours``: :func:`SFRSegmentLib.stages.inference.sliding_window_probabilities` on one LA volume (patch
   112×112×80, stride 18/18/4, 4 windows per forward, inference mode, BatchNorm folded into the convolutions,
   channels-last, float32);
   ``sliding-ours-bf16`` the same with ``precision="bf16"``.
@@ -64,10 +64,10 @@ def peak_rss_gb() -> float:
 
 def training_part(online_sam: bool, precision: str, warmup: int, iterations: int) -> Dict[str, float]:
     """Per-iteration seconds (total, SAM, V-Net) of SFR_MT re-training with cached or online pseudo-labels."""
-    from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.config import preset
-    from SFRSegmentLib.vnet import VNetInfo
-    from SFRSegmentLib.retrain import Trainer, draw_batch, load_training_cases
+    from SFRSegmentLib.data.cohort import discover_cohort
+    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.models.vnet import VNetInfo
+    from SFRSegmentLib.stages.retrain import Trainer, draw_batch, load_training_cases
 
     cohort = discover_cohort(LA_DIR)
     labeled, unlabeled = cohort.cases[:2], [dataclasses.replace(case, label=None) for case in cohort.cases[2:4]]
@@ -101,8 +101,8 @@ def training_part(online_sam: bool, precision: str, warmup: int, iterations: int
 
 def online_pseudo_labeller(patch_size):
     """The official per-crop pseudo-labelling: stitch → SAM (eval, no grad) → softmax → argmax → un-stitch."""
-    from SFRSegmentLib.sam.model import SamConfig, build_sfr_sam
-    from SFRSegmentLib.sam.stitching import mosaic_layout, stitch_image, unstitch
+    from SFRSegmentLib.models.sam.model import SamConfig, build_sfr_sam
+    from SFRSegmentLib.models.sam.stitching import mosaic_layout, stitch_image, unstitch
 
     torch.manual_seed(0)
     sam = build_sfr_sam(dataclasses.replace(SamConfig.paper(), efficient_attention=False)).eval()
@@ -120,11 +120,11 @@ def online_pseudo_labeller(patch_size):
 
 def sliding_part(official: bool, precision: str, warmup: int, iterations: int) -> Dict[str, float]:
     """Seconds for one whole LA volume: our batched MONAI window, or the reference loop with gradient tracking."""
-    from SFRSegmentLib.data import zscore
-    from SFRSegmentLib.config import PATCH_SIZE, InferenceConfig
-    from SFRSegmentLib.inference import sliding_window_probabilities, window_starts
-    from SFRSegmentLib.volumes import read_volume
-    from SFRSegmentLib.vnet import VNet
+    from SFRSegmentLib.data.patches import zscore
+    from SFRSegmentLib.base.config import PATCH_SIZE, InferenceConfig
+    from SFRSegmentLib.stages.inference import sliding_window_probabilities, window_starts
+    from SFRSegmentLib.storage.volumes import read_volume
+    from SFRSegmentLib.models.vnet import VNet
 
     image = zscore(read_volume(LA_DIR / SLIDING_CASE / "image.nrrd").array)
     torch.manual_seed(0)

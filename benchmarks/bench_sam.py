@@ -3,10 +3,10 @@ each configuration measured in its own subprocess so that memory peaks do not mi
 
 Parts (``--parts``; the default is small-efficient, small-plain and pseudolabel-small):
 
-* ``small-<variant>``: one fine-tuning iteration of :mod:`SFRSegmentLib.finetune` at the
+* ``small-<variant>``: one fine-tuning iteration of :mod:`SFRSegmentLib.stages.finetune` at the
   small configuration (``SamConfig.small()``, 256² mosaics, batch 2, 64×64×16 patches): data (crop + stitch),
   forward + loss, backward + optimiser step, timed separately. Variants: ``efficient`` = the engine's default,
-  :class:`~SFRSegmentLib.sam.attention.EfficientAttention` (blockwise on CPU, SDPA elsewhere); ``checkpointed`` = the
+  :class:`~SFRSegmentLib.models.sam.attention.EfficientAttention` (blockwise on CPU, SDPA elsewhere); ``checkpointed`` = the
   same plus gradient checkpointing of the encoder blocks; ``plain`` = segment_anything's own attention, no
   checkpointing (as the official code); ``efficient+bf16`` and ``checkpointed+bf16`` the same under bfloat16 autocast
   (``precision="bf16"``, fast on CPUs with AMX; float32 is the default and the reference numerics).
@@ -75,7 +75,7 @@ that case on the cpu preset's 1.25 mm grid."""
 
 def sam_config(scale: str):
     """SAM's configuration per scale: the small one, the paper's ViT-B, and the cpu preset's LiteMedSAM."""
-    from SFRSegmentLib.config import SamConfig, preset
+    from SFRSegmentLib.base.config import SamConfig, preset
 
     return {"small": SamConfig.small, "paper": SamConfig.paper,
             "lite": lambda: preset("cpu").finetune.sam}[scale]()
@@ -94,7 +94,7 @@ def synthetic_volume(shape, rng: np.random.Generator):
 
 
 def finetune_config(part: str):
-    from SFRSegmentLib.config import FinetuneConfig
+    from SFRSegmentLib.base.config import FinetuneConfig
 
     scale, variant = part.split("-", 1)
     efficient_attention, checkpointing, precision = VARIANTS[variant]
@@ -105,9 +105,14 @@ def finetune_config(part: str):
 
 
 def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, float]:
-    from SFRSegmentLib.finetune import (MosaicBatches, apply_gradients, build_base_sam, compute_loss,
-                                            training_layout)
-    from SFRSegmentLib.losses import SFRLoss
+    from SFRSegmentLib.stages.finetune import (
+        MosaicBatches,
+        apply_gradients,
+        build_base_sam,
+        compute_loss,
+        training_layout,
+    )
+    from SFRSegmentLib.stages.losses import SFRLoss
 
     config = finetune_config(part)
     rng = np.random.default_rng(0)
@@ -147,10 +152,10 @@ def run_finetune_part(part: str, warmup: int, iterations: int) -> Dict[str, floa
 
 
 def run_pseudolabel_part(scale: str, warmup: int, iterations: int) -> Dict[str, float]:
-    from SFRSegmentLib.config import PseudoLabelConfig
-    from SFRSegmentLib.finetune import build_base_sam, training_layout
-    from SFRSegmentLib.sam.lora import merge_lora
-    from SFRSegmentLib.pseudolabel import predict_probabilities
+    from SFRSegmentLib.base.config import PseudoLabelConfig
+    from SFRSegmentLib.stages.finetune import build_base_sam, training_layout
+    from SFRSegmentLib.models.sam.lora import merge_lora
+    from SFRSegmentLib.stages.pseudolabel import predict_probabilities
 
     config = PseudoLabelConfig()
     model = merge_lora(build_base_sam(sam_config(scale), None, 0)).eval()
@@ -185,7 +190,7 @@ def run_part(part: str, args: argparse.Namespace) -> Dict[str, float]:
 
 
 def cpu_has_native_bf16() -> bool:
-    from SFRSegmentLib.device import cpu_has_native_bf16 as native
+    from SFRSegmentLib.base.device import cpu_has_native_bf16 as native
 
     return native()
 

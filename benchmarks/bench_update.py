@@ -33,8 +33,8 @@ LA_DIR = REPO.parent / "shared" / "data" / "LA"
 def _run(cohort: Path, out: Path, *extra: str) -> Tuple[float, float]:
     """Wall seconds and peak MiB of one ``run --preset cpu``. A finished run folder is reused: then the seconds are
     the sum its ``timings.json`` recorded for its stages, and the peak is unknown (0)."""
-    from SFRSegmentLib.reproduce import measured_run
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.research.reproduce import measured_run
+    from SFRSegmentLib.storage.runfolder import RunFolder
 
     if (out / "report.html").is_file():
         return sum(json.loads(RunFolder(out).timings.read_text()).values()), 0.0
@@ -49,9 +49,9 @@ def _run(cohort: Path, out: Path, *extra: str) -> Tuple[float, float]:
 def least_confident(run: Path, cohort: Path) -> Tuple[str, Dict[str, float]]:
     """The unlabeled case whose prediction the run is least sure of (its review queue's first row), and every
     unlabeled case's confidence."""
-    from SFRSegmentLib.confidence import read_table
-    from SFRSegmentLib.data import discover_cohort
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.stages.confidence import read_table
+    from SFRSegmentLib.data.cohort import discover_cohort
+    from SFRSegmentLib.storage.runfolder import RunFolder
 
     unlabeled = {case.name for case in discover_cohort(cohort).unlabeled}
     confidences = {name: value for name, value in read_table(RunFolder(run).prediction_confidence)
@@ -70,9 +70,9 @@ def main() -> int:
                         help="re-training seeds of the update, one update each (the full run's is 1337)")
     args = parser.parse_args()
 
-    from SFRSegmentLib.pipeline import mean_dice
-    from SFRSegmentLib.reproduce import LA_LABEL, cell_cohort, la_split
-    from SFRSegmentLib.runfolder import RunFolder
+    from SFRSegmentLib.evaluation.metrics import mean_dice
+    from SFRSegmentLib.research.reproduce import LA_LABEL, cell_cohort, la_split
+    from SFRSegmentLib.storage.runfolder import RunFolder
 
     args.out.mkdir(parents=True, exist_ok=True)
     cohort = cell_cohort(la_split(args.data, dev_test=args.dev_test), args.labeled, args.unlabeled)

@@ -22,8 +22,8 @@ from typing import List
 import slicer
 from slicer.i18n import tr as _
 
-from SFRSegmentLib.sam import weights
-from SFRSegmentLib.sam.catalog import ModelEntry
+from SFRSegmentLib.models.sam import weights
+from SFRSegmentLib.models.sam.catalog import ModelEntry
 
 TORCH_REQUIREMENT = ">=2.1,<2.14"
 """The torch versions the engine supports (as in pyproject.toml)."""

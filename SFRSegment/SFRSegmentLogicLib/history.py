@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLScene
 
-from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.base.errors import InputError
 
 from .jobs import (
     JOB_FILE,
@@ -45,13 +45,7 @@ from .jobs import (
     run_config,
     write_cohort_classes,
 )
-from .nodes import (
-    fingerprint,
-    load_segmentation,
-    load_volume,
-    scalar_volumes,
-    set_label_segmentation,
-)
+from .nodes import fingerprint, load_segmentation, load_volume, scalar_volumes, set_label_segmentation
 
 IsRunning = Callable[[Path], bool]
 """Whether an engine runs the job in a folder now."""

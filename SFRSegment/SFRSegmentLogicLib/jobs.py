@@ -12,7 +12,7 @@ A training job folder::
       cohort/classes.json       {"1": "<segment name>", ...}
       cohort/<case>/image.nrrd  every input volume
       cohort/<case>/label.nrrd  labeled volumes only: the chosen segments on the volume's grid
-      run/                      the engine's run folder (layout: SFRSegmentLib.runfolder)
+      run/                      the engine's run folder (layout: SFRSegmentLib.storage.runfolder)
       apply/<stamp>/            "Apply model" jobs: images/<case>.nrrd in, predictions/ out
 
 The engine is started as ``<python> -m SFRSegmentLib run --cohort JOB/cohort --out JOB/run --preset P --config
@@ -50,15 +50,15 @@ from slicer import (
     vtkMRMLTableNode,
 )
 
-from SFRSegmentLib.atomic import atomic_write_text
-from SFRSegmentLib.choices import DEFAULT_MODEL_ID, DEVICES, METHODS, PRESETS
-from SFRSegmentLib.config import parse_method, preset
-from SFRSegmentLib.config_io import with_overrides
-from SFRSegmentLib.data import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.provenance import file_digest
-from SFRSegmentLib.runfolder import RunFolder
-from SFRSegmentLib.sam.catalog import ModelEntry, load_catalog
+from SFRSegmentLib.storage.atomic import atomic_write_text
+from SFRSegmentLib.base.choices import DEFAULT_MODEL_ID, DEVICES, METHODS, PRESETS
+from SFRSegmentLib.base.config import parse_method, preset
+from SFRSegmentLib.base.config_io import with_overrides
+from SFRSegmentLib.data.cohort import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.provenance import file_digest
+from SFRSegmentLib.storage.runfolder import RunFolder
+from SFRSegmentLib.models.sam.catalog import ModelEntry, load_catalog
 
 from .nodes import (
     SegmentClass,
@@ -105,7 +105,7 @@ class RunSettings:
     """A model id of the catalog, or the path of an imported checkpoint (used by the paper and cpu presets; the small
     preset runs a small, randomly initialised SAM)."""
     method: str = METHODS[0]
-    """One of :data:`~SFRSegmentLib.choices.METHODS`, as every choice here: the engine's lists."""
+    """One of :data:`~SFRSegmentLib.base.choices.METHODS`, as every choice here: the engine's lists."""
     preset: str = PRESETS[0]
     device: str = DEVICES[0]
     fine_tune_iterations: Optional[int] = None
@@ -130,7 +130,7 @@ class RunSettings:
 
 
 def run_config(settings: RunSettings) -> Dict[str, Any]:
-    """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.config.RunConfig's fields),
+    """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.base.config.RunConfig's fields),
     checked by the engine's configuration (InputError naming the field).
 
     Only what the user changed is written, so every other value is the preset's. A catalog model comes with its

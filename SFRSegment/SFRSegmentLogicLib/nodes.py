@@ -42,7 +42,7 @@ from slicer import (
     vtkSlicerSegmentationsModuleLogic,
 )
 
-from SFRSegmentLib.confidence import read_table
+from SFRSegmentLib.stages.confidence import read_table
 
 REFERENCE_ROLE = "referenceImageGeometryRef"
 """The node reference through which a segmentation names the volume it was drawn on."""

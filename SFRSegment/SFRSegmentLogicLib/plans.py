@@ -2,7 +2,7 @@
 
 The scene's inputs are exported as for a run (:func:`jobs.prepare_training_job`) and the engine runs on them with
 ``--plan-only`` (``python -m SFRSegmentLib run … --plan-only --progress jsonl``): it validates the cohort, plans from
-it (working spacing, V-Net patch and strides, largest component: ``SFRSegmentLib.plan``) where the preset plans, times
+it (working spacing, V-Net patch and strides, largest component: ``SFRSegmentLib.run.plan``) where the preset plans, times
 a few steps of each stage, writes ``RUN/plan.json`` and exits without training. :class:`RunPlan` is that record as
 the module shows it.
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from SFRSegmentLib.config import REFERENCE_DOWNSAMPLING, preset
-from SFRSegmentLib.config_io import with_overrides
+from SFRSegmentLib.base.config import REFERENCE_DOWNSAMPLING, preset
+from SFRSegmentLib.base.config_io import with_overrides
 
 from .jobs import CaseInput, RunSettings, TrainingJob, prepare_training_job
 from .process import Outcome, Status
@@ -30,7 +30,7 @@ PLAN_FOLDER_PREFIX = "SFRSegment-plan-"
 """The name a plan's temporary folder starts with."""
 SPACING, PATCH_SIZE, STRIDES, LARGEST_COMPONENT = ("retrain.spacing", "patch_size", "retrain.downsampling",
                                                    "inference.largest_component")
-"""The configuration fields a :class:`RunPlan` shows (plan.json's names: ``SFRSegmentLib.plan.PLANNED_FIELDS``)."""
+"""The configuration fields a :class:`RunPlan` shows (plan.json's names: ``SFRSegmentLib.run.plan.PLANNED_FIELDS``)."""
 
 Shape = Tuple[int, int, int]
 

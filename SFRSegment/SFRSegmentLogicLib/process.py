@@ -1,10 +1,10 @@
 """The engine's child process: start it, read its JSON-lines progress, cancel it with everything it started.
 
-Standard library only (with the engine's stdlib-only :mod:`SFRSegmentLib.events`), so it works inside Slicer before
+Standard library only (with the engine's stdlib-only :mod:`SFRSegmentLib.base.events`), so it works inside Slicer before
 the engine's dependencies are installed, under ``PythonSlicer`` and in a plain Python.
 
 The engine (``python -m SFRSegmentLib run … --progress jsonl``) writes one JSON object per line on stdout with the
-fields of :class:`SFRSegmentLib.events.ProgressEvent` (stage, step, total, loss, metric, eta_s, message, level).
+fields of :class:`SFRSegmentLib.base.events.ProgressEvent` (stage, step, total, loss, metric, eta_s, message, level).
 Any other line, on stdout or stderr, is log text. :class:`EngineJob` turns the output into :class:`ProgressEvent`
 objects and log lines, and the end of the process into an :class:`Outcome`. It is driven either by a Qt timer calling
 :meth:`EngineJob.poll` (in the GUI) or by :meth:`EngineJob.wait` (a blocking loop, for scripts).
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from SFRSegmentLib.errors import EXIT_BAD_INPUT, printed_error
-from SFRSegmentLib.events import ProgressEvent, parse_progress_line
+from SFRSegmentLib.base.errors import EXIT_BAD_INPUT, printed_error
+from SFRSegmentLib.base.events import ProgressEvent, parse_progress_line
 
 STDOUT = "stdout"
 STDERR = "stderr"

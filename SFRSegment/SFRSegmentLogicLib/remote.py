@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from SFRSegmentLib.errors import ERROR_PREFIX, InputError
+from SFRSegmentLib.base.errors import ERROR_PREFIX, InputError
 from SFRSegmentLib.jobserver.protocol import (
     SERVER_JOB_FILE,
     TLS_FAILED,

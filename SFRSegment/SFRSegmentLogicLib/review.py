@@ -1,7 +1,7 @@
 """The review queue: a finished job's predicted volumes, least confident first, each with the nodes to show.
 
 The ranking is the engine's: the confidence of the V-Net's prediction of each case (``RUN/predictions/confidence.csv``,
-:mod:`SFRSegmentLib.confidence`), the predictions the user reviews. Each row pairs a
+:mod:`SFRSegmentLib.stages.confidence`), the predictions the user reviews. Each row pairs a
 case with its volume in the scene and the segmentation to review (:func:`nodes.shown_segmentation`: the volume's
 labels once the user has used a corrected prediction as labels, else its prediction). Using a segmentation as labels
 is :func:`nodes.set_label_segmentation`, the one explicit step by which a prediction becomes a label; the next run or
@@ -15,8 +15,8 @@ from typing import List, Optional
 
 from slicer import vtkMRMLScene, vtkMRMLSegmentationNode
 
-from SFRSegmentLib.confidence import read_table
-from SFRSegmentLib.errors import InputError
+from SFRSegmentLib.stages.confidence import read_table
+from SFRSegmentLib.base.errors import InputError
 
 from .jobs import TrainingJob
 from .nodes import label_segmentation, set_label_segmentation, shown_segmentation

@@ -19,8 +19,8 @@ from typing import Any, Callable, List, Mapping, Optional, Union
 
 from slicer import vtkMRMLScene, vtkMRMLSegmentationNode
 
-from SFRSegmentLib.errors import InputError
-from SFRSegmentLib.runfolder import RunFolder
+from SFRSegmentLib.base.errors import InputError
+from SFRSegmentLib.storage.runfolder import RunFolder
 
 from .jobs import (
     RUN_FOLDER,

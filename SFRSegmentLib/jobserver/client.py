@@ -16,8 +16,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import httpx
 
-from ..atomic import atomic_path
-from ..errors import PathLike
+from ..base.errors import PathLike
+from ..storage.atomic import atomic_path
 from .protocol import TLS_FAILED, TOKEN_ENVIRONMENT, TOKEN_REFUSED, UNREACHABLE, ServerError
 from .store import CHUNK_BYTES, file_sha256
 
@@ -176,7 +176,7 @@ def _raise_for_status(response: httpx.Response) -> None:
 def token_from(token_file: Optional[PathLike]) -> str:
     """The token from ``token_file``, else from ``$SFRSEGMENT_TOKEN`` (never from the command line, where other
     users could read it in the process list)."""
-    from ..errors import InputError
+    from ..base.errors import InputError
     from .serve import read_token_file
 
     if token_file is not None:

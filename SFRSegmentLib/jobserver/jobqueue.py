@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Sequence
 
-from ..errors import EXIT_BAD_INPUT, printed_error
-from ..events import parse_progress_line
+from ..base.errors import EXIT_BAD_INPUT, printed_error
+from ..base.events import parse_progress_line
 from .store import COHORT_MANIFEST, JobError, JobFolder, JobState, JobStore
 
 EXIT_CANCELLED = 130

@@ -20,11 +20,11 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional
 
-from ..atomic import atomic_write_text
-from ..errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
-from ..events import parse_progress_line
+from ..base.errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
+from ..base.events import parse_progress_line
+from ..storage.atomic import atomic_write_text
 from .client import JobServerClient, token_from
 from .protocol import SERVER_JOB_FILE, ServerError
 from .store import file_sha256
@@ -45,7 +45,7 @@ def run_remotely(args: argparse.Namespace, overrides: Mapping[str, Any], given: 
                  summary: Callable[[Path], str]) -> int:
     """``run --server``: upload the cohort, start (or continue) the job, follow it, download its results into
     ``--out``, and print ``summary(out)`` as a local run prints its summary."""
-    from ..data import discover_cohort
+    from ..data.cohort import discover_cohort
 
     config = merged(overrides, given)
     truth = config.pop("truth_dir", None)
@@ -78,7 +78,7 @@ def run_remotely(args: argparse.Namespace, overrides: Mapping[str, Any], given: 
 
 def predict_remotely(args: argparse.Namespace, section: Mapping[str, Any], device: Optional[str]) -> int:
     """``predict --server --model JOB``: the images predicted with the finished run job JOB's model."""
-    from ..inference import PREDICTION_SUFFIXES, collect_images
+    from ..stages.inference import PREDICTION_SUFFIXES, collect_images
 
     files: Dict[str, Path] = {}
     images = [_add_volume(files, f"images/{i:04d}/{name}/image", path)
@@ -193,7 +193,7 @@ def follow(client: JobServerClient, job_id: str, after: int, progress_kind: str)
     """Show the job's events after ``after`` as a local run shows them until its engine stops; returns the job.
     Ctrl-C or SIGTERM cancels the job (it saves its checkpoint) and goes on showing it to its end; a second one stops
     following."""
-    from ..progress import make_reporter
+    from ..base.progress import make_reporter
 
     reporter = make_reporter(progress_kind)
     cancelling = False
@@ -273,7 +273,7 @@ def _require_out(args: argparse.Namespace) -> None:
 
 def _add_volume(files: Dict[str, Path], stem: str, path: Path) -> str:
     """Add a volume file as ``stem`` + its ending (and a MetaImage header's data file beside it); returns its name."""
-    from ..volumes import file_suffix
+    from ..storage.volumes import file_suffix
 
     suffix = file_suffix(path)
     name = stem + suffix

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import InputError
+from ..base.errors import InputError
 from .protocol import DEFAULT_HOST, DEFAULT_PORT  # noqa: F401  (the defaults of serve)
 
 TOKEN_BYTES = 32

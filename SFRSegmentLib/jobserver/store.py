@@ -19,7 +19,7 @@
         engine.stdout.log, engine.stderr.log   the engine's output, every attempt appended
 
 A file under ``inputs/`` exists only once it arrived whole and its SHA-256 matched the client's: an upload is
-written to a hidden ``.<name>.*.partial`` file beside it and renamed (:mod:`SFRSegmentLib.atomic`'s rule), so a client
+written to a hidden ``.<name>.*.partial`` file beside it and renamed (:mod:`SFRSegmentLib.storage.atomic`'s rule), so a client
 that disconnects leaves no file a start could use. A job starts only when every file its start request names is in
 ``inputs.json`` with the SHA-256 the request gives.
 
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from ..atomic import atomic_write_text
-from ..errors import PathLike
+from ..base.errors import PathLike
+from ..storage.atomic import atomic_write_text
 
 JOBS_FOLDER = "jobs"
 JOB_ID_PATTERN = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{8}")
@@ -482,7 +482,7 @@ def _dotted(config: Mapping[str, Any], prefix: str) -> Iterator[tuple]:
 
 
 def _run_folder_in_use(run: Path) -> bool:
-    from ..runfolder import RunFolder
+    from ..storage.runfolder import RunFolder
 
     return RunFolder(run).in_use()
 

@@ -1,0 +1,546 @@
+"""The whole SFR run: validate → fine-tune SAM → pseudo-label → re-train (→ SFR+) → predict → evaluate → report.
+
+Training sees the cohort's cases only (``Cohort.cases``). Its held-out test cases (``Cohort.test``) are validated
+with them, predicted with the unlabeled cases after training and scored against their own labels; the unlabeled
+cases are scored too when ``config.truth_dir`` gives their true labels. ``metrics.csv`` marks each row's split
+(:data:`SFRSegmentLib.evaluation.metrics.SPLITS`), and the headline numbers (:func:`SFRSegmentLib.evaluation.metrics.mean_dice`, the baseline
+comparison) are the
+test cases' when there are any.
+
+Every stage reads what the previous one wrote into the run folder (:mod:`SFRSegmentLib.storage.runfolder`) and reuses an
+output only while the inputs recorded beside it are the current ones (:mod:`SFRSegmentLib.storage.provenance`): rerunning
+the same command continues at the first unfinished stage, and inside a stage from its last checkpoint; after an
+edited label, image or option, or a deleted output, exactly what depends on it is recomputed, and the progress stream
+says why. ``redo`` deletes a stage's outputs (and those of the stages after it) first. At the end
+``RUN/provenance.json`` lists the identity of every output the results came from.
+All inputs are validated before any training starts; then (unless ``config.estimate`` is off) the time of what is
+left is estimated and reported, with a warning when it exceeds ``config.estimate_warn_hours``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..base.choices import STAGES
+from ..base.config import RetrainConfig, RunConfig, parse_method
+from ..base.config_io import to_dict
+from ..base.device import resolve_device
+from ..base.distributed import barrier, on_main_rank, ranks
+from ..base.errors import InputError, PathLike
+from ..base.progress import Cancellation, Progress, ProgressEvent, ignore_progress
+from ..data.cohort import Case, Cohort, discover_cohort, validate_cohort
+from ..evaluation.metrics import (
+    TEST_SPLIT,
+    UNLABELED_SPLIT,
+    evaluate_cases,
+    find_label_files,
+    summarise_splits,
+    write_metrics_csv,
+)
+from ..evaluation.report import comparison_section, lineage_section, plan_section, provenance_section, write_report
+from ..models.sam.weights import available_offline
+from ..models.vnet import load_vnet, vnet_info_path
+from ..stages.confidence import recorded
+from ..stages.finetune import finetune, finetune_inputs, resolve_base_checkpoint
+from ..stages.inference import PREDICTION_SUFFIXES, InferenceConfig, predict_cases
+from ..stages.pseudolabel import case_inputs, pseudolabel
+from ..stages.retrain import retrain, retrain_inputs
+from ..stages.sfrplus import ROUND_RECORD, round_folder, run_sfrplus
+from ..storage.atomic import atomic_write_text
+from ..storage.checkpoint import saved_iteration
+from ..storage.provenance import (
+    MISSING,
+    Inputs,
+    case_files,
+    file_digest,
+    forget,
+    identity_of,
+    read_record,
+    stale_reason,
+    write_record,
+)
+from ..storage.runfolder import CONFIDENCE_TABLE, RunFolder
+from .estimate import StageWork, estimate_run
+from .plan import plan_config, plan_record
+from .update import UPDATE_KEY, Parent, corrected_summary, prepare_update, read_parent
+from .update import lineage as update_lineage
+
+
+# What to lower when a stage runs out of GPU memory.
+_MEMORY_SETTINGS = {
+    "finetune": "finetune.batch_size, or set finetune.sam.gradient_checkpointing to true",
+    "pseudolabel": "pseudolabel.windows_per_batch",
+    "retrain": "retrain.batch_labeled / retrain.batch_unlabeled or retrain.patch_size",
+    "sfrplus": "finetune.batch_size and retrain.batch_labeled / batch_unlabeled",
+    "baseline": "retrain.batch_labeled / retrain.batch_unlabeled or retrain.patch_size",
+    "predict": "inference.sw_batch_size",
+}
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message names the stage and the setting to lower."""
+
+
+@dataclass
+class PipelineResult:
+    run: RunFolder
+    cohort: Cohort
+    vnet: Path
+    metrics: Optional[Path]
+    baseline_metrics: Optional[Path]
+    report: Path
+    config: RunConfig
+    """The configuration the run used (after :meth:`RunConfig.resolved` and a missing SAM's fallback)."""
+
+
+Truths = Mapping[str, Mapping[str, Path]]
+"""Split → case name → true label file: what a run scores its predictions against."""
+
+
+def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
+                 cancellation: Optional[Cancellation] = None, redo: Sequence[str] = (),
+                 test: Optional[PathLike] = None, parent: Optional[PathLike] = None,
+                 given: Collection[str] = ()) -> PipelineResult:
+    """Run (or resume) every stage of SFR on the cohort at ``cohort_path`` into the run folder ``out``.
+
+    ``test`` is a folder (or manifest) of held-out labeled cases, added to those a manifest ``cohort_path`` lists
+    under ``"test"`` (:func:`SFRSegmentLib.data.cohort.discover_cohort`): never trained on, predicted and scored at the end.
+    ``config`` is resolved here (:meth:`RunConfig.resolved`); its device is checked first, before any input is read.
+    ``parent`` is a finished run folder to update (:mod:`SFRSegmentLib.run.update`): SAM and the V-Net continue from its
+    weights with short schedules, and what did not change is taken over from it.
+    """
+    run = RunFolder(out)
+    clock = StageClock()
+    cohort, truths, config, planned = _prepared(cohort_path, config, progress, test, given)
+    update = read_parent(parent, out) if parent is not None else None
+    if config.preset == "small":
+        _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
+                                   "--preset cpu without a GPU, --preset paper with one")
+    clock.lap("validate")
+    # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
+    with on_main_rank(run.exclusive()):
+        return _run_stages(cohort, truths, run, config, progress, cancellation, redo, clock, update, planned)
+
+
+def plan_run(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
+             test: Optional[PathLike] = None, given: Collection[str] = ()) -> Dict[str, object]:
+    """What :func:`run_pipeline` would do, without training: validate the cohort, plan from it, time a few steps of
+    each stage with work left in ``out`` (:func:`~SFRSegmentLib.run.estimate.estimate_run`), and write it all to the
+    run folder's ``plan.json`` (returned: the plan's record, or ``planned: null`` when planning is off, and
+    ``estimate``). A run in ``out`` afterwards starts from the same plan."""
+    run = RunFolder(out)
+    cohort, _, config, planned = _prepared(cohort_path, config, progress, test, given)
+    with on_main_rank(run.exclusive()):
+        estimate = estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+        record = {**(planned or {"planned": None}), "estimate": estimate.record()}
+        if ranks().is_main:
+            atomic_write_text(run.plan, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _prepared(cohort_path: PathLike, config: RunConfig, progress: Progress, test: Optional[PathLike],
+              given: Collection[str]) -> Tuple[Cohort, Truths, RunConfig, Optional[Dict[str, object]]]:
+    """The validated cohort, its true labels, the run's planned and resolved configuration and the plan's record
+    (None when planning is off)."""
+    resolve_device(config.device)  # a device this machine lacks stops the run now, not after validation
+    cohort = discover_cohort(cohort_path, test=test)
+    _say(progress, "validate", f"validating {len(cohort.cases)} cases"
+         + (f" and {len(cohort.test)} held-out test cases" if cohort.test else ""))
+    validate_cohort(cohort)
+    if not cohort.unlabeled:
+        raise InputError("the cohort has no unlabeled case: SFR needs unlabeled volumes to pseudo-label",
+                         cohort.root)
+    truths = _truths(cohort, config)  # a missing true label stops the run now, not after training
+    config, plan, found = plan_config(config, cohort, given)
+    planned = None if plan is None else plan_record(config, plan, found)
+    if plan is not None:
+        _say(progress, "validate", f"plan from the cohort: {plan.summary()}")
+    return cohort, truths, _without_missing_sam(config.resolved(len(cohort.classes)), progress), planned
+
+
+def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
+                cancellation: Optional[Cancellation], redo: Sequence[str], clock: StageClock,
+                parent: Optional[Parent], planned: Optional[Dict[str, object]]) -> PipelineResult:
+    """Every stage in order, in a run folder this process holds (see :func:`run_pipeline`); ``planned`` is the
+    plan's record (:func:`SFRSegmentLib.run.plan.plan_record`), written to ``plan.json``."""
+    if ranks().is_main:  # under torchrun rank 0 writes the run folder (SFRSegmentLib.base.distributed)
+        _remove_outputs(run, redo)
+    barrier()
+    update_section = None
+    if parent is not None:
+        config, update_section = prepare_update(parent, cohort, config, run, adopt=ranks().is_main)
+        _say(progress, "validate", f"updating {parent.run.root}: {corrected_summary(update_section)}")
+    if ranks().is_main:
+        atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
+        if planned is not None:
+            atomic_write_text(run.plan, json.dumps(planned, indent=2) + "\n")
+        record = manifest(cohort, config)
+        if update_section is not None:
+            record[UPDATE_KEY] = update_section
+        atomic_write_text(run.manifest, json.dumps(record, indent=2) + "\n")
+    barrier()
+    if config.estimate:
+        estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
+        clock.lap("estimate")
+
+    stage_args = dict(progress=progress, cancellation=cancellation)
+    if config.retrain.uses_pseudo_labels:
+        with _stage("finetune", clock):
+            finetune(cohort, run, config.finetune, **stage_args)
+        with _stage("pseudolabel", clock):
+            pseudolabel(cohort, run, config.pseudolabel, **stage_args)
+    with _stage("retrain", clock):
+        vnet = retrain(cohort, run, config.retrain, **stage_args)
+    if config.sfr_plus:
+        with _stage("sfrplus", clock):
+            vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
+    baseline_metrics = None
+    if config.baseline_method:
+        with _stage("baseline", clock):
+            baseline_metrics = _run_baseline(cohort, truths, run, config, progress, cancellation)
+    with _stage("predict", clock):
+        _predict(vnet, predicted_cases(cohort), run.prediction_dir, config, progress)
+    metrics = _evaluate(run, truths, cohort, config.retrain.method, progress)
+    clock.lap("evaluate")
+    report = run.report
+    if ranks().is_main:
+        lineage = provenance_summary(run, cohort, vnet, truths)
+        atomic_write_text(run.provenance, json.dumps(lineage, indent=2) + "\n")
+        chain = [(step["run"].root, corrected_summary(step["update"]), step["seconds"])
+                 for step in update_lineage(run)]
+        sections = (comparison_section(metrics, baseline_metrics, config.retrain.method, config.baseline_method)
+                    + plan_section(planned) + lineage_section(chain) + provenance_section(lineage))
+        report = write_report(run, cohort, extra_sections=sections,
+                              truths={name: path for cases in truths.values() for name, path in cases.items()})
+        _say(progress, "report", f"report written to {report}")
+        clock.lap("report")
+        atomic_write_text(run.timings, json.dumps(clock.seconds, indent=2) + "\n")
+    barrier()
+    return PipelineResult(run, cohort, vnet, metrics, baseline_metrics, report, config)
+
+
+def _without_missing_sam(config: RunConfig, progress: Progress) -> RunConfig:
+    """``config``, or with ``sam_missing = "skip"`` and no pretrained SAM on this machine, its method without the
+    SFR term (announced by a warning event): SAM fine-tuned from random weights would teach the V-Net noise."""
+    base, uses_sam = parse_method(config.retrain.method)
+    checkpoint = config.finetune.base_checkpoint
+    if not uses_sam or config.sam_missing != "skip" or available_offline(checkpoint):
+        return config
+    progress(ProgressEvent(
+        "validate", 1, 1, level="warning",
+        message=f"no pretrained SAM checkpoint ({checkpoint or 'none given'}) is on this machine, so SAM is not "
+                f"fine-tuned (never from random weights): re-training {base} without the SFR term instead of "
+                f"{config.retrain.method}{' and without SFR+' if config.sfr_plus else ''}. To use SAM, download or "
+                f"import the checkpoint (docs/user-guide.md, SAM weights) and start a new run."))
+    return dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method=base), sfr_plus=False)
+
+
+def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:
+    """What the run used: package versions, device, seeds and the SHA-256 of every input file."""
+    packages = ("SFRSegmentLib", "torch", "numpy", "monai", "SimpleITK", "segment-anything", "slicerio", "pynrrd")
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = resolve_device(config.device)
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "seeds": {"finetune": config.finetune.seed, "retrain": config.retrain.seed},
+        "cohort": str(cohort.root),
+        "inputs": {
+            case.name: {"split": split, "image": _file_record(case.image),
+                        "label": _file_record(case.label) if case.label else None}
+            for split, cases in (("train", cohort.cases), (TEST_SPLIT, cohort.test)) for case in cases
+        },
+    }
+
+
+def _file_record(path: Path) -> Dict[str, str]:
+    return {"path": str(path), "sha256": file_digest(path)}
+
+
+def provenance_summary(run: RunFolder, cohort: Cohort, vnet: Path, truths: Truths) -> Dict[str, object]:
+    """The identity of every output the run's results came from (``RUN/provenance.json``): the fine-tuned SAM, each
+    pseudo-label, the V-Net, each prediction, and for the metrics the SHA-256 of each true label. None marks an
+    output the run did not make (no SAM stage, for example)."""
+    def identity(path: Path) -> Optional[str]:
+        record = read_record(path)
+        return None if record is None else record["id"]
+
+    return {
+        "fine-tuned SAM": identity(run.sam_weights),
+        "pseudo-labels": {case.name: identity(run.pseudo_label(case.name)) for case in cohort.unlabeled},
+        "V-Net": identity(vnet),
+        "V-Net file": str(vnet.relative_to(run.root)),
+        "predictions": {case.name: identity(_prediction_files(run.prediction_dir, case.name)[0])
+                        for case in predicted_cases(cohort)},
+        "true labels": {name: file_digest(path) for cases in truths.values() for name, path in cases.items()},
+    }
+
+
+def _remove_outputs(run: RunFolder, redo: Sequence[str]) -> None:
+    """Delete the outputs of the first stage named in ``redo`` and of every stage after it."""
+    unknown = [s for s in redo if s not in STAGES]
+    if unknown:
+        raise InputError(f"unknown stage {unknown[0]!r} for --redo; expected one of {', '.join(STAGES)}",
+                         field="redo")
+    if not redo:
+        return
+    first = min(STAGES.index(s) for s in redo)
+    outputs = {
+        "finetune": [run.finetune_dir], "pseudolabel": [run.pseudolabel_dir], "retrain": [run.retrain_dir],
+        "sfrplus": [run.root / "sfrplus"], "baseline": [run.baseline.root],
+        "predict": [run.prediction_dir], "evaluate": [run.metrics], "report": [run.report],
+    }
+    for stage in STAGES[first:]:
+        for path in outputs[stage]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+@contextlib.contextmanager
+def _stage(name: str, clock: StageClock) -> Iterator[None]:
+    """Time a training or prediction stage, and turn a CUDA out-of-memory error into one that says which setting to
+    lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(f"GPU out of memory during {name}; lower {_MEMORY_SETTINGS[name]} "
+                          f"(with --config), or run on a larger GPU") from exc
+    clock.lap(name)
+
+
+class StageClock:
+    """Wall seconds per stage of one invocation (``RUN/timings.json``): each :meth:`lap` charges the time since the
+    previous one to its stage. A resumed run's stages count only what this invocation did."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)
+        self._last = now
+
+
+def _run_sfrplus(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
+                 cancellation: Optional[Cancellation]) -> Path:
+    def finetune_fn(cohort: Cohort, run: RunFolder, init_weights: Optional[PathLike]) -> Path:
+        settings = dataclasses.replace(config.finetune, init_weights=str(init_weights) if init_weights else None)
+        return finetune(cohort, run, settings, progress, cancellation)
+
+    def pseudolabel_fn(cohort: Cohort, run: RunFolder, cases: Sequence[Case], sam_weights: PathLike) -> Path:
+        return pseudolabel(cohort, run, config.pseudolabel, progress, cancellation, cases=cases,
+                           sam_weights=sam_weights)
+
+    def retrain_fn(cohort: Cohort, run: RunFolder, pseudo_labels: Dict[str, Path]) -> Path:
+        return retrain(cohort, run, config.retrain, pseudo_labels, progress, cancellation)
+
+    rounds = run_sfrplus(cohort, run, finetune_fn, pseudolabel_fn, retrain_fn, config.sfrplus, config.inference,
+                         progress)
+    return rounds[-1].vnet_weights
+
+
+def _run_baseline(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
+                  cancellation: Optional[Cancellation]) -> Optional[Path]:
+    """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled and test cases and evaluate them."""
+    baseline = run.baseline
+    vnet = retrain(cohort, baseline, _baseline_settings(config), progress=progress, cancellation=cancellation)
+    _predict(vnet, predicted_cases(cohort), baseline.prediction_dir, config, progress)
+    return _evaluate(baseline, truths, cohort, config.baseline_method, progress)
+
+
+def predicted_cases(cohort: Cohort) -> List[Case]:
+    """The cases a trained V-Net predicts at the end of a run: the unlabeled ones, then the held-out test cases."""
+    return cohort.unlabeled + cohort.test
+
+
+def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig, progress: Progress) -> None:
+    """Predict the cases whose predictions in ``out_dir`` are missing or stale (:func:`prediction_inputs`)."""
+    inputs = prediction_inputs(cases, vnet, config.inference)
+    stale = _stale_predictions(cases, out_dir, inputs)
+    if ranks().is_main:
+        for name, reason in stale.items():
+            if reason != MISSING:
+                _say(progress, "predict", f"the prediction of case {name} is stale ({reason}): predicting it again")
+            forget(_prediction_files(out_dir, name))
+    pending = [case for case in cases if case.name in stale]
+    if not pending:
+        return
+    model, info = load_vnet(vnet, resolve_device(config.device))
+    predict_cases(model, info, pending, out_dir, config.inference, progress,
+                  on_written=lambda name: write_record(_prediction_files(out_dir, name), inputs[name]))
+
+
+_PREDICTION_EXECUTION_ONLY = ("device", "sw_batch_size")
+"""Inference options that do not change a prediction."""
+
+
+def prediction_inputs(cases: Sequence[Case], vnet: Path, config: InferenceConfig) -> Dict[str, Inputs]:
+    """Case name → what its prediction is computed from: the inference options that change it, the image's SHA-256
+    and the V-Net's identity (``missing`` while it does not exist)."""
+    options = {name: value for name, value in to_dict(config).items() if name not in _PREDICTION_EXECUTION_ONLY}
+    upstream = {"V-Net": identity_of(vnet) if vnet.is_file() else "missing"}
+    return {case.name: Inputs(options, case_files([case], labels=False), upstream) for case in cases}
+
+
+def _prediction_files(out_dir: Path, name: str) -> List[Path]:
+    """A case's prediction files; the first one carries the record."""
+    return [out_dir / f"{name}{suffix}" for suffix in PREDICTION_SUFFIXES]
+
+
+def _stale_predictions(cases: Sequence[Case], out_dir: Path, inputs: Mapping[str, Inputs]) -> Dict[str, str]:
+    """Case name → why its prediction in ``out_dir`` must be made (again), for the cases where it must."""
+    reasons = {case.name: stale_reason(_prediction_files(out_dir, case.name), inputs[case.name]) for case in cases}
+    confidences = recorded(out_dir / CONFIDENCE_TABLE)
+    for name, reason in reasons.items():
+        if reason is None and name not in confidences:
+            reasons[name] = "its confidence is not in confidence.csv"
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+def _baseline_settings(config: RunConfig) -> RetrainConfig:
+    return dataclasses.replace(config.retrain, method=config.baseline_method,
+                               init_weights=config.baseline_init_weights or config.retrain.init_weights)
+
+
+def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[StageWork]:
+    """What each training and prediction stage of ``run_pipeline`` still has to do in ``run``, for the estimate.
+
+    Current outputs (:mod:`SFRSegmentLib.storage.provenance`) are left out; a stage whose upstream output is made again is
+    counted whole (its inputs change), one stopped midway counts the iterations its checkpoint has still to do.
+    Prediction counts the unlabeled and the held-out test cases (:func:`predicted_cases`). An unfinished SFR+ round
+    counts whole: which cases are confident is known only once it runs, so this is an upper bound.
+    """
+    unlabeled, predicted = tuple(cohort.unlabeled), predicted_cases(cohort)
+    work: List[StageWork] = []
+    pseudo_labels_change = False
+    if config.retrain.uses_pseudo_labels:
+        finetune_left = _finetune_left(run, cohort, config)
+        pseudolabels_left = unlabeled if finetune_left else _pseudolabels_left(run, cohort, config)
+        work += [StageWork("finetune", finetune_iterations=finetune_left),
+                 StageWork("pseudolabel", pseudolabel_cases=pseudolabels_left)]
+        pseudo_labels_change = bool(finetune_left or pseudolabels_left)
+    retrain_left = (config.retrain.iterations if pseudo_labels_change
+                    else _retrain_left(run, cohort, config.retrain))
+    work.append(StageWork("retrain", retrain=config.retrain, retrain_iterations=retrain_left))
+    vnet, vnet_changes = run.vnet_weights, retrain_left > 0
+    if config.sfr_plus:
+        rounds = [round_folder(run, r) for r in range(1, config.sfrplus.rounds + 1)]
+        left = [here for here in rounds if vnet_changes or not (here.root / ROUND_RECORD).is_file()]
+        work.append(StageWork(
+            "sfrplus", finetune_iterations=config.finetune.iterations * len(left),
+            pseudolabel_cases=unlabeled * len(left), retrain=config.retrain,
+            retrain_iterations=config.retrain.iterations * len(left), predict_cases=unlabeled * len(left)))
+        vnet, vnet_changes = rounds[-1].vnet_weights, vnet_changes or bool(left)
+    if config.baseline_method:
+        baseline = run.baseline
+        settings = _baseline_settings(config)
+        baseline_left = _retrain_left(baseline, cohort, settings)
+        work.append(StageWork("baseline", retrain=settings, retrain_iterations=baseline_left,
+                              predict_cases=_predictions_left(predicted, baseline.prediction_dir,
+                                                              baseline.vnet_weights, config, baseline_left > 0)))
+    work.append(StageWork("predict", predict_cases=_predictions_left(predicted, run.prediction_dir, vnet, config,
+                                                                     vnet_changes)))
+    return work
+
+
+def _finetune_left(run: RunFolder, cohort: Cohort, config: RunConfig) -> int:
+    """Fine-tuning iterations still to do (all of them while the base checkpoint is not on this machine)."""
+    source = config.finetune.base_checkpoint
+    if source is not None and not available_offline(source):
+        return config.finetune.iterations
+    inputs = finetune_inputs(config.finetune, cohort, resolve_base_checkpoint(source))
+    return _iterations_left(config.finetune.iterations, [run.sam_weights, run.sam_weights_info],
+                            run.finetune_checkpoint, inputs)
+
+
+def _pseudolabels_left(run: RunFolder, cohort: Cohort, config: RunConfig) -> Tuple[Case, ...]:
+    inputs = case_inputs(cohort, cohort.unlabeled, config.pseudolabel, run.sam_weights)
+    return tuple(case for case in cohort.unlabeled if config.pseudolabel.redo
+                 or stale_reason(run.pseudo_label_files(case.name), inputs[case.name]) is not None)
+
+
+def _retrain_left(run: RunFolder, cohort: Cohort, settings: RetrainConfig) -> int:
+    pseudo_labels = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled} \
+        if settings.uses_pseudo_labels else {}
+    if not all(path.is_file() for path in pseudo_labels.values()):
+        return settings.iterations
+    inputs = retrain_inputs(settings, cohort, pseudo_labels)
+    return _iterations_left(settings.iterations, [run.vnet_weights, vnet_info_path(run.vnet_weights)],
+                            run.retrain_checkpoint, inputs)
+
+
+def _iterations_left(total: int, outputs: Sequence[Path], checkpoint: Path, inputs: Inputs) -> int:
+    """0 when ``outputs`` are current; else what a checkpoint saved from the same inputs has still to do."""
+    if stale_reason(outputs, inputs) is None:
+        return 0
+    return max(0, total - saved_iteration(checkpoint, inputs))
+
+
+def _predictions_left(cases: Sequence[Case], out_dir: Path, vnet: Path, config: RunConfig,
+                      vnet_changes: bool) -> Tuple[Case, ...]:
+    if vnet_changes:
+        return tuple(cases)
+    stale = _stale_predictions(cases, out_dir, prediction_inputs(cases, vnet, config.inference))
+    return tuple(case for case in cases if case.name in stale)
+
+
+def _truths(cohort: Cohort, config: RunConfig) -> Dict[str, Dict[str, Path]]:
+    """What the run scores, test split first: each test case against its own label, and with ``config.truth_dir``
+    each unlabeled case against its true label there (InputError naming the cases that have none)."""
+    truths = {TEST_SPLIT: {case.name: case.label for case in cohort.test}} if cohort.test else {}
+    if config.truth_dir:
+        found = find_label_files(Path(config.truth_dir), "truth")
+        missing = [case.name for case in cohort.unlabeled if case.name not in found]
+        if missing:
+            raise InputError(f"no true label of the unlabeled case(s) {', '.join(missing)} (expected <case>.<ext> "
+                             "or <case>/label.<ext>)", config.truth_dir, "truth_dir")
+        truths[UNLABELED_SPLIT] = {case.name: found[case.name] for case in cohort.unlabeled}
+    return truths
+
+
+def _evaluate(run: RunFolder, truths: Truths, cohort: Cohort, method: str, progress: Progress) -> Optional[Path]:
+    """Score the predictions of ``run`` (trained with ``method``, which the progress messages name) against
+    ``truths`` into its metrics table, one split after the other (rank 0; the others wait for it); None when there
+    is nothing to score."""
+    if not truths:
+        return None
+    if ranks().is_main:
+        rows = [row for split, cases in truths.items()
+                for row in evaluate_cases({name: (run.prediction(name), truth) for name, truth in cases.items()},
+                                          sorted(cohort.classes), split)]
+        write_metrics_csv(rows, run.metrics)
+        for split, summaries in summarise_splits(rows).items():
+            for summary in summaries:
+                dice = summary.dice
+                spread = f" ± {dice.std:.4f}" if dice.n > 1 else ""
+                _say(progress, "evaluate", f"{method}: {split} cases, class {summary.class_value}: Dice "
+                                           f"{dice.mean:.4f}{spread} over {summary.n_cases} cases", metric=dice.mean)
+    barrier()
+    return run.metrics
+
+
+def _say(progress: Progress, stage: str, message: str, metric: Optional[float] = None) -> None:
+    progress(ProgressEvent(stage, 1, 1, metric=metric, message=message))
