@@ -151,3 +151,12 @@ def _check_fits(shape: Sequence[int], size: Sequence[int]) -> None:
     _check_rank(shape, size)
     if any(n < 1 or n > s for s, n in zip(shape, size)):
         raise ValueError(f"a crop of size {tuple(size)} does not fit in shape {tuple(shape)}")
+
+
+def synthetic_case(shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """A z-scored-like random image and a label with a centred box of class 1 (class indices), of ``shape``: what
+    the stages time their steps on (a step's time does not depend on the voxels)."""
+    image = np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)
+    label = np.zeros(tuple(shape), dtype=np.uint8)
+    label[tuple(slice(size // 4, size - size // 4) for size in shape)] = 1
+    return image, label

@@ -13,7 +13,9 @@ unit of each kind of work the run still has (:class:`StageWork`, which the pipel
 * a prediction pass: the V-Net on one batch of ``sw_batch_size`` windows, through the reference sliding window
   (SFR+ scoring is the same pass).
 
-Each is run once to warm up and then timed (:func:`seconds_per_step`). The counts come from the configuration
+Each stage module answers for its own work: ``timed_step`` or ``timed_pass`` gives one unit of it on synthetic
+data, and ``passes`` counts a volume's units; the pipeline asks them for the work left (``iterations_left``,
+``cases_left``). Each unit is run once to warm up and then timed (:func:`seconds_per_step`). The counts come from the configuration
 (iterations) and from the image shapes (sliding windows per case, counted by the same window rule the stages use),
 so the estimate is the sum over stages of count × seconds per unit. Evaluation and the report take seconds and are
 left out. The measurement runs under a forked random state: the run's results do not depend on whether it was
@@ -22,28 +24,21 @@ estimated.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
-from ..base.config import InferenceConfig, PseudoLabelConfig, RetrainConfig, RunConfig, Spacing
+from ..base.config import InferenceConfig, RetrainConfig, RunConfig, Spacing
 from ..base.device import resolve_device
 from ..base.distributed import any_rank, ranks
 from ..base.events import format_duration
 from ..base.progress import Progress, ProgressEvent, ignore_progress
 from ..data.cohort import Case, Cohort
 from ..data.resample import working_shape
-from ..models.sam.lora import merge_lora
 from ..models.sam.model import SFRSam
-from ..stages.finetune import MosaicBatches, _Training, build_base_sam, training_layout  # _Training: F's own step
-from ..stages.inference import sliding_window_probabilities, window_starts
-from ..stages.pseudolabel import predict_probabilities
-from ..stages.retrain import Trainer, TrainingCase, draw_batch, trained_vnet_info
-from ..storage.provenance import Inputs
+from ..stages import finetune, inference, pseudolabel, retrain
 from ..storage.volumes import Volume, read_volume
 
 STAGE = "estimate"
@@ -170,34 +165,9 @@ def warning_message(estimate: RunEstimate, config: RunConfig) -> str:
 # Counting
 
 
-def pseudolabel_passes(shape: Sequence[int], window: Sequence[int], config: PseudoLabelConfig) -> int:
-    """SAM passes stage P makes on a volume of ``shape`` with SAM's ``window`` (its fine-tuning patch): its sliding
-    windows in batches of ``windows_per_batch``."""
-    return _batches(_window_count(shape, window, pseudolabel_intervals(window, config)), config.windows_per_batch)
-
-
-def prediction_passes(shape: Sequence[int], config: InferenceConfig) -> int:
-    """V-Net passes the reference sliding window makes on a volume of ``shape``, in batches of ``sw_batch_size``."""
-    return _batches(_window_count(shape, config.patch_size, config.strides), config.sw_batch_size)
-
-
-def pseudolabel_intervals(window: Sequence[int], config: PseudoLabelConfig) -> Shape:
-    """The window step of stage P along each axis: MONAI's scan interval ``int(window·(1 − overlap))``, at least 1.
-    (MONAI uses the window size on an axis exactly as long as the window, where there is one window either way.)"""
-    return tuple(max(int(size * (1 - config.overlap)), 1) for size in window)
-
-
 def _prediction_settings(config: RunConfig) -> InferenceConfig:
     """The run's prediction settings with the window set: ``inference.patch_size``, or the V-Net's training patch."""
     return config.inference.for_model(config.retrain.patch_size, config.retrain.downsampling)
-
-
-def _window_count(shape: Sequence[int], window: Sequence[int], steps: Sequence[int]) -> int:
-    return math.prod(len(window_starts(size, patch, step)) for size, patch, step in zip(shape, window, steps))
-
-
-def _batches(count: int, batch_size: int) -> int:
-    return -(-count // batch_size)
 
 
 def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConfig) -> List[StageEstimate]:
@@ -221,19 +191,19 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
         if stage.finetune_iterations:
             items.append(WorkItem("fine-tuning iterations", stage.finetune_iterations, times.finetune_iteration))
         if stage.pseudolabel_cases:
-            passes = sum(pseudolabel_passes(working(case, config.finetune.spacing), config.finetune.patch_size,
+            passes = sum(pseudolabel.passes(working(case, config.finetune.spacing), config.finetune.patch_size,
                                             config.pseudolabel)
                          for case in stage.pseudolabel_cases)
-            passes = _batches(passes, processes)
+            passes = inference.batches(passes, processes)
             items.append(WorkItem(f"SAM passes of {config.pseudolabel.windows_per_batch} windows "
                                   f"({len(stage.pseudolabel_cases)} cases)", passes, times.pseudolabel_pass))
         if stage.retrain_iterations:
             method = stage.retrain.method
             items.append(WorkItem(f"{method} iterations", stage.retrain_iterations, times.retrain_iteration[method]))
         if stage.predict_cases:
-            passes = sum(prediction_passes(working(case, config.retrain.spacing), _prediction_settings(config))
+            passes = sum(inference.passes(working(case, config.retrain.spacing), _prediction_settings(config))
                          for case in stage.predict_cases)
-            passes = _batches(passes, processes)
+            passes = inference.batches(passes, processes)
             items.append(WorkItem(f"V-Net passes of {config.inference.sw_batch_size} windows "
                                   f"({len(stage.predict_cases)} cases)", passes, times.predict_pass))
         stages.append(StageEstimate(stage.stage, tuple(items)))
@@ -257,7 +227,7 @@ def measure_step_times(cohort: Cohort, config: RunConfig, work: Sequence[StageWo
     pseudo_labels = any(w.pseudolabel_cases for w in work)
     predicts = any(w.predict_cases for w in work)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        sam = (build_base_sam(config.finetune.sam, None, config.finetune.seed).to(device)
+        sam = (finetune.build_base_sam(config.finetune.sam, None, config.finetune.seed).to(device)
                if fine_tunes or pseudo_labels else None)
         times = StepTimes(
             finetune_iteration=_time_finetune(sam, config, device) if fine_tunes else None,
@@ -299,58 +269,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _synthetic_case(shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """A z-scored-like random image and a label with a centred box of class 1 (class indices), of ``shape``."""
-    image = np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)
-    label = np.zeros(tuple(shape), dtype=np.uint8)
-    label[tuple(slice(size // 4, size - size // 4) for size in shape)] = 1
-    return image, label
-
-
 def _time_finetune(sam: SFRSam, config: RunConfig, device: torch.device) -> float:
-    """One iteration of stage F's own training loop, on a synthetic volume of the patch size."""
-    settings = config.finetune
-    layout = training_layout(settings.patch_size, settings.sam, settings.depth_padding)
-    batches = MosaicBatches([_synthetic_case(settings.patch_size)], layout, settings, device)
-    training = _Training(sam, settings, Inputs({}))
-    return seconds_per_step(lambda: training.step(batches), device)
+    return seconds_per_step(finetune.timed_step(config.finetune, sam, device), device)
 
 
 def _time_pseudolabel(sam: SFRSam, config: RunConfig, device: torch.device) -> float:
-    """One SAM pass of stage P: its sliding window over a volume that holds exactly one batch of windows."""
-    settings, window = config.pseudolabel, config.finetune.patch_size
-    model = merge_lora(sam).eval()
-    layout = training_layout(window, model.config, config.finetune.depth_padding)
-    shape = _one_batch_shape(window, pseudolabel_intervals(window, settings), settings.windows_per_batch)
-    volume, _ = _synthetic_case(shape)
-    return seconds_per_step(lambda: predict_probabilities(model, volume, layout, settings.overlap,
-                                                          settings.windows_per_batch, settings.precision),
-                            device)
+    return seconds_per_step(pseudolabel.timed_pass(sam, config.finetune.patch_size, config.finetune.depth_padding,
+                                                   config.pseudolabel), device)
 
 
 def _time_retrain(settings: RetrainConfig, cohort: Cohort, device: torch.device) -> float:
-    """One iteration of stage R's ``Trainer`` with ``settings``, on batches drawn from synthetic patches."""
-    trainer = Trainer(settings, trained_vnet_info(settings, cohort.classes), 1, 1, device)
-    image, target = _synthetic_case(settings.patch_size)
-    labeled = [TrainingCase("labeled", image, target)]
-    unlabeled = [TrainingCase("unlabeled", image, target if settings.uses_pseudo_labels else None)]
-
-    def step() -> None:
-        trainer.step(draw_batch(labeled, unlabeled, trainer.sampler, trainer.rng, settings,
-                                settings.uses_pseudo_labels, device))
-
-    return seconds_per_step(step, device)
+    return seconds_per_step(retrain.timed_step(settings, cohort.classes, device), device)
 
 
 def _time_prediction(config: RunConfig, cohort: Cohort, device: torch.device) -> float:
-    """One V-Net pass of the reference sliding window, over a volume that holds exactly one batch of windows."""
-    settings = _prediction_settings(config)
-    model = trained_vnet_info(config.retrain, cohort.classes).build_model()
-    shape = _one_batch_shape(settings.patch_size, settings.strides, settings.sw_batch_size)
-    volume, _ = _synthetic_case(shape)
-    return seconds_per_step(lambda: sliding_window_probabilities(model, volume, settings, device), device)
-
-
-def _one_batch_shape(window: Sequence[int], steps: Sequence[int], batch_size: int) -> Shape:
-    """A volume shape with exactly ``batch_size`` windows, all along the first axis."""
-    return (window[0] + (batch_size - 1) * steps[0], window[1], window[2])
+    model = retrain.trained_vnet_info(config.retrain, cohort.classes).build_model()
+    return seconds_per_step(inference.timed_pass(model, _prediction_settings(config), device), device)

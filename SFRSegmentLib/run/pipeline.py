@@ -51,15 +51,17 @@ from ..evaluation.metrics import (
 )
 from ..evaluation.report import comparison_section, lineage_section, plan_section, provenance_section, write_report
 from ..models.sam.weights import available_offline
-from ..models.vnet import load_vnet, vnet_info_path
+from ..models.vnet import load_vnet
 from ..stages.confidence import recorded
-from ..stages.finetune import finetune, finetune_inputs, resolve_base_checkpoint
+from ..stages.finetune import finetune
+from ..stages.finetune import iterations_left as finetune_iterations_left
 from ..stages.inference import PREDICTION_SUFFIXES, InferenceConfig, predict_cases
-from ..stages.pseudolabel import case_inputs, pseudolabel
-from ..stages.retrain import retrain, retrain_inputs
+from ..stages.pseudolabel import cases_left as pseudolabel_cases_left
+from ..stages.pseudolabel import pseudolabel
+from ..stages.retrain import iterations_left as retrain_iterations_left
+from ..stages.retrain import retrain
 from ..stages.sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 from ..storage.atomic import atomic_write_text
-from ..storage.checkpoint import saved_iteration
 from ..storage.provenance import (
     MISSING,
     Inputs,
@@ -437,13 +439,13 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
     work: List[StageWork] = []
     pseudo_labels_change = False
     if config.retrain.uses_pseudo_labels:
-        finetune_left = _finetune_left(run, cohort, config)
-        pseudolabels_left = unlabeled if finetune_left else _pseudolabels_left(run, cohort, config)
+        finetune_left = finetune_iterations_left(run, cohort, config.finetune)
+        pseudolabels_left = unlabeled if finetune_left else pseudolabel_cases_left(run, cohort, config.pseudolabel)
         work += [StageWork("finetune", finetune_iterations=finetune_left),
                  StageWork("pseudolabel", pseudolabel_cases=pseudolabels_left)]
         pseudo_labels_change = bool(finetune_left or pseudolabels_left)
     retrain_left = (config.retrain.iterations if pseudo_labels_change
-                    else _retrain_left(run, cohort, config.retrain))
+                    else retrain_iterations_left(run, cohort, config.retrain))
     work.append(StageWork("retrain", retrain=config.retrain, retrain_iterations=retrain_left))
     vnet, vnet_changes = run.vnet_weights, retrain_left > 0
     if config.sfr_plus:
@@ -457,46 +459,13 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
     if config.baseline_method:
         baseline = run.baseline
         settings = _baseline_settings(config)
-        baseline_left = _retrain_left(baseline, cohort, settings)
+        baseline_left = retrain_iterations_left(baseline, cohort, settings)
         work.append(StageWork("baseline", retrain=settings, retrain_iterations=baseline_left,
                               predict_cases=_predictions_left(predicted, baseline.prediction_dir,
                                                               baseline.vnet_weights, config, baseline_left > 0)))
     work.append(StageWork("predict", predict_cases=_predictions_left(predicted, run.prediction_dir, vnet, config,
                                                                      vnet_changes)))
     return work
-
-
-def _finetune_left(run: RunFolder, cohort: Cohort, config: RunConfig) -> int:
-    """Fine-tuning iterations still to do (all of them while the base checkpoint is not on this machine)."""
-    source = config.finetune.base_checkpoint
-    if source is not None and not available_offline(source):
-        return config.finetune.iterations
-    inputs = finetune_inputs(config.finetune, cohort, resolve_base_checkpoint(source))
-    return _iterations_left(config.finetune.iterations, [run.sam_weights, run.sam_weights_info],
-                            run.finetune_checkpoint, inputs)
-
-
-def _pseudolabels_left(run: RunFolder, cohort: Cohort, config: RunConfig) -> Tuple[Case, ...]:
-    inputs = case_inputs(cohort, cohort.unlabeled, config.pseudolabel, run.sam_weights)
-    return tuple(case for case in cohort.unlabeled if config.pseudolabel.redo
-                 or stale_reason(run.pseudo_label_files(case.name), inputs[case.name]) is not None)
-
-
-def _retrain_left(run: RunFolder, cohort: Cohort, settings: RetrainConfig) -> int:
-    pseudo_labels = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled} \
-        if settings.uses_pseudo_labels else {}
-    if not all(path.is_file() for path in pseudo_labels.values()):
-        return settings.iterations
-    inputs = retrain_inputs(settings, cohort, pseudo_labels)
-    return _iterations_left(settings.iterations, [run.vnet_weights, vnet_info_path(run.vnet_weights)],
-                            run.retrain_checkpoint, inputs)
-
-
-def _iterations_left(total: int, outputs: Sequence[Path], checkpoint: Path, inputs: Inputs) -> int:
-    """0 when ``outputs`` are current; else what a checkpoint saved from the same inputs has still to do."""
-    if stale_reason(outputs, inputs) is None:
-        return 0
-    return max(0, total - saved_iteration(checkpoint, inputs))
 
 
 def _predictions_left(cases: Sequence[Case], out_dir: Path, vnet: Path, config: RunConfig,

@@ -40,7 +40,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,13 +53,14 @@ from ..base.distributed import barrier, data_parallel, main_first, mean_over_ran
 from ..base.errors import InputError, PathLike
 from ..base.progress import Cancellation, Progress, ProgressEvent, ignore_progress
 from ..data.cohort import Case, Cohort, load_case
-from ..data.patches import sample_patch, scale_intensities
+from ..data.patches import sample_patch, scale_intensities, synthetic_case
 from ..data.resample import to_working_grid
 from ..models.sam.lora import load_trainable_state_dict, trainable_state_dict
 from ..models.sam.model import SFRSam, build_sfr_sam
 from ..models.sam.stitching import MosaicLayout, mosaic_layout, stitch_image, stitch_label
-from ..models.sam.weights import DownloadError, load_state_dict, resolve_checkpoint
+from ..models.sam.weights import DownloadError, available_offline, load_state_dict, resolve_checkpoint
 from ..storage.atomic import atomic_path, atomic_write_text
+from ..storage.checkpoint import iterations_left as remaining
 from ..storage.checkpoint import load_checkpoint, reuse_trained, save_checkpoint, write_log
 from ..storage.provenance import Inputs, case_files, file_digest, identity_of, write_record
 from ..storage.runfolder import RunFolder
@@ -460,3 +461,26 @@ def _write_files(training: _Training, run: RunFolder, base: Optional[Dict[str, s
     }
     atomic_write_text(run.sam_weights_info, json.dumps(info, indent=2) + "\n")
     write_record([run.sam_weights, run.sam_weights_info], training.inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the run's estimate asks of this stage
+
+
+def iterations_left(run: RunFolder, cohort: Cohort, config: FinetuneConfig) -> int:
+    """Fine-tuning iterations still to do in ``run`` (all of them while the base checkpoint is not on this
+    machine)."""
+    source = config.base_checkpoint
+    if source is not None and not available_offline(source):
+        return config.iterations
+    inputs = finetune_inputs(config, cohort, resolve_base_checkpoint(source))
+    return remaining(config.iterations, [run.sam_weights, run.sam_weights_info], run.finetune_checkpoint, inputs)
+
+
+def timed_step(config: FinetuneConfig, sam: SFRSam, device: torch.device) -> Callable[[], float]:
+    """One iteration of this stage's own training step (sampling, stitching, forward, loss, backward, AdamW) on a
+    synthetic volume of the patch size, for timing: the time of a step does not depend on the weights."""
+    layout = training_layout(config.patch_size, config.sam, config.depth_padding)
+    batches = MosaicBatches([synthetic_case(config.patch_size)], layout, config, device)
+    training = _Training(sam, config, Inputs({}))
+    return lambda: training.step(batches)

@@ -30,6 +30,7 @@ The model file (:func:`SFRSegmentLib.models.vnet.load_vnet`) and the device and 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -44,7 +45,7 @@ from ..base.distributed import map_cases
 from ..base.errors import InputError, PathLike
 from ..base.progress import Progress, ProgressEvent, ignore_progress
 from ..data.cohort import Case, discover_cohort
-from ..data.patches import normalize_intensities
+from ..data.patches import normalize_intensities, synthetic_case
 from ..data.resample import to_native_grid, to_working_grid
 from ..data.validation import check_image
 from ..models.vnet import MEMORY_FORMAT, VNetInfo, fold_batchnorm
@@ -65,6 +66,20 @@ def window_starts(size: int, patch: int, stride: int) -> List[int]:
     size = max(size, patch)
     count = -(-(size - patch) // stride) + 1
     return [min(stride * i, size - patch) for i in range(count)]
+
+
+def window_count(shape: Sequence[int], window: Sequence[int], steps: Sequence[int]) -> int:
+    """How many windows of ``window`` with steps ``steps`` cover a volume of ``shape``."""
+    return math.prod(len(window_starts(size, patch, step)) for size, patch, step in zip(shape, window, steps))
+
+
+def one_batch_shape(window: Sequence[int], steps: Sequence[int], batch_size: int) -> Tuple[int, int, int]:
+    """A volume shape that holds exactly ``batch_size`` windows, all along the first axis (to time one pass)."""
+    return (window[0] + (batch_size - 1) * steps[0], window[1], window[2])
+
+
+def batches(count: int, batch_size: int) -> int:
+    return -(-count // batch_size)
 
 
 def monai_overlap(config: InferenceConfig) -> Tuple[float, float, float]:
@@ -206,3 +221,19 @@ def _predict_named(model: torch.nn.Module, info: VNetInfo, images: Mapping[str, 
 
     map_cases(list(images), predict, write)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the run's estimate asks of this stage
+
+
+def passes(shape: Sequence[int], config: InferenceConfig) -> int:
+    """V-Net passes the sliding window makes on a volume of ``shape``, in batches of ``sw_batch_size``."""
+    return batches(window_count(shape, config.patch_size, config.strides), config.sw_batch_size)
+
+
+def timed_pass(model: torch.nn.Module, config: InferenceConfig, device: torch.device) -> Callable[[], object]:
+    """One V-Net pass of the sliding window, for timing: over a synthetic volume that holds exactly one batch of
+    ``sw_batch_size`` windows."""
+    volume, _ = synthetic_case(one_batch_shape(config.patch_size, config.strides, config.sw_batch_size))
+    return lambda: sliding_window_probabilities(model, volume, config, device)

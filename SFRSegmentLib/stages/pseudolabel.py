@@ -29,7 +29,7 @@ voxels of the largest class probability, taken from the stored probabilities so 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from ..base.distributed import barrier, map_cases, ranks
 from ..base.errors import InputError, PathLike
 from ..base.progress import Cancellation, Cancelled, EtaClock, Progress, ProgressEvent, ignore_progress
 from ..data.cohort import Case, Cohort, load_case
-from ..data.patches import scale_intensities
+from ..data.patches import scale_intensities, synthetic_case
 from ..data.resample import to_native_grid, to_working_grid
 from ..models.sam.lora import merge_lora
 from ..models.sam.model import SFRSam
@@ -53,7 +53,7 @@ from ..storage.runfolder import PROBABILITY_SCALE, RunFolder
 from ..storage.volumes import Volume, write_volume
 from .confidence import volume_confidence, write_table
 from .finetune import load_finetuned_sam, training_layout, weights_info_path
-from .inference import keep_largest_components
+from .inference import batches, keep_largest_components, one_batch_shape, window_count
 
 STAGE = "pseudolabel"
 _EXECUTION_ONLY = ("device", "windows_per_batch", "redo")
@@ -209,3 +209,37 @@ def case_inputs(cohort: Cohort, cases: Sequence[Case], config: PseudoLabelConfig
     options["class_values"] = sorted(int(v) for v in cohort.classes)
     upstream = {"SAM weights": identity_of(weights) if weights.is_file() else "missing"}
     return {case.name: Inputs(options, case_files([case], labels=False), upstream) for case in cases}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the run's estimate asks of this stage
+
+
+def cases_left(run: RunFolder, cohort: Cohort, config: PseudoLabelConfig) -> Tuple[Case, ...]:
+    """The unlabeled cases whose pseudo-labels in ``run`` are missing or stale (all of them with ``redo``)."""
+    inputs = case_inputs(cohort, cohort.unlabeled, config, run.sam_weights)
+    return tuple(case for case in cohort.unlabeled
+                 if config.redo or stale_reason(run.pseudo_label_files(case.name), inputs[case.name]) is not None)
+
+
+def window_intervals(window: Sequence[int], config: PseudoLabelConfig) -> Tuple[int, ...]:
+    """The window step along each axis: MONAI's scan interval ``int(window·(1 − overlap))``, at least 1. (MONAI uses
+    the window size on an axis exactly as long as the window, where there is one window either way.)"""
+    return tuple(max(int(size * (1 - config.overlap)), 1) for size in window)
+
+
+def passes(shape: Sequence[int], window: Sequence[int], config: PseudoLabelConfig) -> int:
+    """SAM passes this stage makes on a volume of ``shape`` with SAM's ``window`` (its fine-tuning patch): its
+    sliding windows in batches of ``windows_per_batch``."""
+    return batches(window_count(shape, window, window_intervals(window, config)), config.windows_per_batch)
+
+
+def timed_pass(sam: SFRSam, window: Sequence[int], depth_padding: str, config: PseudoLabelConfig
+               ) -> Callable[[], object]:
+    """One SAM pass of this stage, for timing: its sliding window over a synthetic volume that holds exactly one
+    batch of ``config.windows_per_batch`` windows of ``window``."""
+    model = merge_lora(sam).eval()
+    layout = training_layout(window, model.config, depth_padding)
+    volume, _ = synthetic_case(one_batch_shape(window, window_intervals(window, config), config.windows_per_batch))
+    return lambda: predict_probabilities(model, volume, layout, config.overlap, config.windows_per_batch,
+                                         config.precision)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,10 +57,11 @@ from ..base.errors import InputError
 from ..base.progress import Cancellation, Progress, ProgressEvent, ignore_progress
 from ..data.augment import augment_crop
 from ..data.cohort import Case, Cohort, load_case
-from ..data.patches import normalize_intensities, sample_patch
+from ..data.patches import normalize_intensities, sample_patch, synthetic_case
 from ..data.resample import to_working_grid
 from ..data.validation import check_same_geometry
 from ..models.vnet import MEMORY_FORMAT, VNetInfo, load_vnet, save_vnet, vnet_info_path
+from ..storage.checkpoint import iterations_left as remaining
 from ..storage.checkpoint import load_checkpoint, reuse_trained, save_checkpoint
 from ..storage.provenance import Inputs, case_files, identity_of, write_record
 from ..storage.runfolder import RunFolder
@@ -450,3 +451,29 @@ def _save_checkpoint(trainer: Trainer, run: RunFolder, inputs: Inputs) -> None:
     """Every rank takes part (the state gathers each rank's random generator states); rank 0 writes."""
     state = trainer.state_dict()
     save_checkpoint(run.retrain_checkpoint, state, inputs, run.retrain_log, state["log"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the run's estimate asks of this stage
+
+
+def iterations_left(run: RunFolder, cohort: Cohort, config: RetrainConfig) -> int:
+    """Re-training iterations still to do in ``run`` (all of them while a pseudo-label it needs is missing)."""
+    pseudo_labels = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled} \
+        if config.uses_pseudo_labels else {}
+    if not all(path.is_file() for path in pseudo_labels.values()):
+        return config.iterations
+    inputs = retrain_inputs(config, cohort, pseudo_labels)
+    return remaining(config.iterations, [run.vnet_weights, vnet_info_path(run.vnet_weights)],
+                     run.retrain_checkpoint, inputs)
+
+
+def timed_step(config: RetrainConfig, classes: Mapping[int, str], device: torch.device) -> Callable[[], object]:
+    """One iteration of this stage's ``Trainer`` with ``config`` on batches drawn from synthetic patches, for
+    timing: the time of a step does not depend on the voxels."""
+    trainer = Trainer(config, trained_vnet_info(config, classes), 1, 1, device)
+    image, target = synthetic_case(config.patch_size)
+    labeled = [TrainingCase("labeled", image, target)]
+    unlabeled = [TrainingCase("unlabeled", image, target if config.uses_pseudo_labels else None)]
+    return lambda: trainer.step(draw_batch(labeled, unlabeled, trainer.sampler, trainer.rng, config,
+                                           config.uses_pseudo_labels, device))

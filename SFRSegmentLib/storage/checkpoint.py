@@ -94,3 +94,11 @@ def write_log(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def iterations_left(total: int, outputs: Sequence[Path], checkpoint: Path, inputs: Inputs) -> int:
+    """What a training stage still has to do: 0 when its ``outputs`` are current; else ``total`` less what a
+    checkpoint saved from the same ``inputs`` has done (for the estimate; reading changes nothing)."""
+    if stale_reason(outputs, inputs) is None:
+        return 0
+    return max(0, total - saved_iteration(checkpoint, inputs))
