@@ -24,7 +24,7 @@ from SFRSegmentLib.base.events import format_duration
 from SFRSegmentLib.run.estimate import StageWork, StepTimes, estimate_run, estimate_stages
 from SFRSegmentLib.stages.inference import PREDICTION_SUFFIXES, monai_overlap
 from SFRSegmentLib.storage.volumes import read_volume
-from SFRSegmentLib.run.pipeline import prediction_inputs, remaining_work
+from SFRSegmentLib.run.stages import prediction_inputs, remaining_work
 from SFRSegmentLib.storage.provenance import Inputs, write_record
 from SFRSegmentLib.stages.retrain import retrain_inputs
 from SFRSegmentLib.stages.finetune import finetune_inputs

@@ -98,7 +98,7 @@ def print_sam_stages(args: argparse.Namespace) -> None:
     from SFRSegmentLib.base.config import preset
     from SFRSegmentLib.data.cohort import discover_cohort
     from SFRSegmentLib.run.estimate import estimate_run
-    from SFRSegmentLib.run.pipeline import remaining_work
+    from SFRSegmentLib.run.stages import remaining_work
     from SFRSegmentLib.research.reproduce import cell_cohort, la_split
     from SFRSegmentLib.storage.runfolder import RunFolder
 

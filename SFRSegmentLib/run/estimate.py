@@ -2,7 +2,7 @@
 
 Before any training, :func:`estimate_run` builds each stage's real model from the run's configuration, randomly
 initialised (the time of a step does not depend on the weights, so no SAM checkpoint is needed), and times one
-unit of each kind of work the run still has (:class:`StageWork`, which the pipeline derives from the run folder):
+unit of each kind of work the run still has (:class:`StageWork`, which each stage of :mod:`.stages` reports):
 
 * a fine-tuning iteration: batch sampling, stitching, SAM forward, loss, backward and AdamW step at the configured
   batch, patch and SAM size (SFR+ fine-tuning is the same iteration);
@@ -14,7 +14,7 @@ unit of each kind of work the run still has (:class:`StageWork`, which the pipel
   (SFR+ scoring is the same pass).
 
 Each stage module answers for its own work: ``timed_step`` or ``timed_pass`` gives one unit of it on synthetic
-data, and ``passes`` counts a volume's units; the pipeline asks them for the work left (``iterations_left``,
+data, and ``passes`` counts a volume's units; the stages ask them for the work left (``iterations_left``,
 ``cases_left``). Each unit is run once to warm up and then timed (:func:`seconds_per_step`). The counts come from the configuration
 (iterations) and from the image shapes (sliding windows per case, counted by the same window rule the stages use),
 so the estimate is the sum over stages of count × seconds per unit. Evaluation and the report take seconds and are
@@ -65,6 +65,11 @@ class StageWork:
     retrain: Optional[RetrainConfig] = None
     retrain_iterations: int = 0
     predict_cases: Tuple[Case, ...] = ()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.finetune_iterations or self.pseudolabel_cases or self.retrain_iterations
+                    or self.predict_cases)
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ def estimate_run(cohort: Cohort, config: RunConfig, work: Sequence[StageWork],
     ``config.estimate_warn_hours``, a ``warning`` event that says what to do.
     """
     device = resolve_device(config.device)
-    steps = sum(map(_has_work, work)) + 1
+    steps = sum(w.has_work for w in work) + 1
     progress(ProgressEvent(STAGE, 0, steps, message=f"timing a few steps of each remaining stage on {device}"))
     times = measure_step_times(cohort, config, work, device)
     estimate = RunEstimate(str(device), tuple(estimate_stages(work, times, config)))
@@ -186,7 +191,7 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
         return volume(case).shape if spacing is None else working_shape(volume(case), spacing)
 
     stages = []
-    for stage in filter(_has_work, work):
+    for stage in (w for w in work if w.has_work):
         items = []
         if stage.finetune_iterations:
             items.append(WorkItem("fine-tuning iterations", stage.finetune_iterations, times.finetune_iteration))
@@ -208,11 +213,6 @@ def estimate_stages(work: Sequence[StageWork], times: StepTimes, config: RunConf
                                   f"({len(stage.predict_cases)} cases)", passes, times.predict_pass))
         stages.append(StageEstimate(stage.stage, tuple(items)))
     return stages
-
-
-def _has_work(stage: StageWork) -> bool:
-    return bool(stage.finetune_iterations or stage.pseudolabel_cases or stage.retrain_iterations
-                or stage.predict_cases)
 
 
 # ---------------------------------------------------------------------------------------------------------------

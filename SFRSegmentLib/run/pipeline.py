@@ -29,53 +29,37 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from ..base.choices import STAGES
-from ..base.config import RetrainConfig, RunConfig, parse_method
+from ..base.config import RunConfig, parse_method
 from ..base.config_io import to_dict
 from ..base.device import resolve_device
 from ..base.distributed import barrier, on_main_rank, ranks
 from ..base.errors import InputError, PathLike
 from ..base.progress import Cancellation, Progress, ProgressEvent, ignore_progress
-from ..data.cohort import Case, Cohort, discover_cohort, validate_cohort
-from ..evaluation.metrics import (
-    TEST_SPLIT,
-    UNLABELED_SPLIT,
-    evaluate_cases,
-    find_label_files,
-    summarise_splits,
-    write_metrics_csv,
-)
+from ..data.cohort import Cohort, discover_cohort, validate_cohort
+from ..evaluation.metrics import TEST_SPLIT, UNLABELED_SPLIT, find_label_files
 from ..evaluation.report import comparison_section, lineage_section, plan_section, provenance_section, write_report
 from ..models.sam.weights import available_offline
-from ..models.vnet import load_vnet
-from ..stages.confidence import recorded
-from ..stages.finetune import finetune
-from ..stages.finetune import iterations_left as finetune_iterations_left
-from ..stages.inference import PREDICTION_SUFFIXES, InferenceConfig, predict_cases
-from ..stages.pseudolabel import cases_left as pseudolabel_cases_left
-from ..stages.pseudolabel import pseudolabel
-from ..stages.retrain import iterations_left as retrain_iterations_left
-from ..stages.retrain import retrain
-from ..stages.sfrplus import ROUND_RECORD, round_folder, run_sfrplus
 from ..storage.atomic import atomic_write_text
-from ..storage.provenance import (
-    MISSING,
-    Inputs,
-    case_files,
-    file_digest,
-    forget,
-    identity_of,
-    read_record,
-    stale_reason,
-    write_record,
-)
-from ..storage.runfolder import CONFIDENCE_TABLE, RunFolder
-from .estimate import StageWork, estimate_run
+from ..storage.provenance import file_digest, read_record
+from ..storage.runfolder import RunFolder
+from .estimate import estimate_run
 from .plan import plan_config, plan_record
+from .stages import (
+    Baseline,
+    Prediction,
+    Truths,
+    evaluate_run,
+    predicted_cases,
+    prediction_files,
+    remaining_work,
+    run_stages,
+    say,
+)
 from .update import UPDATE_KEY, Parent, corrected_summary, prepare_update, read_parent
 from .update import lineage as update_lineage
 
@@ -107,10 +91,6 @@ class PipelineResult:
     """The configuration the run used (after :meth:`RunConfig.resolved` and a missing SAM's fallback)."""
 
 
-Truths = Mapping[str, Mapping[str, Path]]
-"""Split → case name → true label file: what a run scores its predictions against."""
-
-
 def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progress: Progress = ignore_progress,
                  cancellation: Optional[Cancellation] = None, redo: Sequence[str] = (),
                  test: Optional[PathLike] = None, parent: Optional[PathLike] = None,
@@ -128,7 +108,7 @@ def run_pipeline(cohort_path: PathLike, out: PathLike, config: RunConfig, progre
     cohort, truths, config, planned = _prepared(cohort_path, config, progress, test, given)
     update = read_parent(parent, out) if parent is not None else None
     if config.preset == "small":
-        _say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
+        say(progress, "validate", "preset small is a toy configuration for tests and demos, not for real data: use "
                                    "--preset cpu without a GPU, --preset paper with one")
     clock.lap("validate")
     # One process per run folder: a second run on it stops here (rank 0 holds the lock for all ranks).
@@ -158,7 +138,7 @@ def _prepared(cohort_path: PathLike, config: RunConfig, progress: Progress, test
     (None when planning is off)."""
     resolve_device(config.device)  # a device this machine lacks stops the run now, not after validation
     cohort = discover_cohort(cohort_path, test=test)
-    _say(progress, "validate", f"validating {len(cohort.cases)} cases"
+    say(progress, "validate", f"validating {len(cohort.cases)} cases"
          + (f" and {len(cohort.test)} held-out test cases" if cohort.test else ""))
     validate_cohort(cohort)
     if not cohort.unlabeled:
@@ -168,7 +148,7 @@ def _prepared(cohort_path: PathLike, config: RunConfig, progress: Progress, test
     config, plan, found = plan_config(config, cohort, given)
     planned = None if plan is None else plan_record(config, plan, found)
     if plan is not None:
-        _say(progress, "validate", f"plan from the cohort: {plan.summary()}")
+        say(progress, "validate", f"plan from the cohort: {plan.summary()}")
     return cohort, truths, _without_missing_sam(config.resolved(len(cohort.classes)), progress), planned
 
 
@@ -183,7 +163,7 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
     update_section = None
     if parent is not None:
         config, update_section = prepare_update(parent, cohort, config, run, adopt=ranks().is_main)
-        _say(progress, "validate", f"updating {parent.run.root}: {corrected_summary(update_section)}")
+        say(progress, "validate", f"updating {parent.run.root}: {corrected_summary(update_section)}")
     if ranks().is_main:
         atomic_write_text(run.config, json.dumps(to_dict(config), indent=2) + "\n")
         if planned is not None:
@@ -197,24 +177,13 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
         estimate_run(cohort, config, remaining_work(cohort, run, config), progress)
         clock.lap("estimate")
 
-    stage_args = dict(progress=progress, cancellation=cancellation)
-    if config.retrain.uses_pseudo_labels:
-        with _stage("finetune", clock):
-            finetune(cohort, run, config.finetune, **stage_args)
-        with _stage("pseudolabel", clock):
-            pseudolabel(cohort, run, config.pseudolabel, **stage_args)
-    with _stage("retrain", clock):
-        vnet = retrain(cohort, run, config.retrain, **stage_args)
-    if config.sfr_plus:
-        with _stage("sfrplus", clock):
-            vnet = _run_sfrplus(cohort, run, config, progress, cancellation)
-    baseline_metrics = None
-    if config.baseline_method:
-        with _stage("baseline", clock):
-            baseline_metrics = _run_baseline(cohort, truths, run, config, progress, cancellation)
-    with _stage("predict", clock):
-        _predict(vnet, predicted_cases(cohort), run.prediction_dir, config, progress)
-    metrics = _evaluate(run, truths, cohort, config.retrain.method, progress)
+    stages = run_stages(cohort, run, config, truths)
+    for stage in stages:
+        with _stage(stage.name, clock):
+            stage.run(progress, cancellation)
+    vnet = next(stage.vnet for stage in stages if isinstance(stage, Prediction))
+    baseline_metrics = next((stage.metrics for stage in stages if isinstance(stage, Baseline)), None)
+    metrics = evaluate_run(run, truths, cohort, config.retrain.method, progress)
     clock.lap("evaluate")
     report = run.report
     if ranks().is_main:
@@ -226,7 +195,7 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
                     + plan_section(planned) + lineage_section(chain) + provenance_section(lineage))
         report = write_report(run, cohort, extra_sections=sections,
                               truths={name: path for cases in truths.values() for name, path in cases.items()})
-        _say(progress, "report", f"report written to {report}")
+        say(progress, "report", f"report written to {report}")
         clock.lap("report")
         atomic_write_text(run.timings, json.dumps(clock.seconds, indent=2) + "\n")
     barrier()
@@ -292,7 +261,7 @@ def provenance_summary(run: RunFolder, cohort: Cohort, vnet: Path, truths: Truth
         "pseudo-labels": {case.name: identity(run.pseudo_label(case.name)) for case in cohort.unlabeled},
         "V-Net": identity(vnet),
         "V-Net file": str(vnet.relative_to(run.root)),
-        "predictions": {case.name: identity(_prediction_files(run.prediction_dir, case.name)[0])
+        "predictions": {case.name: identity(prediction_files(run.prediction_dir, case.name)[0])
                         for case in predicted_cases(cohort)},
         "true labels": {name: file_digest(path) for cases in truths.values() for name, path in cases.items()},
     }
@@ -346,136 +315,6 @@ class StageClock:
         self._last = now
 
 
-def _run_sfrplus(cohort: Cohort, run: RunFolder, config: RunConfig, progress: Progress,
-                 cancellation: Optional[Cancellation]) -> Path:
-    def finetune_fn(cohort: Cohort, run: RunFolder, init_weights: Optional[PathLike]) -> Path:
-        settings = dataclasses.replace(config.finetune, init_weights=str(init_weights) if init_weights else None)
-        return finetune(cohort, run, settings, progress, cancellation)
-
-    def pseudolabel_fn(cohort: Cohort, run: RunFolder, cases: Sequence[Case], sam_weights: PathLike) -> Path:
-        return pseudolabel(cohort, run, config.pseudolabel, progress, cancellation, cases=cases,
-                           sam_weights=sam_weights)
-
-    def retrain_fn(cohort: Cohort, run: RunFolder, pseudo_labels: Dict[str, Path]) -> Path:
-        return retrain(cohort, run, config.retrain, pseudo_labels, progress, cancellation)
-
-    rounds = run_sfrplus(cohort, run, finetune_fn, pseudolabel_fn, retrain_fn, config.sfrplus, config.inference,
-                         progress)
-    return rounds[-1].vnet_weights
-
-
-def _run_baseline(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfig, progress: Progress,
-                  cancellation: Optional[Cancellation]) -> Optional[Path]:
-    """Re-train ``baseline_method`` into RUN/baseline, predict the unlabeled and test cases and evaluate them."""
-    baseline = run.baseline
-    vnet = retrain(cohort, baseline, _baseline_settings(config), progress=progress, cancellation=cancellation)
-    _predict(vnet, predicted_cases(cohort), baseline.prediction_dir, config, progress)
-    return _evaluate(baseline, truths, cohort, config.baseline_method, progress)
-
-
-def predicted_cases(cohort: Cohort) -> List[Case]:
-    """The cases a trained V-Net predicts at the end of a run: the unlabeled ones, then the held-out test cases."""
-    return cohort.unlabeled + cohort.test
-
-
-def _predict(vnet: Path, cases: Sequence[Case], out_dir: Path, config: RunConfig, progress: Progress) -> None:
-    """Predict the cases whose predictions in ``out_dir`` are missing or stale (:func:`prediction_inputs`)."""
-    inputs = prediction_inputs(cases, vnet, config.inference)
-    stale = _stale_predictions(cases, out_dir, inputs)
-    if ranks().is_main:
-        for name, reason in stale.items():
-            if reason != MISSING:
-                _say(progress, "predict", f"the prediction of case {name} is stale ({reason}): predicting it again")
-            forget(_prediction_files(out_dir, name))
-    pending = [case for case in cases if case.name in stale]
-    if not pending:
-        return
-    model, info = load_vnet(vnet, resolve_device(config.device))
-    predict_cases(model, info, pending, out_dir, config.inference, progress,
-                  on_written=lambda name: write_record(_prediction_files(out_dir, name), inputs[name]))
-
-
-_PREDICTION_EXECUTION_ONLY = ("device", "sw_batch_size")
-"""Inference options that do not change a prediction."""
-
-
-def prediction_inputs(cases: Sequence[Case], vnet: Path, config: InferenceConfig) -> Dict[str, Inputs]:
-    """Case name → what its prediction is computed from: the inference options that change it, the image's SHA-256
-    and the V-Net's identity (``missing`` while it does not exist)."""
-    options = {name: value for name, value in to_dict(config).items() if name not in _PREDICTION_EXECUTION_ONLY}
-    upstream = {"V-Net": identity_of(vnet) if vnet.is_file() else "missing"}
-    return {case.name: Inputs(options, case_files([case], labels=False), upstream) for case in cases}
-
-
-def _prediction_files(out_dir: Path, name: str) -> List[Path]:
-    """A case's prediction files; the first one carries the record."""
-    return [out_dir / f"{name}{suffix}" for suffix in PREDICTION_SUFFIXES]
-
-
-def _stale_predictions(cases: Sequence[Case], out_dir: Path, inputs: Mapping[str, Inputs]) -> Dict[str, str]:
-    """Case name → why its prediction in ``out_dir`` must be made (again), for the cases where it must."""
-    reasons = {case.name: stale_reason(_prediction_files(out_dir, case.name), inputs[case.name]) for case in cases}
-    confidences = recorded(out_dir / CONFIDENCE_TABLE)
-    for name, reason in reasons.items():
-        if reason is None and name not in confidences:
-            reasons[name] = "its confidence is not in confidence.csv"
-    return {name: reason for name, reason in reasons.items() if reason is not None}
-
-
-def _baseline_settings(config: RunConfig) -> RetrainConfig:
-    return dataclasses.replace(config.retrain, method=config.baseline_method,
-                               init_weights=config.baseline_init_weights or config.retrain.init_weights)
-
-
-def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[StageWork]:
-    """What each training and prediction stage of ``run_pipeline`` still has to do in ``run``, for the estimate.
-
-    Current outputs (:mod:`SFRSegmentLib.storage.provenance`) are left out; a stage whose upstream output is made again is
-    counted whole (its inputs change), one stopped midway counts the iterations its checkpoint has still to do.
-    Prediction counts the unlabeled and the held-out test cases (:func:`predicted_cases`). An unfinished SFR+ round
-    counts whole: which cases are confident is known only once it runs, so this is an upper bound.
-    """
-    unlabeled, predicted = tuple(cohort.unlabeled), predicted_cases(cohort)
-    work: List[StageWork] = []
-    pseudo_labels_change = False
-    if config.retrain.uses_pseudo_labels:
-        finetune_left = finetune_iterations_left(run, cohort, config.finetune)
-        pseudolabels_left = unlabeled if finetune_left else pseudolabel_cases_left(run, cohort, config.pseudolabel)
-        work += [StageWork("finetune", finetune_iterations=finetune_left),
-                 StageWork("pseudolabel", pseudolabel_cases=pseudolabels_left)]
-        pseudo_labels_change = bool(finetune_left or pseudolabels_left)
-    retrain_left = (config.retrain.iterations if pseudo_labels_change
-                    else retrain_iterations_left(run, cohort, config.retrain))
-    work.append(StageWork("retrain", retrain=config.retrain, retrain_iterations=retrain_left))
-    vnet, vnet_changes = run.vnet_weights, retrain_left > 0
-    if config.sfr_plus:
-        rounds = [round_folder(run, r) for r in range(1, config.sfrplus.rounds + 1)]
-        left = [here for here in rounds if vnet_changes or not (here.root / ROUND_RECORD).is_file()]
-        work.append(StageWork(
-            "sfrplus", finetune_iterations=config.finetune.iterations * len(left),
-            pseudolabel_cases=unlabeled * len(left), retrain=config.retrain,
-            retrain_iterations=config.retrain.iterations * len(left), predict_cases=unlabeled * len(left)))
-        vnet, vnet_changes = rounds[-1].vnet_weights, vnet_changes or bool(left)
-    if config.baseline_method:
-        baseline = run.baseline
-        settings = _baseline_settings(config)
-        baseline_left = retrain_iterations_left(baseline, cohort, settings)
-        work.append(StageWork("baseline", retrain=settings, retrain_iterations=baseline_left,
-                              predict_cases=_predictions_left(predicted, baseline.prediction_dir,
-                                                              baseline.vnet_weights, config, baseline_left > 0)))
-    work.append(StageWork("predict", predict_cases=_predictions_left(predicted, run.prediction_dir, vnet, config,
-                                                                     vnet_changes)))
-    return work
-
-
-def _predictions_left(cases: Sequence[Case], out_dir: Path, vnet: Path, config: RunConfig,
-                      vnet_changes: bool) -> Tuple[Case, ...]:
-    if vnet_changes:
-        return tuple(cases)
-    stale = _stale_predictions(cases, out_dir, prediction_inputs(cases, vnet, config.inference))
-    return tuple(case for case in cases if case.name in stale)
-
-
 def _truths(cohort: Cohort, config: RunConfig) -> Dict[str, Dict[str, Path]]:
     """What the run scores, test split first: each test case against its own label, and with ``config.truth_dir``
     each unlabeled case against its true label there (InputError naming the cases that have none)."""
@@ -488,28 +327,3 @@ def _truths(cohort: Cohort, config: RunConfig) -> Dict[str, Dict[str, Path]]:
                              "or <case>/label.<ext>)", config.truth_dir, "truth_dir")
         truths[UNLABELED_SPLIT] = {case.name: found[case.name] for case in cohort.unlabeled}
     return truths
-
-
-def _evaluate(run: RunFolder, truths: Truths, cohort: Cohort, method: str, progress: Progress) -> Optional[Path]:
-    """Score the predictions of ``run`` (trained with ``method``, which the progress messages name) against
-    ``truths`` into its metrics table, one split after the other (rank 0; the others wait for it); None when there
-    is nothing to score."""
-    if not truths:
-        return None
-    if ranks().is_main:
-        rows = [row for split, cases in truths.items()
-                for row in evaluate_cases({name: (run.prediction(name), truth) for name, truth in cases.items()},
-                                          sorted(cohort.classes), split)]
-        write_metrics_csv(rows, run.metrics)
-        for split, summaries in summarise_splits(rows).items():
-            for summary in summaries:
-                dice = summary.dice
-                spread = f" ± {dice.std:.4f}" if dice.n > 1 else ""
-                _say(progress, "evaluate", f"{method}: {split} cases, class {summary.class_value}: Dice "
-                                           f"{dice.mean:.4f}{spread} over {summary.n_cases} cases", metric=dice.mean)
-    barrier()
-    return run.metrics
-
-
-def _say(progress: Progress, stage: str, message: str, metric: Optional[float] = None) -> None:
-    progress(ProgressEvent(stage, 1, 1, metric=metric, message=message))
