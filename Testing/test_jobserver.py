@@ -318,9 +318,10 @@ def test_traversal_names_oversized_uploads_bad_hashes_and_unknown_jobs_are_refus
 
     # Options naming the server's files are not the client's to set.
     client.upload(job, "small.nrrd", small)
-    for config, field in (({"truth_dir": "/etc"}, "truth_dir"), ({"retrain": {"init_weights": "/x/vnet.pt"}},
-                                                                 "retrain.init_weights"),
-                          ({"finetune": {"base_checkpoint": "/root/sam.pth"}}, "finetune.base_checkpoint")):
+    elsewhere = tmp_path / "not-the-job"  # a folder of the server's machine outside every job
+    for config, field in (({"truth_dir": str(elsewhere)}, "truth_dir"),
+                          ({"retrain": {"init_weights": str(elsewhere / "vnet.pt")}}, "retrain.init_weights"),
+                          ({"finetune": {"base_checkpoint": str(elsewhere / "sam.pth")}}, "finetune.base_checkpoint")):
         with pytest.raises(ServerError) as path_option:
             client.start(job, {"config": config, "cohort": {"cases": [{"name": "a", "image": "small.nrrd"}]},
                                "files": {"small.nrrd": file_sha256(small)}})

@@ -183,8 +183,8 @@ class Prediction(Stage):
         predict_stale(self.vnet, predicted_cases(self.cohort), self.run_folder.prediction_dir, self.config, progress)
 
 
-def run_stages(cohort: Cohort, run: RunFolder, config: RunConfig, truths: Truths = {}) -> List[Stage]:
-    """The stages a run with ``config`` goes through, in order."""
+def run_stages(cohort: Cohort, run: RunFolder, config: RunConfig, truths: Optional[Truths] = None) -> List[Stage]:
+    """The stages a run with ``config`` goes through, in order; ``truths`` are what the baseline is scored against."""
     stages: List[Stage] = []
     if config.retrain.uses_pseudo_labels:
         stages += [FineTuning(cohort, run, config), PseudoLabelling(cohort, run, config)]
@@ -192,7 +192,7 @@ def run_stages(cohort: Cohort, run: RunFolder, config: RunConfig, truths: Truths
     if config.sfr_plus:
         stages.append(SfrPlusRounds(cohort, run, config))
     if config.baseline_method:
-        stages.append(Baseline(cohort, run, config, truths))
+        stages.append(Baseline(cohort, run, config, truths or {}))
     stages.append(Prediction(cohort, run, config))
     return stages
 
