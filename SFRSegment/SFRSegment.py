@@ -110,8 +110,11 @@ def choiceEnum(name: str, values: Sequence[str], label: Callable[[str], str]) ->
     return choice
 
 
-Method = choiceEnum("Method", choices.METHODS, lambda value: _(choices.METHOD_TITLES[value]))
-"""How the V-Net is re-trained."""
+SslMethod = choiceEnum("SslMethod", choices.SSL_METHODS, lambda value: _(choices.SSL_METHOD_TITLES[value]))
+"""How the V-Net learns from the unlabeled volumes."""
+PseudoLabelSource = choiceEnum("PseudoLabelSource", choices.PSEUDO_LABEL_SOURCES,
+                               lambda value: _(choices.PSEUDO_LABEL_SOURCE_TITLES[value]))
+"""Where the pseudo-labels of the unlabeled volumes come from."""
 Device = choiceEnum("Device", choices.DEVICES, lambda value: _(choices.DEVICE_TITLES[value]))
 Preset = choiceEnum("Preset", choices.PRESETS, lambda value: "{title} ({description})".format(
     title=_(choices.PRESET_TITLES[value]), description=_(choices.PRESET_DESCRIPTIONS[value])))
@@ -125,10 +128,10 @@ class SFRSegmentParameterNode:
     excludedSegments - Segment names not to learn; every other segment name of the labels is learned.
     model - A model id of the catalog (Resources/Models.json), or the path of an imported custom checkpoint. A new
         node's model is the SAM its preset fine-tunes (SFRSegmentLogic.getParameterNode).
-    method, device, preset, sfrPlus - As the engine's configuration. A new node's preset is cpu without a CUDA GPU,
-        paper with one (SFRSegmentLogic.getParameterNode).
-    fineTuneIterations, retrainIterations, patchSizeI/J/K, batchSize - 0 means "the preset's value".
-    seed - -1 means "the preset's value".
+    sslMethod, pseudoLabels, device, preset, sfrPlus, fineTuneIterations, retrainIterations, patchSizeI/J/K,
+        batchSize, seed - The run settings: RunSettings (SFRSegmentLogicLib.jobs) declares each once, with the
+        engine option it sets and the value that means "the preset's value" (0, or -1 for the seed). A new
+        node's preset is cpu without a CUDA GPU, paper with one (SFRSegmentLogic.getParameterNode).
     jobsFolder - Where job folders are created; empty means the engine's cache folder.
     lastJob - The folder of the last training job that finished: its model is what "Apply" uses.
     applyVolume - The volume "Apply model to selected volume" segments.
@@ -137,7 +140,8 @@ class SFRSegmentParameterNode:
     excludedVolumes: list[vtkMRMLScalarVolumeNode]
     excludedSegments: list[str]
     model: str = choices.DEFAULT_MODEL_ID
-    method: Method = Method.SFR_MT
+    sslMethod: SslMethod = SslMethod.MT
+    pseudoLabels: PseudoLabelSource = PseudoLabelSource.SAM
     fineTuneIterations: Annotated[int, WithinRange(0, 1000000)] = 0
     retrainIterations: Annotated[int, WithinRange(0, 1000000)] = 0
     sfrPlus: bool = False
@@ -154,20 +158,8 @@ class SFRSegmentParameterNode:
 
 
 def runSettings(parameterNode: SFRSegmentParameterNode) -> RunSettings:
-    """The run settings the parameter node describes (0 or -1 become "the preset's value")."""
-    patchSize = (parameterNode.patchSizeI, parameterNode.patchSizeJ, parameterNode.patchSizeK)
-    return RunSettings(
-        model=parameterNode.model,
-        method=parameterNode.method.value,
-        preset=parameterNode.preset.value,
-        device=parameterNode.device.value,
-        fine_tune_iterations=parameterNode.fineTuneIterations or None,
-        retrain_iterations=parameterNode.retrainIterations or None,
-        sfr_plus=parameterNode.sfrPlus,
-        patch_size=patchSize if all(patchSize) else None,
-        batch_size=parameterNode.batchSize or None,
-        seed=parameterNode.seed if parameterNode.seed >= 0 else None,
-    )
+    """The run settings the parameter node describes."""
+    return RunSettings.from_parameters(lambda name: getattr(parameterNode, name))
 
 
 #

@@ -212,15 +212,15 @@ def _run_summary(report: Path, metrics_by_method: Sequence[Tuple[Optional[str], 
 
 def _downloaded_run_summary(out: Path) -> str:
     """:func:`_run_summary` of a run folder downloaded from a server (its config.json, metrics tables)."""
-    import json
-
+    from .base.config import RunConfig
+    from .base.config_io import load_overrides, with_overrides
     from .storage.runfolder import RunFolder
 
     run = RunFolder(out)
-    used = json.loads(run.config.read_text(encoding="utf-8"))
+    used = with_overrides(RunConfig(), load_overrides(run.config), run.config)
     present = lambda path: path if path.is_file() else None  # noqa: E731
-    return _run_summary(run.report, ((used["retrain"]["method"], present(run.metrics)),
-                                     (used.get("baseline_method"), present(run.baseline.metrics))))
+    return _run_summary(run.report, ((used.retrain.method, present(run.metrics)),
+                                     (used.baseline_method, present(run.baseline.metrics))))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -420,10 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cohort_option(p)
     _add_run_folder_option(p, "(sfr* methods read its pseudolabels/; writes retrain/)")
     _add_stage_options(p, "retrain", {
-        "--method": "retrain.method", "--iterations": "retrain.iterations", "--patch": "retrain.patch_size",
+        "--ssl-method": "retrain.ssl_method", "--pseudo-labels": "retrain.pseudo_labels",
+        "--iterations": "retrain.iterations", "--patch": "retrain.patch_size",
         "--batch-labeled": "retrain.batch_labeled", "--batch-unlabeled": "retrain.batch_unlabeled",
         "--lr": "retrain.lr", "--lr-schedule": "retrain.lr_schedule", "--seed": "retrain.seed",
         "--checkpoint-every": "retrain.checkpoint_every", "--device": "device", "--precision": "retrain.precision"})
+    p.add_argument("--method", dest=_OPTION_DEST + "retrain.method", choices=METHODS, help="both of the above by "
+                   "one name, as the paper names methods: sfr_<method> is <method> with SAM's pseudo-labels, sfr is "
+                   "supervised with them, <method> is without (%(choices)s)")
     p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("predict", help="segment images with a trained V-Net (sliding window)")

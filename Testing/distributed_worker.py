@@ -30,7 +30,7 @@ from SFRSegmentLib.stages.pseudolabel import pseudolabel
 
 FINETUNE = dict(patch_size=(32, 32, 16), iterations=3, checkpoint_every=2, device="cpu")
 PSEUDOLABEL = dict(device="cpu")
-RETRAIN = dict(method="sfr_mt", iterations=3, lr_schedule="step", patch_size=(16, 16, 16), batch_labeled=1,
+RETRAIN = dict(ssl_method="mt", pseudo_labels="sam", iterations=3, lr_schedule="step", patch_size=(16, 16, 16), batch_labeled=1,
                batch_unlabeled=1, n_filters=4, checkpoint_every=2, device="cpu")
 
 

@@ -6,7 +6,7 @@ import torch
 
 from SFRSegmentLib.data import augment
 from SFRSegmentLib.base.choices import AUGMENTATIONS
-from SFRSegmentLib.base.config import RetrainConfig
+from SFRSegmentLib.base.config import RetrainConfig, parse_method
 from SFRSegmentLib.base.errors import InputError
 from SFRSegmentLib.stages.retrain import TrainingCase, TwoStreamSampler, draw_batch
 
@@ -56,7 +56,7 @@ def test_strong_augmentation_changes_batches_but_not_their_shapes():
                         (rng.random((40, 40, 20)) > 0.5).astype(np.uint8))
     batches = {}
     for kind in AUGMENTATIONS:
-        config = RetrainConfig(method="supervised", patch_size=(32, 32, 16), augmentation=kind)
+        config = RetrainConfig(**parse_method("supervised"), patch_size=(32, 32, 16), augmentation=kind)
         sampler = TwoStreamSampler(1, 0, 2, 0)
         batches[kind] = draw_batch([case], [], sampler, np.random.default_rng(3), config, False, torch.device("cpu"))
     reference, strong = batches["reference"], batches["strong"]

@@ -17,7 +17,9 @@ from SFRSegmentLib.base.config import (
     CPU_SAM_PATCH,
     PATCH_SIZE,
     SMALL_PATCH,
+    RetrainConfig,
     RunConfig,
+    SamConfig,
     check_device,
     parse_method,
     preset,
@@ -153,8 +155,34 @@ def test_the_preset_a_configuration_file_names_is_the_one_it_starts_from(tmp_pat
 
 
 def test_method_names_parse_and_every_method_has_a_title():
-    assert parse_method("sfr_uamt") == ("uamt", True) and parse_method("supervised") == ("supervised", False)
+    assert parse_method("sfr_uamt") == {"ssl_method": "uamt", "pseudo_labels": "sam"}
+    assert parse_method("supervised") == {"ssl_method": "supervised", "pseudo_labels": "none"}
     assert set(choices.METHOD_TITLES) == set(choices.METHODS) and choices.METHODS[0] == RunConfig().retrain.method
+    assert set(choices.SSL_METHOD_TITLES) == set(choices.SSL_METHODS)
+    assert set(choices.PSEUDO_LABEL_SOURCE_TITLES) == set(choices.PSEUDO_LABEL_SOURCES)
+    for name in choices.METHODS:  # each name is an alias of its two fields, both ways
+        retrain = with_overrides(RetrainConfig(), {"method": name})
+        assert retrain.method == name and (retrain.ssl_method, retrain.pseudo_labels) == choices.METHOD_PARTS[name]
+
+
+def test_the_method_alias_and_the_two_fields_agree_or_are_refused(tmp_path):
+    two_fields = with_overrides(RunConfig(), {"retrain": {"ssl_method": "uamt", "pseudo_labels": "none"}})
+    assert two_fields.retrain.method == "uamt" and not two_fields.retrain.uses_pseudo_labels
+    assert "method" not in to_dict(two_fields)["retrain"]  # written as the two fields
+    same = with_overrides(RunConfig(), {"retrain": {"method": "sfr_acmt", "ssl_method": "acmt"}})
+    assert (same.retrain.ssl_method, same.retrain.pseudo_labels) == ("acmt", "sam")
+    source = tmp_path / "c.json"
+    with pytest.raises(InputError, match="retrain.method 'sfr_acmt' means retrain.ssl_method 'acmt'") as error:
+        with_overrides(RunConfig(), {"retrain": {"method": "sfr_acmt", "ssl_method": "mt"}}, source)
+    assert error.value.field == "retrain.method" and "c.json" in str(error.value)
+    with pytest.raises(InputError, match="unknown method 'sfr_magic'") as error:
+        with_overrides(RunConfig(), {"retrain": {"method": "sfr_magic"}})
+    assert error.value.field == "retrain.method"
+    with pytest.raises(InputError, match="unknown pseudo_labels 'vnet'") as error:
+        with_overrides(RunConfig(), {"retrain": {"pseudo_labels": "vnet"}})
+    assert error.value.field == "retrain.pseudo_labels"
+    # SAM's token size was called patch_size: a configuration (or a fine-tuned SAM's description) using it still reads
+    assert with_overrides(SamConfig(), {"patch_size": 8}).token_size == 8
     assert set(choices.DEVICE_TITLES) == set(choices.DEVICES) and set(choices.PRECISION_DESCRIPTIONS) == \
         set(choices.PRECISIONS)
     assert set(choices.PRESET_TITLES) == set(choices.PRESET_DESCRIPTIONS) == set(choices.PRESETS)

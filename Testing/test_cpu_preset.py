@@ -100,7 +100,7 @@ def test_cpu_run_without_sam_weights_warns_and_predicts_on_each_image_grid(tmp_p
     assert not {"finetune", "pseudolabel"} & {e["stage"] for e in events}
     assert not (out / "finetune").exists() and not (out / "pseudolabels").exists()
     saved = json.loads((out / "config.json").read_text())
-    assert saved["preset"] == "cpu" and saved["retrain"]["method"] == "mt"
+    assert saved["preset"] == "cpu" and (saved["retrain"]["ssl_method"], saved["retrain"]["pseudo_labels"]) == ("mt", "none")
     # The plan: the 0.8 mm axes are coarsened to the preset's 1.25 mm, the 1.6 mm slices keep their own spacing.
     planned = json.loads((out / "plan.json").read_text())["planned"]["retrain.spacing"]["used"]
     assert planned == [CPU_SPACING[0], CPU_SPACING[1], 1.6]

@@ -15,7 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from SFRSegmentLib.storage.checkpoint import FORMAT
-from SFRSegmentLib.base.config import RunConfig, preset
+from SFRSegmentLib.base.config import RunConfig, parse_method, preset
 from SFRSegmentLib.stages.confidence import write_table
 from SFRSegmentLib.base.config_io import with_overrides
 from SFRSegmentLib.data.cohort import Case, Cohort
@@ -174,7 +174,7 @@ def test_a_stage_stopped_midway_counts_what_its_checkpoint_has_left(cohort, tmp_
     torch.save({"format": FORMAT, "iteration": 4, "inputs": {**finetune_from, "options": {}}}, run.finetune_checkpoint)
     assert {s.stage: s for s in remaining_work(cohort, run, config)}["finetune"].finetune_iterations == 7  # stale
 
-    mean_teacher = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method="mt"))
+    mean_teacher = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, **parse_method("mt")))
     torch.save({"format": FORMAT, "iteration": 5, "inputs": retrain_inputs(mean_teacher.retrain, cohort, {}).as_dict()},
                run.retrain_checkpoint)
     work = {stage.stage: stage for stage in remaining_work(cohort, run, mean_teacher)}

@@ -165,7 +165,7 @@ def test_config_validation_names_the_field(tmp_path):
                              "--preset", "small", "--print-config"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     printed = json.loads(result.stdout)
-    assert printed["preset"] == "small" and printed["retrain"]["method"] == "sfr_mt"
+    assert printed["preset"] == "small" and (printed["retrain"]["ssl_method"], printed["retrain"]["pseudo_labels"]) == ("mt", "sam")
     assert json.loads(json.dumps(printed)) == printed
 
 

@@ -355,7 +355,8 @@ def test_reproduce_runs_a_cell_writes_the_table_and_skips_it_when_rerun(tmp_path
     assert [c["name"] for c in manifest["test"]] == ["CASE4", "CASE5"]
     overrides = json.loads((cell / OVERRIDES_FILE).read_text())
     assert overrides["finetune"]["seed"] == overrides["retrain"]["seed"] == 5
-    assert json.loads((cell / "config.json").read_text())["retrain"]["method"] == "sfr_mt"
+    used = json.loads((cell / "config.json").read_text())["retrain"]
+    assert (used["ssl_method"], used["pseudo_labels"]) == ("mt", "sam")
     record = json.loads((cell / CELL_FILE).read_text())
     assert record["finished"] and record["settings"]["preset"] == "small" and len(record["runs"]) == 1
     assert record["runs"][0]["exit_status"] == 0 and record["runs"][0]["peak_rss_mib"] > 100  # torch alone is more

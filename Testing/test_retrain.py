@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from SFRSegmentLib.base.choices import METHODS
-from SFRSegmentLib.base.config import RetrainConfig, SSLConfig, preset
+from SFRSegmentLib.base.config import RetrainConfig, SSLConfig, parse_method, preset
 from SFRSegmentLib.base.config_io import with_overrides
 from SFRSegmentLib.data.cohort import Cohort
 from SFRSegmentLib.base.errors import InputError
@@ -68,6 +68,7 @@ def test_defaults_are_the_reference_recipe() -> None:
     config = preset("paper").resolved().retrain
     assert (config.method, config.iterations, config.patch_size, config.batch_labeled, config.batch_unlabeled) == (
         "sfr_mt", 6000, (112, 112, 80), 2, 2)
+    assert (config.ssl_method, config.pseudo_labels) == ("mt", "sam")
     assert (config.lr, config.momentum, config.weight_decay, config.lr_step, config.lr_gamma, config.seed) == (
         0.01, 0.9, 1e-4, 2500, 0.1, 1337)
     assert config.lr_schedule == "step"
@@ -93,7 +94,7 @@ def test_stage_options_are_checked() -> None:
     with pytest.raises(InputError, match="patch_size"):
         RetrainConfig(patch_size=(30, 32, 16))
     with pytest.raises(InputError, match="unknown method"):
-        RetrainConfig(method="sfr_magicnet")
+        RetrainConfig(**parse_method("sfr_magicnet"))
 
 
 def test_two_stream_sampler_with_a_single_labeled_case() -> None:
@@ -137,12 +138,12 @@ def test_crops_and_their_targets_are_cut_together() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_short_run_of_every_method_writes_the_run_files(cohort: Cohort, tmp_path: Path, method: str) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
-    config = RetrainConfig(method=method, **TINY)
+    config = RetrainConfig(**parse_method(method), **TINY)
     weights = retrain(cohort, run, config)
     assert weights == run.vnet_weights and run.retrain_checkpoint.is_file()
     model, info = load_vnet(run.root)
     assert info.classes == cohort.classes and info.patch_size == (32, 32, 16)
-    assert json.loads(run.vnet_weights.with_suffix(".json").read_text())["training"]["method"] == method
+    assert json.loads(run.vnet_weights.with_suffix(".json").read_text())["training"]["ssl_method"] == parse_method(method)["ssl_method"]
     with open(run.retrain_log, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iteration"]) for r in rows] == [1, 2]
@@ -156,7 +157,7 @@ def test_short_run_of_every_method_writes_the_run_files(cohort: Cohort, tmp_path
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cohort: Cohort, tmp_path: Path) -> None:
-    config = RetrainConfig(**{**TINY, "iterations": 3, "checkpoint_every": 2}, method="sfr_uamt",
+    config = RetrainConfig(**{**TINY, "iterations": 3, "checkpoint_every": 2}, **parse_method("sfr_uamt"),
                            ssl=SSLConfig(uamt_passes=2))
     whole = run_with_pseudo_labels(cohort, tmp_path / "whole")
     retrain(cohort, whole, config)
@@ -187,14 +188,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cohort: Cohort, t
 
 def test_other_options_retrain_instead_of_reusing_or_resuming(cohort: Cohort, tmp_path: Path) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
-    retrain(cohort, run, RetrainConfig(method="sfr", **TINY))
+    retrain(cohort, run, RetrainConfig(**parse_method("sfr"), **TINY))
     first = read_record(run.vnet_weights)
     events = []
-    retrain(cohort, run, RetrainConfig(method="sfr", **TINY), progress=events.append)
+    retrain(cohort, run, RetrainConfig(**parse_method("sfr"), **TINY), progress=events.append)
     assert [e.message for e in events] == ["already re-trained"] and read_record(run.vnet_weights) == first
 
     events = []
-    retrain(cohort, run, RetrainConfig(method="sfr", lr=0.02, **TINY), progress=events.append)
+    retrain(cohort, run, RetrainConfig(**parse_method("sfr"), lr=0.02, **TINY), progress=events.append)
     messages = [e.message for e in events if e.message]
     assert messages[0] == "the V-Net is stale (options changed: lr): re-training it again"
     assert messages[1].startswith(f"not resuming {run.retrain_checkpoint}: options changed: lr;")
@@ -206,17 +207,17 @@ def test_other_options_retrain_instead_of_reusing_or_resuming(cohort: Cohort, tm
 def test_frozen_batchnorm_statistics_keep_the_initial_ones_while_the_weights_train(cohort: Cohort,
                                                                                    tmp_path: Path) -> None:
     first = run_with_pseudo_labels(cohort, tmp_path / "first")
-    retrain(cohort, first, RetrainConfig(method="sfr_mt", **TINY))
+    retrain(cohort, first, RetrainConfig(**parse_method("sfr_mt"), **TINY))
     with pytest.raises(InputError, match="frozen BatchNorm statistics need trained ones"):
         retrain(cohort, run_with_pseudo_labels(cohort, tmp_path / "scratch"),
-                RetrainConfig(method="sfr_mt", batchnorm_statistics="frozen", **TINY))
+                RetrainConfig(**parse_method("sfr_mt"), batchnorm_statistics="frozen", **TINY))
     before = state_dict(first.vnet_weights)
     running = [name for name in before if name.endswith(("running_mean", "running_var"))]
     trained = [name for name in before if name.endswith((".weight", ".bias"))]
     assert running and trained
     for statistics in ("frozen", "batch"):
         run = run_with_pseudo_labels(cohort, tmp_path / statistics)
-        retrain(cohort, run, RetrainConfig(method="sfr_mt", init_weights=str(first.vnet_weights),
+        retrain(cohort, run, RetrainConfig(**parse_method("sfr_mt"), init_weights=str(first.vnet_weights),
                                            batchnorm_statistics=statistics, **TINY))
         after = state_dict(run.vnet_weights)
         assert any(not torch.equal(before[name], after[name]) for name in trained)
@@ -229,15 +230,15 @@ def test_missing_pseudo_label_is_named(cohort: Cohort, tmp_path: Path) -> None:
     missing = run.pseudo_label(cohort.unlabeled[1].name)
     missing.unlink()
     with pytest.raises(InputError) as error:
-        retrain(cohort, run, RetrainConfig(method="sfr_mt", **TINY))
+        retrain(cohort, run, RetrainConfig(**parse_method("sfr_mt"), **TINY))
     assert str(missing) in str(error.value)
-    retrain(cohort, run, RetrainConfig(method="mt", **TINY))  # methods without pseudo-labels do not need them
+    retrain(cohort, run, RetrainConfig(**parse_method("mt"), **TINY))  # methods without pseudo-labels do not need them
 
 
 def test_explicit_pseudo_labels_may_cover_only_some_cases(cohort: Cohort, tmp_path: Path) -> None:
     run = run_with_pseudo_labels(cohort, tmp_path / "run")
     only_one = {cohort.unlabeled[0].name: run.pseudo_label(cohort.unlabeled[0].name)}
-    retrain(cohort, run, RetrainConfig(method="sfr_acmt", **TINY), pseudo_labels=only_one)
+    retrain(cohort, run, RetrainConfig(**parse_method("sfr_acmt"), **TINY), pseudo_labels=only_one)
     assert run.vnet_weights.is_file()
 
 

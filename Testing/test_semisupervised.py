@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from SFRSegmentLib.stages import semisupervised
-from SFRSegmentLib.base.choices import BASE_METHODS, METHODS
+from SFRSegmentLib.base.choices import METHODS, SSL_METHODS
 from SFRSegmentLib.base.config import SSLConfig, parse_method
 from SFRSegmentLib.base.errors import InputError
 from SFRSegmentLib.stages.semisupervised import (
@@ -146,7 +146,7 @@ def _step(logits: torch.Tensor, n_labeled: int, iteration: int = 0, **pseudo) ->
 
 def test_mean_teacher_consistency_covers_every_sample() -> None:
     teacher_logits = two_voxel_logits((math.log(3), 0.0), (0.0, 0.0))
-    method = build_method("mt", FixedLogits(teacher_logits), SSLConfig(teacher_noise_std=0.0), 100)
+    method = build_method("mt", False, FixedLogits(teacher_logits), SSLConfig(teacher_noise_std=0.0), 100)
     student_logits = torch.zeros(3, 2, 2, 1, 1)  # softmax 0.5 everywhere; 1 labeled + 2 unlabeled
     (term,) = method.losses(_step(student_logits, n_labeled=1))
     assert term.name == "consistency" and term.weight == pytest.approx(0.1 * math.exp(-5))
@@ -157,7 +157,7 @@ def test_mean_teacher_consistency_covers_every_sample() -> None:
 def test_uamt_keeps_the_voxels_where_the_teacher_is_certain() -> None:
     teacher_logits = two_voxel_logits((10.0, -10.0), (0.0, 0.0))  # certain, then maximally uncertain
     config = SSLConfig(teacher_noise_std=0.0)
-    method = build_method("uamt", FixedLogits(teacher_logits), config, 100)
+    method = build_method("uamt", False, FixedLogits(teacher_logits), config, 100)
     student_logits = torch.zeros(3, 2, 2, 1, 1)
     (term,) = method.losses(_step(student_logits, n_labeled=1))
     p_certain = float(torch.softmax(torch.tensor([10.0, -10.0]), 0)[0])
@@ -170,7 +170,7 @@ def test_uamt_keeps_the_voxels_where_the_teacher_is_certain() -> None:
 
 
 def test_acmt_keeps_the_voxels_where_the_student_is_ambiguous() -> None:
-    method = build_method("acmt", FixedLogits(torch.zeros(2, 2, 1, 1)), SSLConfig(teacher_noise_std=0.0), 100)
+    method = build_method("acmt", False, FixedLogits(torch.zeros(2, 2, 1, 1)), SSLConfig(teacher_noise_std=0.0), 100)
     # unlabeled student voxels: p = (0.5, 0.5) (normalised entropy 1) and p = (0.75, 0.25) (entropy 0.811)
     unlabeled = two_voxel_logits((0.0, 0.0), (math.log(3), 0.0))
     student_logits = torch.stack([torch.full((2, 2, 1, 1), 50.0), unlabeled, unlabeled])
@@ -185,7 +185,7 @@ def test_pseudo_label_term_uses_only_unlabeled_samples_with_a_pseudo_label() -> 
     torch.manual_seed(0)
     logits = torch.randn(3, 2, 4, 4, 2)
     pseudo = torch.randint(0, 2, (2, 4, 4, 2))
-    method = build_method("sfr", FixedLogits(torch.zeros(2, 4, 4, 2)), CONFIG, 10)
+    method = build_method("supervised", True, FixedLogits(torch.zeros(2, 4, 4, 2)), CONFIG, 10)
     assert not any(isinstance(m, nn.Module) for m in vars(method).values())  # self-training needs no teacher
     (term,) = method.losses(_step(logits, 1, pseudo_labels=pseudo, has_pseudo_label=torch.tensor([False, True])))
     assert term.name == "pseudo_label" and term.weight == 1.0
@@ -195,7 +195,7 @@ def test_pseudo_label_term_uses_only_unlabeled_samples_with_a_pseudo_label() -> 
 
 
 def test_sfr_variant_adds_the_pseudo_label_term_to_the_method() -> None:
-    method = build_method("sfr_mt", FixedLogits(torch.zeros(2, 2, 1, 1)), CONFIG, 10)
+    method = build_method("mt", True, FixedLogits(torch.zeros(2, 2, 1, 1)), CONFIG, 10)
     logits = torch.zeros(4, 2, 2, 1, 1)
     terms = method.losses(_step(logits, 2, pseudo_labels=torch.zeros(2, 2, 1, 1, dtype=torch.long),
                                 has_pseudo_label=torch.tensor([True, True])))
@@ -206,7 +206,7 @@ def test_sfr_variant_adds_the_pseudo_label_term_to_the_method() -> None:
 def test_teacher_receives_no_gradient() -> None:
     for name in ("mt", "uamt", "acmt"):
         student = FixedLogits(two_voxel_logits((6.0, -6.0), (0.1, 0.0)))  # a certain and an ambiguous voxel
-        method = build_method(name, student, CONFIG, 10)
+        method = build_method(name, False, student, CONFIG, 10)
         with torch.no_grad():
             student.logits[0] += 0.5  # the student moves away from its teacher
         logits = student(torch.zeros(4, 1, 2, 1, 1))
@@ -222,22 +222,21 @@ def test_teacher_receives_no_gradient() -> None:
 
 def test_method_names_and_parsing() -> None:
     assert set(METHODS) == {"supervised", "mt", "uamt", "acmt", "sfr", "sfr_mt", "sfr_uamt", "sfr_acmt"}
-    assert set(semisupervised._METHODS) == set(BASE_METHODS)  # every method offered is implemented, and only those
-    assert parse_method("sfr") == ("supervised", True)
-    assert parse_method("sfr_acmt") == ("acmt", True)
-    assert parse_method("uamt") == ("uamt", False)
+    assert set(semisupervised._METHODS) == set(SSL_METHODS)  # every method offered is implemented, and only those
+    assert parse_method("sfr") == {"ssl_method": "supervised", "pseudo_labels": "sam"}
+    assert parse_method("sfr_acmt") == {"ssl_method": "acmt", "pseudo_labels": "sam"}
+    assert parse_method("uamt") == {"ssl_method": "uamt", "pseudo_labels": "none"}
     for bad in ("sfr_supervised", "magic", "sfr_magic", ""):
         with pytest.raises(InputError, match="unknown method"):
             parse_method(bad)
 
 
 def test_registering_a_method_gives_its_sfr_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    from SFRSegmentLib.base import choices, config
+    from SFRSegmentLib.base import choices
 
     monkeypatch.setattr(semisupervised, "_METHODS", dict(semisupervised._METHODS))
-    monkeypatch.setattr(semisupervised, "BASE_METHODS", BASE_METHODS + ("entropy_min",))
-    monkeypatch.setattr(config, "METHODS", METHODS + ("sfr_entropy_min", "entropy_min"))
-    assert choices.METHODS == METHODS  # the lists the engine offers stay as they are outside this test
+    monkeypatch.setattr(semisupervised, "SSL_METHODS", SSL_METHODS + ("entropy_min",))
+    assert choices.SSL_METHODS == SSL_METHODS  # the lists the engine offers stay as they are outside this test
 
     @semisupervised.register_method("entropy_min")
     class EntropyMinimisation(semisupervised.SSLMethod):
@@ -247,7 +246,7 @@ def test_registering_a_method_gives_its_sfr_variant(monkeypatch: pytest.MonkeyPa
             p = torch.softmax(step.unlabeled_logits, dim=1)
             return [semisupervised.LossTerm("entropy", normalised_entropy(p).mean(), 0.5)]
 
-    method = build_method("sfr_entropy_min", FixedLogits(torch.zeros(2, 1, 1, 1)), CONFIG, 10)
+    method = build_method("entropy_min", True, FixedLogits(torch.zeros(2, 1, 1, 1)), CONFIG, 10)
     assert method.term_names == ("entropy", "pseudo_label")
     with pytest.raises(ValueError, match="add it there"):
         semisupervised.register_method("sfr_x")

@@ -253,24 +253,50 @@ def test_case_names_are_file_safe_and_unique():
 # The run configuration
 
 
+def test_run_settings_read_a_parameter_node_with_its_sentinels_as_the_presets_values():
+    import enum
+
+    Choice = enum.Enum("Choice", [("UAMT", "uamt"), ("NONE", "none"), ("CPU", "cpu"), ("SMALL", "small")])
+    node = dict(model="litemedsam", sslMethod=Choice.UAMT, pseudoLabels=Choice.NONE, preset=Choice.SMALL,
+                device=Choice.CPU, fineTuneIterations=0, retrainIterations=40, sfrPlus=True, patchSizeI=32,
+                patchSizeJ=32, patchSizeK=0, batchSize=0, seed=-1)
+    settings = RunSettings.from_parameters(node.__getitem__)
+    assert settings == RunSettings(model="litemedsam", method="uamt", preset="small", device="cpu",
+                                   retrain_iterations=40, sfr_plus=True)
+    node.update(fineTuneIterations=5, patchSizeK=16, batchSize=3, seed=0)
+    settings = RunSettings.from_parameters(node.__getitem__)
+    assert (settings.fine_tune_iterations, settings.patch_size, settings.batch_size, settings.seed) == (
+        5, (32, 32, 16), 3, 0)
+    config = jobs.run_config(settings)
+    assert config["retrain"] == {"ssl_method": "uamt", "pseudo_labels": "none", "iterations": 40,
+                                 "batch_labeled": 3, "batch_unlabeled": 3, "seed": 0}
+    assert config["finetune"] == {"iterations": 5, "batch_size": 3, "seed": 0}
+
+
 def test_run_configuration_holds_only_what_differs_from_the_preset():
     assert jobs.run_config(RunSettings()) == {
         "preset": "paper", "device": "auto", "finetune": {"base_checkpoint": "sam_vit_b", "sam": {"arch": "vit_b"}},
-        "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
+        "retrain": {"ssl_method": "mt", "pseudo_labels": "sam"}, "sfr_plus": False,
     }
     settings = RunSettings(model="/weights/my_sam.pth", method="sfr_acmt", device="cuda", fine_tune_iterations=50,
                            retrain_iterations=200, sfr_plus=True, patch_size=(96, 96, 64), batch_size=1, seed=7)
     assert jobs.run_config(settings) == {
         "preset": "paper", "device": "cuda", "patch_size": [96, 96, 64],
         "finetune": {"base_checkpoint": "/weights/my_sam.pth", "iterations": 50, "batch_size": 1, "seed": 7},
-        "retrain": {"method": "sfr_acmt", "iterations": 200, "batch_labeled": 1, "batch_unlabeled": 1, "seed": 7},
+        "retrain": {"ssl_method": "acmt", "pseudo_labels": "sam", "iterations": 200, "batch_labeled": 1, "batch_unlabeled": 1, "seed": 7},
         "sfr_plus": True,
     }
     small = RunSettings(preset="small", device="cpu")
     assert not small.uses_checkpoint  # the small preset's SAM is randomly initialised: no weights to fetch
     assert "base_checkpoint" not in jobs.run_config(small)["finetune"]
     with pytest.raises(InputError, match="unknown method 'magic'"):
-        jobs.run_config(RunSettings(method="magic"))
+        RunSettings(method="magic")
+    with pytest.raises(InputError, match="unknown ssl_method 'magic'") as error:
+        jobs.run_config(RunSettings(ssl_method="magic"))
+    assert error.value.field == "retrain.ssl_method"
+    # A script may name the method as the paper does, or give its two parts.
+    assert RunSettings(method="sfr_uamt") == RunSettings(ssl_method="uamt", pseudo_labels="sam")
+    assert RunSettings(method="supervised").method_name == "supervised"
     # The engine's configuration checks the settings: a GPU by number is a device, a V-Net patch must suit the V-Net.
     assert jobs.run_config(RunSettings(device="cuda:1"))["device"] == "cuda:1"
     with pytest.raises(InputError, match="device must be one of auto, cuda, cpu or cuda:N"):
@@ -288,7 +314,7 @@ def test_the_cpu_preset_gets_the_chosen_sam_but_runs_without_it_and_keeps_sams_o
     assert RunSettings(preset="paper").checkpoint_required
     assert jobs.run_config(cpu) == {
         "preset": "cpu", "device": "auto", "finetune": {"base_checkpoint": "medsam_vit_b", "sam": {"arch": "vit_b"}},
-        "retrain": {"method": "sfr_mt"}, "sfr_plus": False,
+        "retrain": {"ssl_method": "mt", "pseudo_labels": "sam"}, "sfr_plus": False,
     }
     patched = jobs.run_config(RunSettings(preset="cpu", patch_size=(96, 96, 64)))
     assert patched["patch_size"] == [96, 96, 64] and "patch_size" not in patched["finetune"]
@@ -374,8 +400,8 @@ def test_the_engine_accepts_the_run_configuration():
         assert resolved.finetune.base_checkpoint == ("sam_vit_b" if settings.uses_checkpoint else None)
         if settings.uses_checkpoint:
             assert settings.checkpoint_required == (resolved.sam_missing == "download")
-    for method in jobs.METHODS:
-        assert RunSettings(method=method).uses_checkpoint == parse_method(method)[1]
+    for method in config_module.METHODS:
+        assert RunSettings(method=method).uses_checkpoint == (parse_method(method)["pseudo_labels"] == "sam")
     defaults = with_overrides(config_module.preset("paper"), jobs.run_config(RunSettings()))
     assert defaults == config_module.preset("paper")  # nothing the user left alone changes the preset
 

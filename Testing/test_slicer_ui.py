@@ -195,22 +195,44 @@ def test_enum_choices_are_the_engine_configuration_values():
     from SFRSegmentLogicLib import jobs
 
     enums = module_enums()
-    assert set(enum_names()) == {"Method", "Device", "Preset"}
-    assert tuple(member.value for member in enums.Method) == choices.METHODS
+    assert set(enum_names()) == {"SslMethod", "PseudoLabelSource", "Device", "Preset"}
+    assert tuple(member.value for member in enums.SslMethod) == choices.SSL_METHODS
+    assert tuple(member.value for member in enums.PseudoLabelSource) == choices.PSEUDO_LABEL_SOURCES
     assert tuple(member.value for member in enums.Device) == choices.DEVICES
     assert tuple(member.value for member in enums.Preset) == choices.PRESETS
-    assert (jobs.METHODS, jobs.DEVICES, jobs.PRESETS) == (choices.METHODS, choices.DEVICES, choices.PRESETS)
-    assert [member.label() for member in enums.Method] == [choices.METHOD_TITLES[m] for m in choices.METHODS]
+    assert (jobs.SSL_METHODS, jobs.PSEUDO_LABEL_SOURCES, jobs.DEVICES, jobs.PRESETS) == (
+        choices.SSL_METHODS, choices.PSEUDO_LABEL_SOURCES, choices.DEVICES, choices.PRESETS)
+    assert [member.label() for member in enums.SslMethod] == [choices.SSL_METHOD_TITLES[m] for m in choices.SSL_METHODS]
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     offered = {(name, action.option_strings[0]): tuple(action.choices) for name, parser in commands.items()
                for action in parser._actions if action.choices is not None and action.option_strings}
-    assert {key: value for key, value in offered.items() if key[1] in ("--preset", "--method", "--methods")} == {
+    method_flags = ("--preset", "--method", "--methods", "--ssl-method", "--pseudo-labels")
+    assert {key: value for key, value in offered.items() if key[1] in method_flags} == {
         **{(name, "--preset"): choices.PRESETS
            for name in ("run", "reproduce", "finetune", "pseudolabel", "retrain", "predict")},
-        ("retrain", "--method"): choices.METHODS, ("reproduce", "--methods"): choices.METHODS}
+        ("retrain", "--method"): choices.METHODS, ("reproduce", "--methods"): choices.METHODS,
+        ("retrain", "--ssl-method"): choices.SSL_METHODS, ("retrain", "--pseudo-labels"): choices.PSEUDO_LABEL_SOURCES}
     assert offered[("run", "--redo")] == choices.STAGES
     assert {key: value for key, value in offered.items() if key[1] == "--precision"} == {
         (name, "--precision"): choices.PRECISIONS for name in ("finetune", "pseudolabel", "retrain", "predict")}
+
+
+def test_each_run_setting_is_a_parameter_node_field_of_a_kind_that_holds_it():
+    """RunSettings declares the run settings; the parameter node must hold each under the name it gives, with the
+    "preset's value" sentinel inside the field's range."""
+    import dataclasses
+
+    from SFRSegmentLogicLib.jobs import RunSettings
+
+    fields = parameter_fields()
+    kinds = {str: {"str", "enum"}, bool: {"bool"}}
+    for spec in dataclasses.fields(RunSettings):
+        names = spec.metadata["parameter"]
+        for name in (names,) if isinstance(names, str) else names:
+            expected = kinds.get(type(spec.default), {"int"}) if spec.default is not None else {"int"}
+            assert fields.get(name) in expected, (spec.name, name, fields.get(name))
+    source = ast.unparse(module_class("SFRSegmentParameterNode"))
+    assert "seed: Annotated[int, WithinRange(-1," in source and "batchSize: Annotated[int, WithinRange(0," in source
 
 
 def test_user_visible_strings_are_translatable():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from SFRSegmentLib.base.choices import STAGES
-from SFRSegmentLib.base.config import preset
+from SFRSegmentLib.base.config import parse_method, preset
 from SFRSegmentLib.data.cohort import Case, Cohort
 from SFRSegmentLib.run import pipeline
 from SFRSegmentLib.run.stages import Stage, run_stages
@@ -21,7 +21,7 @@ COHORT = Cohort(root=Path("/nonexistent"), classes={1: "organ"}, source="manifes
 
 def names(method: str, **changes):
     config = preset("small")
-    config = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method=method), **changes)
+    config = dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, **parse_method(method)), **changes)
     stages = run_stages(COHORT, RunFolder("/nonexistent/run"), config)
     assert all(isinstance(stage, Stage) for stage in stages)
     return [stage.name for stage in stages]

@@ -40,7 +40,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from slicer import (
     vtkMRMLScalarVolumeNode,
@@ -51,8 +51,15 @@ from slicer import (
 )
 
 from SFRSegmentLib.storage.atomic import atomic_write_text
-from SFRSegmentLib.base.choices import DEFAULT_MODEL_ID, DEVICES, METHODS, PRESETS
-from SFRSegmentLib.base.config import parse_method, preset
+from SFRSegmentLib.base.choices import (
+    DEFAULT_MODEL_ID,
+    DEVICES,
+    PRESETS,
+    PSEUDO_LABEL_SOURCES,
+    SSL_METHODS,
+    method_name,
+)
+from SFRSegmentLib.base.config import RetrainConfig, parse_method, preset
 from SFRSegmentLib.base.config_io import with_overrides
 from SFRSegmentLib.data.cohort import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
 from SFRSegmentLib.base.errors import InputError
@@ -97,30 +104,73 @@ class CaseInput:
     segmentation: Optional[vtkMRMLSegmentationNode] = None
 
 
+def setting(default: Any, parameter: Union[str, Tuple[str, ...]], config: Sequence[str] = (),
+            unset: Any = None) -> Any:
+    """A run setting: its default, the parameter node field(s) that hold it in the module (``parameter``; several
+    for a shape), the engine configuration option(s) it sets (dotted paths; none: set otherwise) and the value a
+    parameter node field holds for "the preset's value" (``unset``; spin boxes cannot hold None)."""
+    return field(default=default, metadata={"parameter": parameter, "config": tuple(config), "unset": unset})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    """The choices of a run. None means "the preset's value"."""
+    """The choices of a run, each declared here once: what the module's parameter node holds
+    (:meth:`from_parameters`) and what the engine is given (:func:`run_config`). None means "the preset's value".
+    Every list of choices is the engine's (:mod:`SFRSegmentLib.base.choices`).
 
-    model: str = DEFAULT_MODEL_ID
+    ``method`` (a keyword of the constructor only) sets ``ssl_method`` and ``pseudo_labels`` by one name, as the
+    paper names methods: ``RunSettings(method="sfr_mt")`` is Mean Teacher with SAM's pseudo-labels.
+    """
+
+    model: str = setting(DEFAULT_MODEL_ID, "model")
     """A model id of the catalog, or the path of an imported checkpoint (used by the paper and cpu presets; the small
     preset runs a small, randomly initialised SAM)."""
-    method: str = METHODS[0]
-    """One of :data:`~SFRSegmentLib.base.choices.METHODS`, as every choice here: the engine's lists."""
-    preset: str = PRESETS[0]
-    device: str = DEVICES[0]
-    fine_tune_iterations: Optional[int] = None
-    retrain_iterations: Optional[int] = None
-    sfr_plus: bool = False
-    patch_size: Optional[Tuple[int, int, int]] = None
-    batch_size: Optional[int] = None
-    seed: Optional[int] = None
+    ssl_method: str = setting(SSL_METHODS[0], "sslMethod", ["retrain.ssl_method"])
+    pseudo_labels: str = setting(PSEUDO_LABEL_SOURCES[0], "pseudoLabels", ["retrain.pseudo_labels"])
+    preset: str = setting(PRESETS[0], "preset", ["preset"])
+    device: str = setting(DEVICES[0], "device", ["device"])
+    fine_tune_iterations: Optional[int] = setting(None, "fineTuneIterations", ["finetune.iterations"], unset=0)
+    retrain_iterations: Optional[int] = setting(None, "retrainIterations", ["retrain.iterations"], unset=0)
+    sfr_plus: bool = setting(False, "sfrPlus", ["sfr_plus"])
+    patch_size: Optional[Tuple[int, int, int]] = setting(None, ("patchSizeI", "patchSizeJ", "patchSizeK"),
+                                                         ["patch_size"], unset=0)
+    """The run's working patch (SAM's and the V-Net's unless the preset gives SAM its own, as the cpu preset does)."""
+    batch_size: Optional[int] = setting(None, "batchSize", ["finetune.batch_size", "retrain.batch_labeled",
+                                                           "retrain.batch_unlabeled"], unset=0)
+    """Fine-tuning's batch and each stream of re-training's, as in the presets."""
+    seed: Optional[int] = setting(None, "seed", ["finetune.seed", "retrain.seed"], unset=-1)
+    method: dataclasses.InitVar[Optional[str]] = None
+
+    def __post_init__(self, method: Optional[str]) -> None:
+        if method is not None:
+            for name, value in parse_method(method).items():
+                object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_parameters(cls, read: Callable[[str], Any]) -> "RunSettings":
+        """The settings a parameter node holds, ``read(name)`` giving the value of its field ``name`` (an enum's
+        value is taken; a field at its ``unset`` value is None)."""
+        values = {}
+        for spec in dataclasses.fields(cls):
+            names = spec.metadata["parameter"]
+            stored = [read(name) for name in ((names,) if isinstance(names, str) else names)]
+            stored = [getattr(value, "value", value) for value in stored]
+            unset = any(value == spec.metadata["unset"] for value in stored) if spec.metadata["unset"] is not None \
+                else False
+            values[spec.name] = None if unset else stored[0] if isinstance(names, str) else tuple(stored)
+        return cls(**values)
+
+    @property
+    def method_name(self) -> str:
+        """The paper's name of the two method choices (``sfr_mt``)."""
+        return method_name(self.ssl_method, self.pseudo_labels)
 
     @property
     def uses_checkpoint(self) -> bool:
         """Whether the run is given the SAM checkpoint ``model`` (``finetune.base_checkpoint``): a preset with a
-        pretrained SAM, and a method with SAM's pseudo-labels (sfr*) or SFR+."""
+        pretrained SAM, and SAM's pseudo-labels or SFR+."""
         pretrained = preset(self.preset).finetune.base_checkpoint is not None
-        return pretrained and (parse_method(self.method)[1] or self.sfr_plus)
+        return pretrained and (self.pseudo_labels != "none" or self.sfr_plus)
 
     @property
     def checkpoint_required(self) -> bool:
@@ -133,32 +183,25 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
     """The overrides the engine applies to its preset (``--config``; SFRSegmentLib.base.config.RunConfig's fields),
     checked by the engine's configuration (InputError naming the field).
 
-    Only what the user changed is written, so every other value is the preset's. A catalog model comes with its
-    architecture (``finetune.sam.arch``, which the engine requires to be the model's), so that any model runs with any
-    preset, and a job folder keeps its SAM should a preset change its own; a checkpoint file keeps the preset's. The
-    patch size is the run's working patch (``patch_size``: SAM's and the V-Net's unless the preset gives SAM its own,
-    as the cpu preset does), one batch size serves both fine-tuning and each stream of re-training, one seed both
-    trainings, as in the presets.
+    Only what the user set is written (each setting at the options :class:`RunSettings` declares for it), so every
+    other value is the preset's. A catalog model comes with its architecture (``finetune.sam.arch``, which the engine
+    requires to be the model's), so that any model runs with any preset, and a job folder keeps its SAM should a
+    preset change its own; a checkpoint file keeps the preset's.
     """
-    finetune: Dict[str, Any] = {}
-    retrain: Dict[str, Any] = {"method": settings.method}
-    config: Dict[str, Any] = {"preset": settings.preset, "device": settings.device, "finetune": finetune,
-                              "retrain": retrain, "sfr_plus": settings.sfr_plus}
+    config: Dict[str, Any] = {"finetune": {}, "retrain": {}}
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        for path in spec.metadata["config"] if value is not None else ():
+            *sections, name = path.split(".")
+            node = config
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = list(value) if isinstance(value, tuple) else value
     if settings.uses_checkpoint:
-        finetune["base_checkpoint"] = settings.model
+        config["finetune"]["base_checkpoint"] = settings.model
         entry = load_catalog().get(settings.model)
         if entry is not None:
-            finetune["sam"] = {"arch": entry.architecture}
-    if settings.fine_tune_iterations is not None:
-        finetune["iterations"] = settings.fine_tune_iterations
-    if settings.retrain_iterations is not None:
-        retrain["iterations"] = settings.retrain_iterations
-    if settings.patch_size is not None:
-        config["patch_size"] = list(settings.patch_size)
-    if settings.batch_size is not None:
-        finetune["batch_size"] = retrain["batch_labeled"] = retrain["batch_unlabeled"] = settings.batch_size
-    if settings.seed is not None:
-        finetune["seed"] = retrain["seed"] = settings.seed
+            config["finetune"]["sam"] = {"arch": entry.architecture}
     with_overrides(preset(settings.preset), config).resolved()
     return config
 
@@ -301,7 +344,9 @@ class TrainingJob:
 
     @property
     def method(self) -> str:
-        return self.overrides["retrain"]["method"]
+        """The paper's name of the job's method (``sfr_mt``), from either form its configuration may hold (the two
+        fields, or the name that job folders made before them hold)."""
+        return with_overrides(RetrainConfig(), self.overrides["retrain"], self.config, "retrain.").method
 
     @property
     def model(self) -> Optional[str]:

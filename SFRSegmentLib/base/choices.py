@@ -18,15 +18,41 @@ PRESET_DESCRIPTIONS = {
 }
 """What each preset is for, as the command line's help and the Slicer module's preset list say it."""
 
+SSL_METHODS = ("mt", "uamt", "acmt", "supervised")
+"""The semi-supervised methods a V-Net is re-trained with (:mod:`SFRSegmentLib.stages.semisupervised` registers one
+class for each; ``supervised`` learns from the labeled volumes alone): ``retrain.ssl_method``."""
+
+SSL_METHOD_TITLES = {
+    "mt": "Mean Teacher",
+    "uamt": "UA-MT",
+    "acmt": "AC-MT",
+    "supervised": "Labeled volumes only",
+}
+
+PSEUDO_LABEL_SOURCES = ("sam", "none")
+"""Where the pseudo-labels of SFR's term come from (``retrain.pseudo_labels``): ``sam``, the SAM fine-tuned on the
+labeled volumes (its backbone is ``finetune.base_checkpoint``), or ``none`` (the method alone, without SAM)."""
+
+PSEUDO_LABEL_SOURCE_TITLES = {"sam": "SAM fine-tuned on the labeled volumes (SFR)", "none": "None (without SAM)"}
+
 SFR_PREFIX = "sfr"
-"""``sfr`` is self-training (supervised + SAM pseudo-labels); ``sfr_<method>`` is ``<method>`` plus pseudo-labels."""
+"""Method names (:data:`METHODS`) join the two choices: ``sfr_<method>`` is ``<method>`` plus SAM's pseudo-labels,
+``sfr`` alone is ``supervised`` plus them (self-training), ``<method>`` is the method without SAM."""
 
-BASE_METHODS = ("mt", "uamt", "acmt", "supervised")
-"""The semi-supervised methods without SAM (:mod:`SFRSegmentLib.stages.semisupervised` registers one class for each)."""
 
-METHODS = (tuple(f"{SFR_PREFIX}_{name}" for name in BASE_METHODS if name != "supervised") + (SFR_PREFIX,)
-           + BASE_METHODS)
-"""Every re-training method: the SFR ones first (the default, ``sfr_mt``, leads), then those without SAM."""
+def method_name(ssl_method: str, pseudo_labels: str) -> str:
+    """The name of ``ssl_method`` with pseudo-labels from ``pseudo_labels`` (``mt`` + ``sam`` → ``sfr_mt``)."""
+    if pseudo_labels == "none":
+        return ssl_method
+    return SFR_PREFIX if ssl_method == "supervised" else f"{SFR_PREFIX}_{ssl_method}"
+
+
+METHODS = tuple(method_name(ssl, source) for source in PSEUDO_LABEL_SOURCES for ssl in SSL_METHODS)
+"""Every method name, the paper's (``sfr_mt`` …) and the names a run folder, ``reproduce``'s cells and the option
+``retrain.method`` (an alias of the two fields) use: the SFR ones first (``sfr_mt`` leads), then those without SAM."""
+
+METHOD_PARTS = {method_name(ssl, source): (ssl, source) for source in PSEUDO_LABEL_SOURCES for ssl in SSL_METHODS}
+"""Method name → (semi-supervised method, pseudo-label source)."""
 
 METHOD_TITLES = {
     "sfr_mt": "SFR + Mean Teacher",

@@ -49,7 +49,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .choices import (
     AUGMENTATIONS,
@@ -61,6 +61,7 @@ from .choices import (
     DEPTH_PADDINGS,
     DEVICES,
     LR_SCHEDULES,
+    METHOD_PARTS,
     METHODS,
     NORMALIZATIONS,
     PRECISION_DESCRIPTIONS,
@@ -69,7 +70,9 @@ from .choices import (
     SAM_ARCHITECTURES,
     SAM_MISSING,
     SAM_STARTS,
-    SFR_PREFIX,
+    PSEUDO_LABEL_SOURCES,
+    SSL_METHODS,
+    method_name,
 )
 from .errors import InputError, PathLike
 
@@ -102,7 +105,7 @@ CPU_RAMPUP_EPOCH = 12
 RECIPE = {"iterations": 6000, "lr_schedule": "step"}
 """The re-training schedule of SFR's and UA-MT's LA scripts (lr ×0.1 every 2,500 of 6,000 iterations)."""
 METHOD_RECIPES = {"acmt": {"iterations": 8000, "lr_schedule": "poly"}}
-"""Where a method's published LA script schedules otherwise (base method → changes): AC-MT's ``train_ACMT_Ent_3D.py``
+"""Where a method's published LA script schedules otherwise (semi-supervised method → changes): AC-MT's ``train_ACMT_Ent_3D.py``
 trains for 8,000 iterations with a poly learning rate (docs/sfr-method.md §4.2), and the paper's LA runs "follow
 the training strategy of ACMT"."""
 
@@ -157,22 +160,20 @@ def check_device(name: Any, field: str = "device") -> str:
                      field=field)
 
 
-def parse_method(name: str) -> Tuple[str, bool]:
-    """(the method without SAM, whether the SFR pseudo-label term is added) for a method name of
-    :data:`~SFRSegmentLib.base.choices.METHODS`; InputError for another name."""
-    if name not in METHODS:
+def parse_method(name: Any) -> Dict[str, str]:
+    """The two re-training fields (``ssl_method``, ``pseudo_labels``) a method name of
+    :data:`~SFRSegmentLib.base.choices.METHODS` stands for (``sfr_mt`` → mt with SAM's pseudo-labels); InputError
+    for another name."""
+    if name not in METHOD_PARTS:
         raise InputError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}", field="method")
-    if name == SFR_PREFIX:
-        return "supervised", True
-    if name.startswith(SFR_PREFIX + "_"):
-        return name[len(SFR_PREFIX) + 1:], True
-    return name, False
+    ssl_method, pseudo_labels = METHOD_PARTS[name]
+    return {"ssl_method": ssl_method, "pseudo_labels": pseudo_labels}
 
 
-def method_recipe(method: str) -> Dict[str, Any]:
-    """The re-training schedule of ``method``'s published LA script: :data:`RECIPE`, changed by
-    :data:`METHOD_RECIPES` (the SFR variant of a method follows the method's)."""
-    return {**RECIPE, **METHOD_RECIPES.get(parse_method(method)[0], {})}
+def method_recipe(ssl_method: str) -> Dict[str, Any]:
+    """The re-training schedule of the published LA script of ``ssl_method``: :data:`RECIPE`, changed by
+    :data:`METHOD_RECIPES` (with SAM's pseudo-labels or without, the method's schedule is the same)."""
+    return {**RECIPE, **METHOD_RECIPES.get(ssl_method, {})}
 
 
 def check_intensity_window(window: Optional[Sequence[float]], field: str
@@ -222,6 +223,11 @@ class _Options:
     """The checks every option class shares: each field with ``choices`` holds one of them (or None), each device
     field a device name; then the class's own rules (:meth:`_check`), which may also normalise values."""
 
+    ALIASES: ClassVar[Mapping[str, Callable[[Any], Dict[str, Any]]]] = {}
+    """Option names this class still reads though they are no longer its fields (earlier names, configuration
+    files and run folders made before a change): name → a function of the value that gives the fields' values
+    (:func:`SFRSegmentLib.base.config_io.with_overrides` applies it)."""
+
     def __post_init__(self) -> None:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
@@ -269,21 +275,24 @@ class SamConfig(_Options):
     global_attn_indexes: Optional[Tuple[int, ...]] = option(
         None, "blocks with global attention (null: the arch's that exist at this depth)")
     window_size: int = option(14, "side of the windowed attention blocks' windows, in tokens")
-    patch_size: int = option(16, "side of the encoder's square input patches (tokens), in pixels")
+    token_size: int = option(16, "side of the square image patch each encoder token embeds, in pixels (a ViT's "
+                                 "patch embedding; tiny_vit's is fixed)")
     efficient_attention: bool = option(True, "attention without (N, N) score matrices: the same result with less "
                                              "memory and time (SFRSegmentLib.models.sam.attention)")
     gradient_checkpointing: bool = option(False, "recompute encoder blocks in the backward pass (less memory, more "
                                                  "time)")
 
+    ALIASES = {"patch_size": lambda value: {"token_size": value}}  # its name until the token size was told apart
+
     def _check(self) -> None:
-        _at_least(self, 1, "num_classes", "lora_rank", "window_size", "patch_size",
+        _at_least(self, 1, "num_classes", "lora_rank", "window_size", "token_size",
                   *(name for name in ("depth", "embed_dim", "num_heads") if getattr(self, name) is not None))
         if self.arch == TINY_VIT:
             self._check_tiny_vit()
             return
-        if self.image_size < 1 or self.image_size % self.patch_size:
-            raise InputError(f"image_size {self.image_size} must be a positive multiple of the patch size "
-                             f"{self.patch_size}", field="image_size")
+        if self.image_size < 1 or self.image_size % self.token_size:
+            raise InputError(f"image_size {self.image_size} must be a positive multiple of the token size "
+                             f"{self.token_size}", field="image_size")
         if self.encoder_embed_dim % self.encoder_num_heads:
             raise InputError(f"embed_dim {self.encoder_embed_dim} is not divisible by num_heads "
                              f"{self.encoder_num_heads}", field="num_heads")
@@ -333,8 +342,8 @@ class SamConfig(_Options):
 
     @property
     def token_grid(self) -> int:
-        """Side of the image encoder's token grid (64 for 1024² and patch 16; 64 for tiny_vit at 256²)."""
-        return self.image_size // (TINY_VIT_STRIDE if self.arch == TINY_VIT else self.patch_size)
+        """Side of the image encoder's token grid (64 for 1024² and tokens of 16 pixels; 64 for tiny_vit at 256²)."""
+        return self.image_size // (TINY_VIT_STRIDE if self.arch == TINY_VIT else self.token_size)
 
     @property
     def input_scaling(self) -> str:
@@ -484,10 +493,14 @@ class SSLConfig(_Options):
 class RetrainConfig(_Options):
     """Every option of stage R; the defaults are the reference recipe (:mod:`SFRSegmentLib.stages.retrain`)."""
 
-    method: str = option("sfr_mt", "re-training method: a semi-supervised method, with SAM's pseudo-labels (sfr_*; "
-                                   "sfr alone: labels and pseudo-labels only) or without", choices=METHODS)
-    iterations: Optional[int] = option(None, "re-training iterations; null: the method's recipe (6000; acmt and "
-                                             "sfr_acmt 8000)")
+    ssl_method: str = option("mt", "the semi-supervised method (supervised: the labeled volumes alone)",
+                             choices=SSL_METHODS)
+    pseudo_labels: str = option("sam", "where the SFR term's pseudo-labels of the unlabeled volumes come from: sam "
+                                       "(fine-tuned on the labeled volumes, finetune.base_checkpoint its backbone) "
+                                       "or none (the method alone). The option method, a name of both (sfr_mt: mt "
+                                       "with sam; sfr: supervised with sam; mt: mt with none), sets the two",
+                                choices=PSEUDO_LABEL_SOURCES)
+    iterations: Optional[int] = option(None, "re-training iterations; null: the method's recipe (6000; acmt 8000)")
     patch_size: Optional[Shape] = option(None, "the V-Net's training crop in voxels (H W D), multiples of 16; "
                                                "null: the run's patch_size")
     batch_labeled: int = option(2, "labeled crops per batch (per process under torchrun)")
@@ -496,7 +509,7 @@ class RetrainConfig(_Options):
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(1e-4, "SGD weight decay")
     lr_schedule: Optional[str] = option(None, "step: lr·lr_gamma^(it // lr_step); poly: lr·(1 - it/T)^lr_power; "
-                                              "null: the method's recipe (step; acmt and sfr_acmt poly)",
+                                              "null: the method's recipe (step; acmt poly)",
                                         choices=LR_SCHEDULES)
     lr_step: int = option(2500, "iterations between the step schedule's decays")
     lr_gamma: float = option(0.1, "factor of each step decay")
@@ -562,9 +575,17 @@ class RetrainConfig(_Options):
             raise InputError("init_weights_share averages the trained V-Net with init_weights: give init_weights, "
                              "or set it to 0", field="init_weights_share")
 
+    ALIASES = {"method": parse_method}
+
     @property
     def uses_pseudo_labels(self) -> bool:
-        return parse_method(self.method)[1]
+        return self.pseudo_labels != "none"
+
+    @property
+    def method(self) -> str:
+        """The name of the two choices (:data:`~SFRSegmentLib.base.choices.METHODS`), as the paper and run folders
+        name methods."""
+        return method_name(self.ssl_method, self.pseudo_labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -712,9 +733,10 @@ class RunConfig(_Options):
     sfrplus: SFRPlusConfig = option(factory=SFRPlusConfig, help="the SFR+ rounds")
     inference: InferenceConfig = option(factory=InferenceConfig, help="prediction")
     update: UpdateConfig = option(factory=UpdateConfig, help="updates of an earlier run (run --from)")
-    baseline_method: Optional[str] = option(None, "also re-train this method (e.g. supervised) without "
-                                                  "pseudo-labels, with the re-training options above, for a "
-                                                  "side-by-side comparison", choices=METHODS)
+    baseline_method: Optional[str] = option(None, "also re-train with this semi-supervised method (e.g. "
+                                                  "supervised), without pseudo-labels, with the re-training "
+                                                  "options above, for a side-by-side comparison",
+                                            choices=SSL_METHODS)
     baseline_init_weights: Optional[str] = option(None, "a V-Net file the baseline starts from instead of "
                                                         "retrain.init_weights (an update, run --from, sets it to "
                                                         "the parent run's baseline V-Net)")
@@ -777,7 +799,7 @@ class RunConfig(_Options):
         self._check_vnet_patch()
         finetune, retrain = self.finetune, self.retrain
         sam = finetune.sam if n_classes is None else dataclasses.replace(finetune.sam, num_classes=n_classes)
-        recipe = {name: value for name, value in method_recipe(retrain.method).items()
+        recipe = {name: value for name, value in method_recipe(retrain.ssl_method).items()
                   if getattr(retrain, name) is None}
         return dataclasses.replace(
             self,

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, TypeVar, Union
 
 from .errors import InputError, PathLike
 
@@ -41,6 +41,7 @@ def with_overrides(config: T, overrides: Mapping[str, Any], source: Optional[Pat
                          prefix or None)
     hints = typing.get_type_hints(type(config))
     known = {f.name for f in dataclasses.fields(config) if f.init}
+    overrides = _without_aliases(overrides, getattr(config, "ALIASES", {}), source, prefix)
     changes = {}
     for name, value in overrides.items():
         path = f"{prefix}{name}"
@@ -59,6 +60,28 @@ def with_overrides(config: T, overrides: Mapping[str, Any], source: Optional[Pat
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid value in {prefix.rstrip('.') or 'configuration'}: {exc}", source,
                          prefix.rstrip(".") or None) from exc
+
+
+def _without_aliases(overrides: Mapping[str, Any], aliases: Mapping[str, Callable[[Any], Dict[str, Any]]],
+                     source: Optional[PathLike], prefix: str) -> Mapping[str, Any]:
+    """``overrides`` with each alias (an option name the class still reads, see ``ALIASES`` in
+    :mod:`SFRSegmentLib.base.config`) replaced by the fields it stands for; InputError when a field is also given
+    with another value."""
+    if not any(name in aliases for name in overrides):
+        return overrides
+    fields = {name: value for name, value in overrides.items() if name not in aliases}
+    for alias in (name for name in overrides if name in aliases):
+        try:
+            implied = aliases[alias](overrides[alias])
+        except InputError as exc:
+            raise InputError(str(exc), source, f"{prefix}{alias}") from exc
+        for name, value in implied.items():
+            if name in fields and fields[name] != value:
+                raise InputError(f"{prefix}{alias} {overrides[alias]!r} means {prefix}{name} {value!r}, but "
+                                 f"{prefix}{name} is {fields[name]!r}: give one of the two", source,
+                                 f"{prefix}{alias}")
+            fields[name] = value
+    return fields
 
 
 def given_paths(overrides: Mapping[str, Any], prefix: str = "") -> FrozenSet[str]:

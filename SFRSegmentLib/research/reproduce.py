@@ -448,8 +448,8 @@ def _read_metrics(path: Path) -> List[Dict[str, str]]:
 
 def _simplified_stitching(config: Mapping[str, Any], method: str) -> bool:
     """Whether every patch the cell used is 96³ (the paper's simplified stitching, Table VI)."""
-    patches = [config["retrain"]["patch_size"]] + ([config["finetune"]["patch_size"]] if parse_method(method)[1]
-                                                    else [])
+    uses_sam = parse_method(method)["pseudo_labels"] != "none"
+    patches = [config["retrain"]["patch_size"]] + ([config["finetune"]["patch_size"]] if uses_sam else [])
     return all(tuple(p) == SIMPLIFIED_PATCH for p in patches)
 
 

@@ -34,7 +34,7 @@ from typing import Collection, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 
 from ..base.choices import STAGES
-from ..base.config import RunConfig, parse_method
+from ..base.config import RunConfig
 from ..base.config_io import to_dict
 from ..base.device import resolve_device
 from ..base.distributed import barrier, on_main_rank, ranks
@@ -205,17 +205,17 @@ def _run_stages(cohort: Cohort, truths: Truths, run: RunFolder, config: RunConfi
 def _without_missing_sam(config: RunConfig, progress: Progress) -> RunConfig:
     """``config``, or with ``sam_missing = "skip"`` and no pretrained SAM on this machine, its method without the
     SFR term (announced by a warning event): SAM fine-tuned from random weights would teach the V-Net noise."""
-    base, uses_sam = parse_method(config.retrain.method)
     checkpoint = config.finetune.base_checkpoint
-    if not uses_sam or config.sam_missing != "skip" or available_offline(checkpoint):
+    if not config.retrain.uses_pseudo_labels or config.sam_missing != "skip" or available_offline(checkpoint):
         return config
     progress(ProgressEvent(
         "validate", 1, 1, level="warning",
         message=f"no pretrained SAM checkpoint ({checkpoint or 'none given'}) is on this machine, so SAM is not "
-                f"fine-tuned (never from random weights): re-training {base} without the SFR term instead of "
-                f"{config.retrain.method}{' and without SFR+' if config.sfr_plus else ''}. To use SAM, download or "
+                f"fine-tuned (never from random weights): re-training {config.retrain.ssl_method} without the SFR term instead "
+                f"of {config.retrain.method}{' and without SFR+' if config.sfr_plus else ''}. To use SAM, download or "
                 f"import the checkpoint (docs/user-guide.md, SAM weights) and start a new run."))
-    return dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, method=base), sfr_plus=False)
+    return dataclasses.replace(config, retrain=dataclasses.replace(config.retrain, pseudo_labels="none"),
+                               sfr_plus=False)
 
 
 def manifest(cohort: Cohort, config: RunConfig) -> Dict[str, object]:

@@ -219,7 +219,7 @@ def remaining_work(cohort: Cohort, run: RunFolder, config: RunConfig) -> List[St
 
 
 def baseline_settings(config: RunConfig) -> RetrainConfig:
-    return dataclasses.replace(config.retrain, method=config.baseline_method,
+    return dataclasses.replace(config.retrain, ssl_method=config.baseline_method, pseudo_labels="none",
                                init_weights=config.baseline_init_weights or config.retrain.init_weights)
 
 

@@ -103,8 +103,11 @@ def finetune_inputs(config: FinetuneConfig, cohort: Cohort, base: Optional[Mappi
 
 
 def sam_identity(sam: Mapping[str, Any]) -> Dict[str, Any]:
-    """A SAM config dict without the settings that do not change its function (attention kernel, checkpointing)."""
-    return {name: value for name, value in sam.items() if name not in _SAM_EXECUTION_ONLY}
+    """A SAM config dict without the settings that do not change its function (attention kernel, checkpointing).
+    The token size keeps its earlier name, ``patch_size``, as records made before the rename hold it, so that
+    their fine-tuned SAMs stay current."""
+    return {"patch_size" if name == "token_size" else name: value for name, value in sam.items()
+            if name not in _SAM_EXECUTION_ONLY}
 
 
 # ---------------------------------------------------------------------------------------------------------------

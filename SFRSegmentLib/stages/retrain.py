@@ -269,7 +269,8 @@ class Trainer:
         if here.is_distributed and device.type == "cuda":
             # Batch statistics over the global batch, as in one process (torch's SyncBatchNorm is GPU-only).
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        self.method = build_method(config.method, self.student, config.ssl, config.iterations)
+        self.method = build_method(config.ssl_method, config.uses_pseudo_labels, self.student, config.ssl,
+                                   config.iterations)
         if config.batchnorm_statistics == "frozen":
             if config.init_weights is None:
                 raise InputError("frozen BatchNorm statistics need trained ones: give init_weights, or use batch",
@@ -434,12 +435,15 @@ def retrain_inputs(config: RetrainConfig, cohort: Cohort, pseudo_labels: Mapping
     """What determines the trained V-Net (:class:`~SFRSegmentLib.storage.provenance.Inputs`): the options except
     :data:`EXECUTION_ONLY`, the class values and the number of processes (the global batch is the per-process batch
     × processes); the labeled images and labels, the unlabeled images when the method learns from them; the identity
-    of each pseudo-label used."""
-    options = {name: value for name, value in to_dict(config).items() if name not in EXECUTION_ONLY}
+    of each pseudo-label used. The method is recorded by its name (``method``, the two fields' alias), as records
+    made before the two fields existed hold it, so that those V-Nets stay current."""
+    options = {name: value for name, value in to_dict(config).items()
+               if name not in EXECUTION_ONLY + ("ssl_method", "pseudo_labels")}
+    options["method"] = config.method
     options["class_values"] = sorted(int(v) for v in cohort.classes)
     options["processes"] = ranks().world_size
     files = case_files(cohort.labeled)
-    if learns_from_unlabeled(config.method):
+    if learns_from_unlabeled(config.ssl_method, config.uses_pseudo_labels):
         files.update(case_files(cohort.unlabeled, labels=False))
     upstream = {f"pseudo-label of case {name}": identity_of(path) for name, path in sorted(pseudo_labels.items())}
     if config.init_weights is not None:

@@ -3,10 +3,10 @@
 Each method turns one training step (the student's logits on a two-stream batch, labeled samples first) into its
 extra loss terms; the training loop (:mod:`SFRSegmentLib.stages.retrain`) adds the supervised term ½(CE + Dice) on the
 labeled samples, sums everything, steps the optimiser and then calls :meth:`SSLMethod.after_step`. Adding a method is
-its name in :data:`SFRSegmentLib.base.choices.BASE_METHODS` (the list the configuration, the command line and the Slicer
+its name in :data:`SFRSegmentLib.base.choices.SSL_METHODS` (the list the configuration, the command line and the Slicer
 module offer) and one new :class:`SSLMethod` subclass registered under it with :func:`register_method`; its SFR
-variant (``sfr_<name>``) comes for free, because the SFR term is an add-on (:class:`WithPseudoLabels`) around any
-method.
+variant (``retrain.pseudo_labels = "sam"``, named ``sfr_<name>``) comes for free, because the SFR term is an add-on
+(:class:`WithPseudoLabels`) around any method.
 
 Methods and the reference each one follows (the LA scripts; ``it`` is the 0-based iteration):
 
@@ -23,7 +23,7 @@ Methods and the reference each one follows (the LA scripts; ``it`` is the 0-base
   consistency on the unlabeled samples only, same masked mean and weight as above. Its script also trains for
   8,000 iterations with a poly learning rate, which a run applies to ``acmt`` and ``sfr_acmt`` unless
   ``retrain.iterations`` or ``retrain.lr_schedule`` is set (:func:`SFRSegmentLib.base.config.method_recipe`).
-* ``sfr`` and ``sfr_<method>``: the method plus the SFR term ½(CE + Dice) of the student on the unlabeled samples
+* pseudo-labels from SAM (``sfr`` and ``sfr_<method>``): the method plus the SFR term ½(CE + Dice) of the student on the unlabeled samples
   against their cached pseudo-labels, weight 1.0 (SFR's Eq. 7, constant as in the official code). Samples without
   a pseudo-label (SFR+ confident volumes) are left out of the term. ``sfr`` alone is self-training.
 
@@ -49,8 +49,8 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from ..base.choices import BASE_METHODS
-from ..base.config import SSLConfig, parse_method
+from ..base.choices import SSL_METHODS
+from ..base.config import SSLConfig
 
 DICE_SMOOTH = 1e-10
 """ε of the official soft Dice (SFR's ``losses.DiceLoss``), numerator and denominator."""
@@ -203,10 +203,10 @@ _METHODS: Dict[str, Type[SSLMethod]] = {}
 
 
 def register_method(name: str) -> Callable[[Type[SSLMethod]], Type[SSLMethod]]:
-    """Class decorator: make the method ``name`` of :data:`~SFRSegmentLib.base.choices.BASE_METHODS` (and so its SFR
+    """Class decorator: make the method ``name`` of :data:`~SFRSegmentLib.base.choices.SSL_METHODS` (and so its SFR
     variant ``sfr_<name>``) this class."""
-    if name not in BASE_METHODS:
-        raise ValueError(f"method {name!r} is not in SFRSegmentLib.base.choices.BASE_METHODS (add it there)")
+    if name not in SSL_METHODS:
+        raise ValueError(f"method {name!r} is not in SFRSegmentLib.base.choices.SSL_METHODS (add it there)")
 
     def register(cls: Type[SSLMethod]) -> Type[SSLMethod]:
         _METHODS[name] = cls
@@ -215,15 +215,16 @@ def register_method(name: str) -> Callable[[Type[SSLMethod]], Type[SSLMethod]]:
     return register
 
 
-def learns_from_unlabeled(name: str) -> bool:
-    """Whether the method called ``name`` draws the unlabeled stream (only the supervised ones do not)."""
-    return _METHODS[parse_method(name)[0]].uses_unlabeled
+def learns_from_unlabeled(ssl_method: str, with_pseudo_labels: bool) -> bool:
+    """Whether ``ssl_method`` (with or without pseudo-labels) draws the unlabeled stream (all but the supervised
+    method without pseudo-labels)."""
+    return with_pseudo_labels or _METHODS[ssl_method].uses_unlabeled
 
 
-def build_method(name: str, student: nn.Module, config: SSLConfig, total_iterations: int) -> SSLMethod:
-    """The method called ``name`` for this student (``sfr_*`` names get the pseudo-label add-on)."""
-    base, with_pseudo_labels = parse_method(name)
-    method = _METHODS[base](student, config, total_iterations)
+def build_method(ssl_method: str, with_pseudo_labels: bool, student: nn.Module, config: SSLConfig,
+                 total_iterations: int) -> SSLMethod:
+    """The semi-supervised method ``ssl_method`` for this student, with the pseudo-label add-on when asked."""
+    method = _METHODS[ssl_method](student, config, total_iterations)
     return WithPseudoLabels(method) if with_pseudo_labels else method
 
 

@@ -191,7 +191,7 @@ def _image_encoder(config: SamConfig) -> nn.Module:
         mlp_ratio=4,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         num_heads=config.encoder_num_heads,
-        patch_size=config.patch_size,
+        patch_size=config.token_size,
         qkv_bias=True,
         use_rel_pos=True,
         global_attn_indexes=config.encoder_global_attn_indexes,
