@@ -23,7 +23,15 @@ from SFRSegmentLib.models.vnet import load_vnet
 from SFRSegmentLib.storage.volumes import read_volume, write_volume
 from SFRSegmentLib.base.progress import Cancellation, Cancelled, ProgressEvent
 from SFRSegmentLib.storage.provenance import read_record
-from SFRSegmentLib.stages.retrain import TrainingCase, TwoStreamSampler, draw_batch, learning_rate, retrain
+from SFRSegmentLib.stages.retrain import (
+    TrainingCase,
+    TwoStreamSampler,
+    class_volumes,
+    draw_batch,
+    learning_rate,
+    plausible_pseudo_labels,
+    retrain,
+)
 from SFRSegmentLib.storage.runfolder import RunFolder
 from SFRSegmentLib.research.synthetic import TRUTH_FOLDER, make_synthetic_cohort
 
@@ -133,6 +141,37 @@ def test_crops_and_their_targets_are_cut_together() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Runs
+
+
+def test_near_empty_pseudo_labels_are_left_out_of_the_sfr_term_and_the_rest_kept(cohort: Cohort,
+                                                                                  tmp_path: Path) -> None:
+    run = run_with_pseudo_labels(cohort, tmp_path / "run")
+    missed, partial, whole = (case.name for case in cohort.unlabeled)
+    smallest = class_volumes(cohort.labeled[0].label, [1])[1]
+    for name, keep in ((missed, 0.0), (partial, 0.05)):  # SAM found nothing, or 5 % of the structure's voxels
+        label = read_volume(run.pseudo_label(name))
+        inside = np.flatnonzero(label.array == 1)
+        array = label.array.copy().ravel()
+        array[inside[int(keep * inside.size):]] = 0
+        write_volume(label.with_array(array.reshape(label.array.shape)), run.pseudo_label(name))
+    paths = {case.name: run.pseudo_label(case.name) for case in cohort.unlabeled}
+    shares = {name: class_volumes(path, [1])[1] / smallest for name, path in paths.items()}
+    assert shares[missed] == 0 and shares[partial] < shares[whole]
+    threshold = (shares[partial] + shares[whole]) / 2
+    events = []
+    kept = plausible_pseudo_labels(cohort, paths, threshold, events.append)
+    assert kept == {whole: paths[whole]}
+    assert [e.message.split(":")[0] for e in events] == sorted([missed, partial])
+    assert all("left out of the SFR term" in e.message for e in events)
+    assert plausible_pseudo_labels(cohort, paths, 0.0) == paths  # 0: every one is used
+    # In a re-training: the left-out cases are named, it trains, and a rerun reuses the V-Net.
+    config = RetrainConfig(**parse_method("sfr_mt"), pseudo_label_min_volume=threshold, **TINY)
+    events = []
+    retrain(cohort, run, config, progress=events.append)
+    assert sum("left out of the SFR term" in e.message for e in events) == 2 and run.vnet_weights.is_file()
+    events = []
+    retrain(cohort, run, config, progress=events.append)
+    assert [e.message for e in events] == ["already re-trained"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -544,6 +544,12 @@ class RetrainConfig(_Options):
     checkpoint_every: int = option(1000, "iterations between resumable checkpoints")
     init_weights: Optional[str] = option(None, "a V-Net file (vnet.pt) of the same architecture and classes to start "
                                                "from instead of random weights (an update, run --from, sets it)")
+    pseudo_label_min_volume: float = option(0.0, "leave out of the SFR term each unlabeled volume whose pseudo-label "
+                                                 "gives some class less than this share of the smallest volume (mm³) "
+                                                 "that class has in the labeled volumes: SAM's misses (a near-empty "
+                                                 "pseudo-label) would otherwise teach the V-Net that the structure "
+                                                 "is absent there; the left-out volumes keep the semi-supervised "
+                                                 "method's own terms; 0: every pseudo-label is used (the paper)")
     init_weights_share: float = option(0.0, "the saved V-Net averages init_weights, with this share, and the trained "
                                             "weights, tensor by tensor (BatchNorm statistics included): weight "
                                             "interpolation keeps what the start had learned while adding what the "
@@ -556,7 +562,8 @@ class RetrainConfig(_Options):
     def _check(self) -> None:
         _at_least(self, 1, "batch_labeled", "lr_step", "n_filters", "checkpoint_every",
                   *(("iterations",) if self.iterations is not None else ()))
-        _at_least(self, 0, "batch_unlabeled", "lr", "momentum", "weight_decay", "lr_gamma", "lr_power")
+        _at_least(self, 0, "batch_unlabeled", "lr", "momentum", "weight_decay", "lr_gamma", "lr_power",
+                  "pseudo_label_min_volume")
         if self.downsampling is not None:
             strides = tuple(tuple(int(s) for s in stride) for stride in self.downsampling)
             if len(strides) != 4 or any(len(stride) != 3 or min(stride) < 1 for stride in strides):

@@ -72,7 +72,7 @@ from .training import train
 STAGE = "retrain"
 EXECUTION_ONLY = ("checkpoint_every", "device", "init_weights")
 """Options that do not change the trained V-Net, or (``init_weights``) that its inputs identify by content."""
-ADDED_OPTIONS = {"in_plane_rotation_only": False}
+ADDED_OPTIONS = {"in_plane_rotation_only": False, "pseudo_label_min_volume": 0.0}
 """Options added since V-Nets were first trained, with the value those were trained with (options whose older
 value is null need no entry: a missing record reads as null)."""
 
@@ -189,6 +189,34 @@ def required_pseudo_labels(cohort: Cohort, run: RunFolder) -> Dict[str, Path]:
             raise InputError("pseudo-label missing: this method needs the cached SAM pseudo-label of every "
                              "unlabeled case (run the pseudolabel stage first)", path)
     return paths
+
+
+def class_volumes(path: Path, classes: Sequence[int]) -> Dict[int, float]:
+    """Class value → its volume in mm³ in the label file ``path``."""
+    label = read_volume(path)
+    voxel = float(np.prod(label.spacing))
+    counts = np.bincount(label.array.ravel().astype(np.int64), minlength=max(classes) + 1)
+    return {value: float(counts[value]) * voxel for value in classes}
+
+
+def plausible_pseudo_labels(cohort: Cohort, pseudo_labels: Mapping[str, Path], min_share: float,
+                            progress: Progress = ignore_progress) -> Dict[str, Path]:
+    """``pseudo_labels`` without those that give some class less than ``min_share`` of the smallest volume the class
+    has in the labeled volumes (``retrain.pseudo_label_min_volume``); a progress event names each one left out."""
+    classes = sorted(int(value) for value in cohort.classes)
+    labeled = [class_volumes(case.label, classes) for case in cohort.labeled]
+    floor = {value: min_share * min(volumes[value] for volumes in labeled) for value in classes}
+    kept = {}
+    for name, path in sorted(pseudo_labels.items()):
+        volumes = class_volumes(path, classes)
+        short = [value for value in classes if volumes[value] < floor[value]]
+        if not short:
+            kept[name] = path
+            continue
+        shares = ", ".join(f"class {value} {volumes[value] / (floor[value] / min_share):.2f}" for value in short)
+        progress(ProgressEvent(STAGE, 0, 1, message=f"{name}: its pseudo-label is left out of the SFR term ({shares} "
+                                                    f"of the smallest labeled volume, below {min_share})"))
+    return kept
 
 
 def load_training_cases(cohort: Cohort, cases: Sequence[Case], pseudo_labels: Mapping[str, Path],
@@ -375,6 +403,8 @@ def retrain(cohort: Cohort, run: RunFolder, config: RetrainConfig, pseudo_labels
     if reuse_trained([run.vnet_weights, vnet_info_path(run.vnet_weights)], inputs, STAGE, config.iterations, progress,
                      "already re-trained", "the V-Net is stale ({reason}): re-training it again"):
         return run.vnet_weights
+    if config.pseudo_label_min_volume:  # a function of the pseudo-labels, which the inputs identify
+        pseudo_labels = plausible_pseudo_labels(cohort, pseudo_labels, config.pseudo_label_min_volume, progress)
     labeled = load_training_cases(cohort, cohort.labeled, pseudo_labels, config.spacing, config.intensity_window)
     unlabeled = (load_training_cases(cohort, cohort.unlabeled, pseudo_labels, config.spacing,
                                      config.intensity_window)
