@@ -178,6 +178,12 @@ def test_an_unfinished_job_is_found_by_its_inputs_content_and_settings_not_by_no
     assert match.folder == job.folder and match.volume_ids == job.volume_ids
     job.record_state(JobState.CANCELLED)
     assert found().folder == job.folder
+    old_style = json.loads(job.config.read_text())  # a job folder made before the method had two fields
+    retrain = old_style["retrain"]
+    assert (retrain.pop("ssl_method"), retrain.pop("pseudo_labels")) == ("mt", "sam")
+    job.config.write_text(json.dumps({**old_style, "retrain": {**retrain, "method": "sfr_mt"}}))
+    assert found().folder == job.folder
+    assert found(run_settings=dataclasses.replace(settings, pseudo_labels="none")) is None
 
     other = _reloaded_scene(scene)
     match = found(other)

@@ -35,6 +35,7 @@ from .jobs import (
     TrainingJob,
     TrainingResults,
     check_inputs,
+    engine_config,
     import_training_results,
     input_fingerprints,
     damaged_copy_error,
@@ -132,14 +133,15 @@ def unfinished_job(jobs_root: Path, inputs: Sequence[CaseInput], segment_names: 
     job of the same place, configuration, segments and number of volumes exists.
     """
     check_inputs(inputs, segment_names)
-    overrides = run_config(settings)
+    wanted = engine_config(run_config(settings))
     candidates = []
     for folder in _job_folders(jobs_root):
         try:
             job = TrainingJob.load(folder)
+            same = engine_config(job.overrides, job.config) == wanted
         except InputError:
             continue  # a damaged job is no one's to continue
-        if (job.server == server_url and job.overrides == overrides
+        if (job.server == server_url and same
                 and [c.name for c in job.classes] == list(segment_names)
                 and len(job.cases) == len(inputs) and job_state(job, is_running)[0] in RESUMABLE):
             candidates.append(job)

@@ -206,6 +206,13 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
     return config
 
 
+def engine_config(overrides: Dict[str, Any], source: Optional[Path] = None) -> Any:
+    """The configuration the engine runs with these overrides of their preset (SFRSegmentLib.base.config.RunConfig):
+    two jobs whose overrides say the same in other words (a method by its name or by its two fields, as job folders
+    made before and after the two fields hold it) have equal ones. InputError for overrides the engine refuses."""
+    return with_overrides(preset(overrides.get("preset", PRESETS[0])), overrides, source)
+
+
 def new_node_preset(parameter_node: vtkMRMLScriptedModuleNode, has_cuda_gpu: Callable[[], bool]) -> Optional[str]:
     """The preset a parameter node without one starts on: ``paper`` with a CUDA GPU, ``cpu`` without.
 
