@@ -550,14 +550,12 @@ def _add_stage_options(parser: argparse.ArgumentParser, section: str, flags: Map
 
 def _given_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The configuration flags given on the command line, as nested overrides (``{"retrain": {"lr": 0.02}}``)."""
+    from .base.config_io import set_option
+
     overrides: Dict[str, Any] = {}
     for dest, value in vars(args).items():
         if dest.startswith(_OPTION_DEST) and value is not None:
-            *sections, name = dest[len(_OPTION_DEST):].split(".")
-            node = overrides
-            for section in sections:
-                node = node.setdefault(section, {})
-            node[name] = value
+            set_option(overrides, dest[len(_OPTION_DEST):], value)
     return overrides
 
 

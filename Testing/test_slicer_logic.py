@@ -296,7 +296,8 @@ def test_run_configuration_holds_only_what_differs_from_the_preset():
     assert error.value.field == "retrain.ssl_method"
     # A script may name the method as the paper does, or give its two parts.
     assert RunSettings(method="sfr_uamt") == RunSettings(ssl_method="uamt", pseudo_labels="sam")
-    assert RunSettings(method="supervised").method_name == "supervised"
+    assert (RunSettings(method="supervised").ssl_method, RunSettings(method="supervised").pseudo_labels) == (
+        "supervised", "none")
     # The engine's configuration checks the settings: a GPU by number is a device, a V-Net patch must suit the V-Net.
     assert jobs.run_config(RunSettings(device="cuda:1"))["device"] == "cuda:1"
     with pytest.raises(InputError, match="device must be one of auto, cuda, cpu or cuda:N"):

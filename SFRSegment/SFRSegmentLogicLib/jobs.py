@@ -57,10 +57,9 @@ from SFRSegmentLib.base.choices import (
     PRESETS,
     PSEUDO_LABEL_SOURCES,
     SSL_METHODS,
-    method_name,
 )
 from SFRSegmentLib.base.config import RetrainConfig, parse_method, preset
-from SFRSegmentLib.base.config_io import with_overrides
+from SFRSegmentLib.base.config_io import set_option, with_overrides
 from SFRSegmentLib.data.cohort import CLASSES_FILE, IMAGE_STEM, LABEL_STEM
 from SFRSegmentLib.base.errors import InputError
 from SFRSegmentLib.storage.provenance import file_digest
@@ -155,15 +154,9 @@ class RunSettings:
             names = spec.metadata["parameter"]
             stored = [read(name) for name in ((names,) if isinstance(names, str) else names)]
             stored = [getattr(value, "value", value) for value in stored]
-            unset = any(value == spec.metadata["unset"] for value in stored) if spec.metadata["unset"] is not None \
-                else False
+            unset = spec.metadata["unset"] is not None and spec.metadata["unset"] in stored
             values[spec.name] = None if unset else stored[0] if isinstance(names, str) else tuple(stored)
         return cls(**values)
-
-    @property
-    def method_name(self) -> str:
-        """The paper's name of the two method choices (``sfr_mt``)."""
-        return method_name(self.ssl_method, self.pseudo_labels)
 
     @property
     def uses_checkpoint(self) -> bool:
@@ -192,11 +185,7 @@ def run_config(settings: RunSettings) -> Dict[str, Any]:
     for spec in dataclasses.fields(settings):
         value = getattr(settings, spec.name)
         for path in spec.metadata["config"] if value is not None else ():
-            *sections, name = path.split(".")
-            node = config
-            for section in sections:
-                node = node.setdefault(section, {})
-            node[name] = list(value) if isinstance(value, tuple) else value
+            set_option(config, path, list(value) if isinstance(value, tuple) else value)
     if settings.uses_checkpoint:
         config["finetune"]["base_checkpoint"] = settings.model
         entry = load_catalog().get(settings.model)

@@ -84,6 +84,15 @@ def _without_aliases(overrides: Mapping[str, Any], aliases: Mapping[str, Callabl
     return fields
 
 
+def set_option(overrides: Dict[str, Any], path: str, value: Any) -> None:
+    """Set the option at the dotted ``path`` in the nested overrides ``overrides`` (``retrain.lr`` →
+    ``{"retrain": {"lr": value}}``), creating its sections."""
+    *sections, name = path.split(".")
+    for section in sections:
+        overrides = overrides.setdefault(section, {})
+    overrides[name] = value
+
+
 def given_paths(overrides: Mapping[str, Any], prefix: str = "") -> FrozenSet[str]:
     """The dotted paths of the options that ``overrides`` sets (a section's object counts for each of its keys)."""
     paths = set()
