@@ -50,6 +50,19 @@ def test_an_option_added_later_keeps_older_records_current_while_it_has_their_va
     assert "added_options" not in Inputs({"lr": 0.01}, added_options={"flip": False}).as_dict()
 
 
+def test_an_option_added_to_a_section_later_is_read_into_that_section():
+    older = Inputs({"lr": 0.01, "ssl": {"ema": 0.99}}).as_dict()
+    added = {"ssl": {"agree": False}, "flip": False}
+    assert Inputs({"lr": 0.01, "flip": False, "ssl": {"ema": 0.99, "agree": False}},
+                  added_options=added).changes_from(older) == []
+    assert Inputs({"lr": 0.01, "flip": False, "ssl": {"ema": 0.99, "agree": True}},
+                  added_options=added).changes_from(older) == ["options changed: ssl.agree"]
+    # a recorded value wins over the default: a record made with the option keeps what it was made with
+    newer = Inputs({"lr": 0.01, "ssl": {"ema": 0.99, "agree": True}}).as_dict()
+    assert Inputs({"lr": 0.01, "flip": False, "ssl": {"ema": 0.99, "agree": False}},
+                  added_options=added).changes_from(newer) == ["options changed: ssl.agree"]
+
+
 def test_records_identify_outputs_and_files_without_one_by_content(tmp_path):
     output, other = tmp_path / "out.nrrd", tmp_path / "second.nrrd"
     inputs = Inputs({"a": (1, 2)}, {"image of case x": "abc"})

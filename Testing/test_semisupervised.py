@@ -19,6 +19,7 @@ from SFRSegmentLib.stages.semisupervised import (
     consistency_weight,
     ema_update,
     masked_mean,
+    masked_segmentation_loss,
     normalised_entropy,
     ramped_threshold,
     segmentation_loss,
@@ -139,6 +140,23 @@ def test_segmentation_loss_matches_hand_computation() -> None:
     assert float(value) == pytest.approx(0.5 * (cross_entropy + dice), rel=1e-5)
 
 
+def test_masked_segmentation_loss_counts_only_the_masked_voxels() -> None:
+    torch.manual_seed(1)
+    logits, labels = torch.randn(2, 3, 4, 3, 2), torch.randint(0, 3, (2, 4, 3, 2))
+    full = torch.ones(2, 4, 3, 2, dtype=torch.bool)
+    assert float(masked_segmentation_loss(logits, labels, full)) == pytest.approx(
+        float(segmentation_loss(logits, labels)), rel=1e-5)
+    # Half the voxels: the loss of those voxels alone, whatever the other half holds
+    mask = full.clone()
+    mask[..., 1] = False
+    masked = float(masked_segmentation_loss(logits, labels, mask))
+    assert masked == pytest.approx(float(segmentation_loss(logits[..., :1], labels[..., :1])), rel=1e-5)
+    scrambled_logits, scrambled_labels = logits.clone(), labels.clone()
+    scrambled_logits[..., 1], scrambled_labels[..., 1] = 5 * torch.randn(2, 3, 4, 3), (labels[..., 1] + 1) % 3
+    assert float(masked_segmentation_loss(scrambled_logits, scrambled_labels, mask)) == pytest.approx(masked, rel=1e-5)
+    assert float(masked_segmentation_loss(logits, labels, torch.zeros_like(full))) == pytest.approx(0.0, abs=1e-6)
+
+
 def _step(logits: torch.Tensor, n_labeled: int, iteration: int = 0, **pseudo) -> Step:
     images = torch.zeros(logits.shape[0], 1, *logits.shape[2:])
     return Step(iteration, images, logits, n_labeled, **pseudo)
@@ -192,6 +210,24 @@ def test_pseudo_label_term_uses_only_unlabeled_samples_with_a_pseudo_label() -> 
     assert float(term.value) == pytest.approx(float(segmentation_loss(logits[2:], pseudo[1:])))
     (none,) = method.losses(_step(logits, 1, pseudo_labels=pseudo, has_pseudo_label=torch.tensor([False, False])))
     assert float(none.value) == 0.0
+
+
+def test_pseudo_label_agreement_keeps_the_voxels_where_the_teacher_agrees() -> None:
+    # The teacher says class 0 at voxel 0 and class 1 at voxel 1; the pseudo-label says 0 at both.
+    teacher = FixedLogits(two_voxel_logits((5.0, 0.0), (0.0, 5.0)))
+    config = SSLConfig(teacher_noise_std=0.0, pseudo_label_agreement=True)
+    method = build_method("mt", True, teacher, config, 10)
+    logits = torch.randn(3, 2, 2, 1, 1)
+    pseudo = torch.zeros(2, 2, 1, 1, dtype=torch.long)
+    _, term = method.losses(_step(logits, 1, pseudo_labels=pseudo, has_pseudo_label=torch.tensor([True, True])))
+    assert float(term.value) == pytest.approx(float(segmentation_loss(logits[1:, :, :1], pseudo[:, :1])), rel=1e-5)
+    assert method.base.teacher.calls == [2, 3]  # a pass of the unlabeled samples, then the consistency's
+    # Without a teacher the student's own prediction is the reference: where it agrees everywhere, all voxels count.
+    self_training = build_method("supervised", True, FixedLogits(torch.zeros(2, 2, 1, 1)), config, 10)
+    student = two_voxel_logits((3.0, 0.0), (0.0, 3.0)).expand(3, -1, -1, -1, -1)
+    agreeing = student.argmax(dim=1)[1:]
+    (own,) = self_training.losses(_step(student, 1, pseudo_labels=agreeing, has_pseudo_label=torch.tensor([True, True])))
+    assert float(own.value) == pytest.approx(float(segmentation_loss(student[1:], agreeing)), rel=1e-5)
 
 
 def test_sfr_variant_adds_the_pseudo_label_term_to_the_method() -> None:

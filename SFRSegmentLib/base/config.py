@@ -478,6 +478,9 @@ class SSLConfig(_Options):
     acmt_threshold_end: float = option(0.95, "AC-MT: the threshold's end (see acmt_threshold_start)")
     pseudo_label_weight: float = option(1.0, "weight of the SFR pseudo-label term ½(CE + Dice) (constant, as in the "
                                              "official code)")
+    pseudo_label_agreement: bool = option(False, "SFR term only on the voxels where the pseudo-label agrees with the "
+                                                 "method's prediction (the teacher's for the Mean-Teacher methods, "
+                                                 "else the student's); off: every voxel, as the paper")
 
     def _check(self) -> None:
         _at_least(self, 0, "consistency", "consistency_rampup", "teacher_noise_std", "teacher_noise_clip",

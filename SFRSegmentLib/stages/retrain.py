@@ -72,7 +72,8 @@ from .training import train
 STAGE = "retrain"
 EXECUTION_ONLY = ("checkpoint_every", "device", "init_weights")
 """Options that do not change the trained V-Net, or (``init_weights``) that its inputs identify by content."""
-ADDED_OPTIONS = {"in_plane_rotation_only": False, "pseudo_label_min_volume": 0.0}
+ADDED_OPTIONS = {"in_plane_rotation_only": False, "pseudo_label_min_volume": 0.0,
+                 "ssl": {"pseudo_label_agreement": False}}
 """Options added since V-Nets were first trained, with the value those were trained with (options whose older
 value is null need no entry: a missing record reads as null)."""
 

@@ -25,7 +25,10 @@ Methods and the reference each one follows (the LA scripts; ``it`` is the 0-base
   ``retrain.iterations`` or ``retrain.lr_schedule`` is set (:func:`SFRSegmentLib.base.config.method_recipe`).
 * pseudo-labels from SAM (``sfr`` and ``sfr_<method>``): the method plus the SFR term ½(CE + Dice) of the student on the unlabeled samples
   against their cached pseudo-labels, weight 1.0 (SFR's Eq. 7, constant as in the official code). Samples without
-  a pseudo-label (SFR+ confident volumes) are left out of the term. ``sfr`` alone is self-training.
+  a pseudo-label (SFR+ confident volumes) are left out of the term. ``sfr`` alone is self-training. With
+  ``pseudo_label_agreement`` (not in the paper) the term counts only the voxels where the pseudo-label agrees with
+  the method's own prediction (:meth:`SSLMethod.prediction`: the teacher's for the Mean-Teacher methods), so that
+  where SAM and the 3D network disagree the network is not pulled towards SAM.
 
 Generalisation beyond the binary LA scripts: C = K + 1 classes replaces the hard-coded 2 (entropy normalised by
 ln C, masked means over C channels). Dice everywhere is the official multi-class soft Dice over the K+1 classes
@@ -46,8 +49,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, MaskedDiceLoss
+from monai.networks import one_hot
 from torch import nn
+from torch.nn import functional
 
 from ..base.choices import SSL_METHODS
 from ..base.config import SSLConfig
@@ -122,9 +127,24 @@ _DICE_CE = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, s
                       smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH, lambda_dice=0.5, lambda_ce=0.5)
 
 
+_MASKED_DICE = MaskedDiceLoss(include_background=True, softmax=True, squared_pred=True, batch=True,
+                              smooth_nr=DICE_SMOOTH, smooth_dr=DICE_SMOOTH)
+
+
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """½(CE + Dice) of logits (B, C, ...) against class indices (B, ...): the supervised and the SFR term."""
     return _DICE_CE(logits.float(), labels.unsqueeze(1))
+
+
+def masked_segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`segmentation_loss` over the voxels where ``mask`` (B, ...) is true: the CE's mean and the Dice's sums
+    run over those voxels only (equal to it where the mask is full; 0 where it is empty)."""
+    logits, weights = logits.float(), mask.to(torch.float32)
+    cross_entropy = torch.sum(functional.cross_entropy(logits, labels, reduction="none") * weights)
+    cross_entropy = cross_entropy / torch.clamp(torch.sum(weights), min=1.0)
+    # The target is made one-hot before masking: a masked class index would read as background.
+    target = one_hot(labels.unsqueeze(1), num_classes=logits.shape[1])
+    return 0.5 * cross_entropy + 0.5 * _MASKED_DICE(logits, target, weights.unsqueeze(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +203,10 @@ class SSLMethod:
         (autocast), so the teacher's forward passes run at the student's precision; autocast leaves the loss
         arithmetic on float32 tensors in float32."""
         return []
+
+    def prediction(self, step: Step) -> torch.Tensor:
+        """The method's class indices for the unlabeled samples, without gradient: the student's own."""
+        return step.unlabeled_logits.detach().argmax(dim=1)
 
     def after_step(self, student: nn.Module, iteration: int) -> None:
         """Called after the optimiser step of ``iteration``."""
@@ -256,6 +280,10 @@ class MeanTeacherFamily(SSLMethod):
         with torch.no_grad():
             return self.teacher(images + teacher_noise(images, self.config)).float()
 
+    def prediction(self, step: Step) -> torch.Tensor:
+        """The teacher's class indices for the unlabeled samples (one more noisy teacher pass)."""
+        return self.teacher_logits(step.unlabeled_images).argmax(dim=1)
+
     def consistency_term(self, step: Step, value: torch.Tensor) -> List[LossTerm]:
         return [LossTerm("consistency", value, consistency_weight(step.iteration, self.config))]
 
@@ -316,7 +344,8 @@ class AmbiguityConsensusMeanTeacher(MeanTeacherFamily):
 
 
 class WithPseudoLabels(SSLMethod):
-    """A method plus SFR's pseudo-label term ½(CE + Dice) on the unlabeled samples that have a pseudo-label."""
+    """A method plus SFR's pseudo-label term ½(CE + Dice) on the unlabeled samples that have a pseudo-label (with
+    ``pseudo_label_agreement``, on their voxels where the base method's prediction agrees)."""
 
     uses_unlabeled = True
 
@@ -330,10 +359,17 @@ class WithPseudoLabels(SSLMethod):
             raise ValueError("an SFR method needs the batch's pseudo-labels")
         rows = step.has_pseudo_label
         if bool(rows.any()):
-            value = segmentation_loss(step.unlabeled_logits[rows], step.pseudo_labels[rows])
+            logits, targets = step.unlabeled_logits[rows], step.pseudo_labels[rows]
+            if self.config.pseudo_label_agreement:
+                value = masked_segmentation_loss(logits, targets, self.base.prediction(step)[rows] == targets)
+            else:
+                value = segmentation_loss(logits, targets)
         else:
             value = step.logits.new_zeros(())
         return self.base.losses(step) + [LossTerm("pseudo_label", value, self.config.pseudo_label_weight)]
+
+    def prediction(self, step: Step) -> torch.Tensor:
+        return self.base.prediction(step)
 
     def after_step(self, student: nn.Module, iteration: int) -> None:
         self.base.after_step(student, iteration)

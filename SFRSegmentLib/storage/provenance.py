@@ -64,7 +64,8 @@ class Inputs:
     upstream: Mapping[str, str] = field(default_factory=dict)
     added_options: Mapping[str, Any] = field(default_factory=dict)
     """Options added after records existed → the value a record without them was made with (so that adding an
-    option does not make every earlier output stale); not recorded, only used to read older records."""
+    option does not make every earlier output stale); nested like the options; not recorded, only used to read older
+    records."""
 
     def as_dict(self) -> Dict[str, Any]:
         # A JSON round trip makes tuples lists, so that a record read back compares equal.
@@ -78,7 +79,7 @@ class Inputs:
         if not isinstance(recorded, Mapping) or not all(isinstance(recorded.get(s) or {}, Mapping) for s in sections):
             return ["no record of its inputs"]
         now = self.as_dict()
-        options = _changed_fields({**self.added_options, **(recorded.get("options") or {})}, now["options"])
+        options = _changed_fields(_with_defaults(recorded.get("options") or {}, self.added_options), now["options"])
         changes = [f"options changed: {', '.join(options)}"] if options else []
         for kind in ("upstream", "files"):
             before, after = recorded.get(kind) or {}, now[kind]
@@ -165,6 +166,17 @@ def case_files(cases: Iterable[Any], labels: bool = True) -> Dict[str, str]:
         if labels and case.label is not None:
             files[f"label of case {case.name}"] = file_digest(case.label)
     return files
+
+
+def _with_defaults(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    """``options`` with each of ``defaults`` it lacks added, section by section."""
+    merged = dict(options)
+    for name, default in defaults.items():
+        if isinstance(default, Mapping) and isinstance(merged.get(name), Mapping):
+            merged[name] = _with_defaults(merged[name], default)
+        else:
+            merged.setdefault(name, default)
+    return merged
 
 
 def _changed_fields(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> List[str]:
