@@ -94,6 +94,17 @@ def parameter_fields():
     return fields
 
 
+def parameter_ranges():
+    """{field: (low, high)} of the SFRSegmentParameterNode fields annotated with WithinRange(low, high)."""
+    ranges = {}
+    for statement in module_class("SFRSegmentParameterNode").body:
+        if isinstance(statement, ast.AnnAssign):
+            for call in ast.walk(statement.annotation):
+                if isinstance(call, ast.Call) and ast.unparse(call.func) == "WithinRange":
+                    ranges[statement.target.id] = tuple(ast.literal_eval(argument) for argument in call.args)
+    return ranges
+
+
 def module_code(*, classes=(), functions=(), assignments=(), widget_methods=(), **names):
     """A namespace running the named classes, functions and module-level assignments of SFRSegment.py, and the named
     SFRSegmentWidget methods as methods of its class ``Widget``; ``names`` are what they use besides, and ``_``
@@ -224,15 +235,17 @@ def test_each_run_setting_is_a_parameter_node_field_of_a_kind_that_holds_it():
 
     from SFRSegmentLogicLib.jobs import RunSettings
 
-    fields = parameter_fields()
+    fields, ranges = parameter_fields(), parameter_ranges()
     kinds = {str: {"str", "enum"}, bool: {"bool"}}
     for spec in dataclasses.fields(RunSettings):
         names = spec.metadata["parameter"]
         for name in (names,) if isinstance(names, str) else names:
             expected = kinds.get(type(spec.default), {"int"}) if spec.default is not None else {"int"}
             assert fields.get(name) in expected, (spec.name, name, fields.get(name))
-    source = ast.unparse(module_class("SFRSegmentParameterNode"))
-    assert "seed: Annotated[int, WithinRange(-1," in source and "batchSize: Annotated[int, WithinRange(0," in source
+            unset = spec.metadata["unset"]
+            if unset is not None:
+                low, high = ranges[name]
+                assert low <= unset <= high, (spec.name, name, unset, ranges[name])
 
 
 def test_user_visible_strings_are_translatable():
