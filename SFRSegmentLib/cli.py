@@ -108,7 +108,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.server:
         from .base.config_io import load_overrides
-        from .jobserver.remote import merged, predict_remotely
+        from .base.config_io import merged
+        from .jobserver.remote import predict_remotely
 
         given = _given_options(args)
         section = merged(load_overrides(args.config) if args.config else {}, given.get("inference", {}))

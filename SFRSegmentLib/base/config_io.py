@@ -93,6 +93,17 @@ def set_option(overrides: Dict[str, Any], path: str, value: Any) -> None:
     overrides[name] = value
 
 
+def merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``top``'s values over it, nested objects merged key by key."""
+    result = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
 def given_paths(overrides: Mapping[str, Any], prefix: str = "") -> FrozenSet[str]:
     """The dotted paths of the options that ``overrides`` sets (a section's object counts for each of its keys)."""
     paths = set()

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from ..base.config_io import merged
 from ..base.errors import ERROR_PREFIX, EXIT_BAD_INPUT, InputError
 from ..base.events import parse_progress_line
 from ..storage.atomic import atomic_write_text
@@ -302,12 +303,3 @@ def _add_folder(files: Dict[str, Path], prefix: str, folder: Path) -> None:
             files[f"{prefix}/{relative.as_posix()}"] = path
 
 
-def merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
-    """``base`` with ``top``'s values over it, nested objects merged key by key."""
-    result = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
-            result[key] = merged(result[key], value)
-        else:
-            result[key] = value
-    return result

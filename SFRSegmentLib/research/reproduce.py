@@ -54,6 +54,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, TextI
 
 from ..base.choices import METHODS
 from ..base.config import parse_method
+from ..base.config_io import merged
 from ..base.errors import InputError, PathLike
 from ..base.progress import Cancelled
 from ..data.cohort import IMAGE_STEM, LABEL_STEM
@@ -232,16 +233,8 @@ def cell_settings(protocol: Protocol, cell: Cell) -> Dict[str, Any]:
 
 def cell_overrides(protocol: Protocol, cell: Cell) -> Dict[str, Any]:
     """The protocol's overrides with the cell's method and seed (both stages' seeds) set."""
-    return _merged(protocol.overrides, {"finetune": {"seed": cell.seed},
+    return merged(protocol.overrides, {"finetune": {"seed": cell.seed},
                                         "retrain": {"method": cell.method, "seed": cell.seed}})
-
-
-def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        below = merged.get(key)
-        merged[key] = _merged(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
-    return merged
 
 
 def check_protocol(protocol: Protocol, cells: Sequence[Cell]) -> None:

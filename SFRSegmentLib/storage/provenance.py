@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..base.config_io import merged
 from ..base.errors import PathLike
 from .atomic import atomic_write_text
 
@@ -79,7 +80,7 @@ class Inputs:
         if not isinstance(recorded, Mapping) or not all(isinstance(recorded.get(s) or {}, Mapping) for s in sections):
             return ["no record of its inputs"]
         now = self.as_dict()
-        options = _changed_fields(_with_defaults(recorded.get("options") or {}, self.added_options), now["options"])
+        options = _changed_fields(merged(self.added_options, recorded.get("options") or {}), now["options"])
         changes = [f"options changed: {', '.join(options)}"] if options else []
         for kind in ("upstream", "files"):
             before, after = recorded.get(kind) or {}, now[kind]
@@ -166,17 +167,6 @@ def case_files(cases: Iterable[Any], labels: bool = True) -> Dict[str, str]:
         if labels and case.label is not None:
             files[f"label of case {case.name}"] = file_digest(case.label)
     return files
-
-
-def _with_defaults(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> Dict[str, Any]:
-    """``options`` with each of ``defaults`` it lacks added, section by section."""
-    merged = dict(options)
-    for name, default in defaults.items():
-        if isinstance(default, Mapping) and isinstance(merged.get(name), Mapping):
-            merged[name] = _with_defaults(merged[name], default)
-        else:
-            merged.setdefault(name, default)
-    return merged
 
 
 def _changed_fields(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> List[str]:
