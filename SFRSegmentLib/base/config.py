@@ -85,6 +85,10 @@ PATCH_SIZE = (112, 112, 80)
 Downsampling = Tuple[Tuple[int, int, int], ...]
 REFERENCE_DOWNSAMPLING: Downsampling = ((2, 2, 2),) * 4
 """The reference V-Net's four downsamplings, each 2×2×2 (``RetrainConfig.downsampling`` may give others)."""
+ConvKernels = Tuple[Tuple[int, int, int], ...]
+REFERENCE_CONV_KERNELS: ConvKernels = ((3, 3, 3),) * 5
+"""The reference V-Net's convolution kernels at each of its five scales, finest first: 3×3×3 everywhere
+(``RetrainConfig.conv_kernels`` may give others)."""
 
 
 def input_multiples(downsampling: Optional[Downsampling]) -> Shape:
@@ -528,6 +532,11 @@ class RetrainConfig(_Options):
                                                         "[[2,2,1],[2,2,1],[2,2,2],[2,2,2]] for thick slices; the "
                                                         "patch must be a multiple of each axis's product; null: "
                                                         "2×2×2 four times (the reference), or the plan's")
+    conv_kernels: Optional[ConvKernels] = option(None, "the V-Net's convolution kernels (H W D, each 1 or 3) at its "
+                                                       "five scales, finest first, the decoder's as the encoder's, "
+                                                       "e.g. [[3,3,1],[3,3,1],[3,3,3],[3,3,3],[3,3,3]] for thick "
+                                                       "slices; null: 3×3×3 everywhere (the reference), or the "
+                                                       "plan's")
     in_plane_rotation_only: bool = option(False, "the strong augmentation rotates and scales in the slice plane "
                                                  "only, for volumes whose slices are much thicker than their pixels "
                                                  "(the plan sets it)")
@@ -573,6 +582,12 @@ class RetrainConfig(_Options):
                 raise InputError(f"downsampling needs 4 strides of 3 positive integers, got {self.downsampling}",
                                  field="downsampling")
             self._set("downsampling", strides)
+        if self.conv_kernels is not None:
+            kernels = tuple(tuple(int(k) for k in kernel) for kernel in self.conv_kernels)
+            if len(kernels) != 5 or any(len(kernel) != 3 or set(kernel) - {1, 3} for kernel in kernels):
+                raise InputError(f"conv_kernels needs 5 kernels (one per scale) of 3 sizes, each 1 or 3, got "
+                                 f"{self.conv_kernels}", field="conv_kernels")
+            self._set("conv_kernels", kernels)
         self._set("patch_size", _shape(self.patch_size, "patch_size", input_multiples(self.downsampling)))
         self._set("spacing", check_spacing(self.spacing, "spacing"))
         self._set("intensity_window", check_intensity_window(self.intensity_window, "intensity_window"))

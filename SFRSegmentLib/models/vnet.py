@@ -16,6 +16,10 @@ Layout (``f`` = ``n_filters``):
   from being pooled to nothing while the in-plane axes are pooled four times. The default, 2×2×2 four times, is the
   reference; its state dict is unchanged (the kernels of a stride-1 axis have size 1, so such a V-Net's weights
   have other shapes).
+* ``conv_kernels`` may give each of the five scales its own kernel (3 or 1 per axis; the decoder stage of a scale
+  has its encoder stage's), as nnU-Net does: a kernel of 1 along a 10 mm slice axis while the pixels are still
+  1.5 mm convolves within each slice instead of mixing slices whose content differs, and costs a third. The
+  default, 3×3×3 everywhere, is the reference.
 * head: a 1×1×1 convolution to ``n_classes`` logits, no activation;
 * dropout (``Dropout3d``, p = 0.5) on the bottleneck output and on the last decoder feature, only when
   ``has_dropout`` (the training scripts set it, the test scripts do not).
@@ -48,7 +52,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..base.choices import NORMALIZATIONS
-from ..base.config import REFERENCE_DOWNSAMPLING, Downsampling, Shape, input_multiples
+from ..base.config import (REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, ConvKernels, Downsampling, Shape,
+                           input_multiples)
 from ..base.config_io import to_dict
 from ..base.errors import InputError, PathLike
 from ..storage.atomic import atomic_path, atomic_write_text
@@ -105,11 +110,14 @@ class _Block(nn.Module):
         return self.conv(x)
 
 
-def _conv_stage(n_convs: int, in_channels: int, out_channels: int, normalization: str) -> _Block:
-    """``n_convs`` 3×3×3 convolutions (padding 1), the first from ``in_channels``, each with norm and ReLU."""
+def _conv_stage(n_convs: int, in_channels: int, out_channels: int, normalization: str,
+                kernel: Shape = (3, 3, 3)) -> _Block:
+    """``n_convs`` convolutions of ``kernel`` (3×3×3 in the reference; padded to keep the size), the first from
+    ``in_channels``, each with norm and ReLU."""
     layers: List[nn.Module] = []
     for index in range(n_convs):
-        conv = nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=3, padding=1)
+        conv = nn.Conv3d(in_channels if index == 0 else out_channels, out_channels, kernel_size=kernel,
+                         padding=tuple(k // 2 for k in kernel))
         layers += _layer(conv, out_channels, normalization)
     return _Block(layers)
 
@@ -141,11 +149,15 @@ class VNet(nn.Module):
         normalization: str = "batchnorm",
         has_dropout: bool = False,
         downsampling: Downsampling = REFERENCE_DOWNSAMPLING,
+        conv_kernels: ConvKernels = REFERENCE_CONV_KERNELS,
     ):
         super().__init__()
         downsampling = tuple(tuple(int(s) for s in strides) for strides in downsampling)
         if len(downsampling) != 4 or any(len(s) != 3 or min(s) < 1 for s in downsampling):
             raise ValueError(f"downsampling must be 4 strides (H, W, D) of positive integers, got {downsampling}")
+        conv_kernels = tuple(tuple(int(k) for k in kernel) for kernel in conv_kernels)
+        if len(conv_kernels) != 5 or any(len(k) != 3 or not all(n > 0 and n % 2 for n in k) for k in conv_kernels):
+            raise ValueError(f"conv_kernels must be 5 kernels (H, W, D) of odd positive sizes, got {conv_kernels}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if normalization == "groupnorm" and n_filters % GROUPNORM_GROUPS:
@@ -161,27 +173,28 @@ class VNet(nn.Module):
         self.n_classes = n_classes
         self.has_dropout = has_dropout
         self.downsampling = downsampling
-        f, norm = n_filters, normalization
+        self.conv_kernels = conv_kernels
+        f, norm, k = n_filters, normalization, conv_kernels
         down, up = downsampling, downsampling[::-1]
 
-        self.block_one = _conv_stage(1, n_channels, f, norm)
+        self.block_one = _conv_stage(1, n_channels, f, norm, k[0])
         self.block_one_dw = _downsampling(f, 2 * f, norm, down[0])
-        self.block_two = _conv_stage(2, 2 * f, 2 * f, norm)
+        self.block_two = _conv_stage(2, 2 * f, 2 * f, norm, k[1])
         self.block_two_dw = _downsampling(2 * f, 4 * f, norm, down[1])
-        self.block_three = _conv_stage(3, 4 * f, 4 * f, norm)
+        self.block_three = _conv_stage(3, 4 * f, 4 * f, norm, k[2])
         self.block_three_dw = _downsampling(4 * f, 8 * f, norm, down[2])
-        self.block_four = _conv_stage(3, 8 * f, 8 * f, norm)
+        self.block_four = _conv_stage(3, 8 * f, 8 * f, norm, k[3])
         self.block_four_dw = _downsampling(8 * f, 16 * f, norm, down[3])
-        self.block_five = _conv_stage(3, 16 * f, 16 * f, norm)
+        self.block_five = _conv_stage(3, 16 * f, 16 * f, norm, k[4])
 
         self.block_five_up = _upsampling(16 * f, 8 * f, norm, up[0])
-        self.block_six = _conv_stage(3, 8 * f, 8 * f, norm)
+        self.block_six = _conv_stage(3, 8 * f, 8 * f, norm, k[3])
         self.block_six_up = _upsampling(8 * f, 4 * f, norm, up[1])
-        self.block_seven = _conv_stage(3, 4 * f, 4 * f, norm)
+        self.block_seven = _conv_stage(3, 4 * f, 4 * f, norm, k[2])
         self.block_seven_up = _upsampling(4 * f, 2 * f, norm, up[2])
-        self.block_eight = _conv_stage(2, 2 * f, 2 * f, norm)
+        self.block_eight = _conv_stage(2, 2 * f, 2 * f, norm, k[1])
         self.block_eight_up = _upsampling(2 * f, f, norm, up[3])
-        self.block_nine = _conv_stage(1, f, f, norm)
+        self.block_nine = _conv_stage(1, f, f, norm, k[0])
         self.out_conv = nn.Conv3d(f, n_classes, kernel_size=1)
 
         self.dropout = nn.Dropout3d(p=DROPOUT_P)
@@ -258,6 +271,9 @@ class VNetInfo:
     probabilities back (:mod:`SFRSegmentLib.data.resample`). None: each image's own grid."""
     downsampling: Downsampling = REFERENCE_DOWNSAMPLING
     """The strides of the four downsamplings (:class:`VNet`); files made before it existed have the reference's."""
+    conv_kernels: ConvKernels = REFERENCE_CONV_KERNELS
+    """The convolution kernels of the five scales (:class:`VNet`); files made before it existed have the
+    reference's."""
     intensity_window: Optional[Tuple[float, float, float, float]] = None
     """The input normalisation it was trained with (:func:`~SFRSegmentLib.data.patches.normalize_intensities`): None
     z-scores each volume (files made before it existed too)."""
@@ -271,7 +287,8 @@ class VNetInfo:
     def build_model(self) -> VNet:
         """An untrained V-Net of this architecture (K+1 outputs)."""
         return VNet(n_channels=1, n_classes=len(self.classes) + 1, n_filters=self.n_filters,
-                    normalization=self.normalization, has_dropout=True, downsampling=self.downsampling)
+                    normalization=self.normalization, has_dropout=True, downsampling=self.downsampling,
+                    conv_kernels=self.conv_kernels)
 
 
 MEMORY_FORMAT = torch.channels_last_3d
@@ -335,6 +352,7 @@ def _stored_info(record: Mapping[str, Any]) -> VNetInfo:
         normalization=record["normalization"],
         spacing=tuple(record["spacing"]) if record.get("spacing") else None,
         downsampling=tuple(tuple(strides) for strides in record.get("downsampling", REFERENCE_DOWNSAMPLING)),
+        conv_kernels=tuple(tuple(kernel) for kernel in record.get("conv_kernels", REFERENCE_CONV_KERNELS)),
         intensity_window=tuple(record["intensity_window"]) if record.get("intensity_window") else None,
         training=record["training"],
     )

@@ -13,6 +13,9 @@ class lies in its largest connected piece) decides the rest, with nnU-Net's publ
 * **V-Net strides.** Four downsamplings; at each, an axis is halved only if its current spacing is at most twice
   the finest current one (nnU-Net's rule), so a thick axis is first left alone and pooled once the in-plane
   voxels have grown as coarse.
+* **V-Net kernels.** At each of the five scales, a kernel of 1 along an axis whose current spacing is more than
+  twice the finest current one, 3 along the others (nnU-Net's rule): a thick axis is convolved across only once
+  the in-plane voxels have grown nearly as coarse, so the fine scales do not mix slices 10 mm apart.
 * **Patch.** The preset's patch where no axis is thick (its shape was chosen by measurement). Along a thick axis
   the patch covers the median number of slices (rounded down to the axis's stride product, at least one
   product), and the in-plane sides grow, in the preset's proportions, to keep the preset's voxel budget, but not
@@ -47,7 +50,7 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from ..base.config import REFERENCE_DOWNSAMPLING, RunConfig, Shape, Spacing, preset
+from ..base.config import REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, RunConfig, Shape, Spacing, preset
 from ..data.cohort import Cohort, load_case
 from ..storage.volumes import read_volume
 
@@ -61,9 +64,9 @@ LARGEST_COMPONENT_SHARE = 0.9
 the median labeled volume."""
 POOLINGS = 4
 """The V-Net's downsamplings."""
-PLANNED_FIELDS = ("retrain.downsampling", "inference.stride_xy", "inference.stride_z", "patch_size", "retrain.spacing",
-                  "finetune.spacing", "retrain.in_plane_rotation_only", "retrain.intensity_window",
-                  "pseudolabel.largest_component", "inference.largest_component")
+PLANNED_FIELDS = ("retrain.downsampling", "retrain.conv_kernels", "inference.stride_xy", "inference.stride_z",
+                  "patch_size", "retrain.spacing", "finetune.spacing", "retrain.in_plane_rotation_only",
+                  "retrain.intensity_window", "pseudolabel.largest_component", "inference.largest_component")
 """The configuration fields a plan sets (each only while it has its preset's value), in an order in which each
 intermediate configuration passes the checks (strides before the patch they must fit)."""
 
@@ -105,6 +108,7 @@ class Plan:
     spacing: Spacing
     patch_size: Shape
     downsampling: Tuple[Shape, ...]
+    conv_kernels: Tuple[Shape, ...]
     in_plane_rotation_only: bool
     largest_component: bool
     stride_xy: int
@@ -114,8 +118,9 @@ class Plan:
 
     def values(self) -> Dict[str, Any]:
         """Planned field → value, in the order of :data:`PLANNED_FIELDS`."""
-        reference = self.downsampling == REFERENCE_DOWNSAMPLING  # null, as the presets say it
-        values = {"retrain.downsampling": None if reference else self.downsampling,
+        # The reference architecture is null, as the presets say it.
+        values = {"retrain.downsampling": None if self.downsampling == REFERENCE_DOWNSAMPLING else self.downsampling,
+                  "retrain.conv_kernels": None if self.conv_kernels == REFERENCE_CONV_KERNELS else self.conv_kernels,
                   "inference.stride_xy": self.stride_xy,
                   "inference.stride_z": self.stride_z, "patch_size": self.patch_size, "retrain.spacing": self.spacing,
                   "finetune.spacing": self.spacing, "retrain.in_plane_rotation_only": self.in_plane_rotation_only,
@@ -127,7 +132,9 @@ class Plan:
     def summary(self) -> str:
         """One line for the progress output and the report."""
         strides = " ".join("×".join(map(str, s)) for s in self.downsampling)
+        kernels = " ".join("×".join(map(str, k)) for k in self.conv_kernels)
         return (f"spacing {_text(self.spacing)} mm, V-Net patch {_text(self.patch_size)}, strides {strides}, "
+                + ("" if self.conv_kernels == REFERENCE_CONV_KERNELS else f"kernels {kernels}, ") +
                 f"largest component {'kept' if self.largest_component else 'not kept'}"
                 + (", in-plane augmentation" if self.in_plane_rotation_only else "")
                 + (", CT normalisation clipped to [{:g}, {:g}]".format(*self.intensity_window[:2])
@@ -191,6 +198,9 @@ def make_plan(found: Fingerprint, config: RunConfig, patch_by_hand: Optional[Sha
     multiples = tuple(math.prod(s[a] for s in downsampling) for a in range(3))
     reasons["retrain.downsampling"] = ("each axis halved while its spacing is at most twice the finest "
                                        f"(nnU-Net's rule): input multiples {_text(multiples)}")
+    kernels = _conv_kernels(spacing, downsampling)
+    reasons["retrain.conv_kernels"] = ("at each scale, 1 along an axis whose spacing is more than twice the finest, "
+                                       "3 along the others (nnU-Net's rule)")
     shape = tuple(int(round(n * s / w)) for n, s, w in zip(found.median_shape, median, spacing))
     patch = tuple(patch_by_hand) if patch_by_hand is not None else _patch(base.patch_size, shape, thick, multiples)
     reasons["patch_size"] = ("set by hand" if patch_by_hand is not None else "the preset's patch"
@@ -215,7 +225,7 @@ def make_plan(found: Fingerprint, config: RunConfig, patch_by_hand: Optional[Sha
     reasons["pseudolabel.largest_component"] = reasons["inference.largest_component"]
     reasons["retrain.in_plane_rotation_only"] = ("a thick axis: no rotation across it" if any(thick)
                                                  else "no thick axis")
-    return Plan(spacing, patch, downsampling, any(thick), keep, stride_xy, stride_z, window, reasons)
+    return Plan(spacing, patch, downsampling, kernels, any(thick), keep, stride_xy, stride_z, window, reasons)
 
 
 def _window_strides(base: RunConfig, window: Shape) -> Tuple[int, int]:
@@ -246,6 +256,18 @@ def _downsampling(spacing: Spacing) -> Tuple[Shape, ...]:
         current = [s * f for s, f in zip(current, stride)]
         strides.append(stride)
     return tuple(strides)
+
+
+def _conv_kernels(spacing: Spacing, downsampling: Sequence[Shape]) -> Tuple[Shape, ...]:
+    """nnU-Net's kernel rule: at each scale (the input's, then after each downsampling), size 1 along the axes whose
+    spacing is more than twice the finest, 3 along the others."""
+    current, kernels = list(spacing), []
+    for stride in (*downsampling, None):
+        finest = min(current)
+        kernels.append(tuple(3 if s <= 2 * finest else 1 for s in current))
+        if stride is not None:
+            current = [s * f for s, f in zip(current, stride)]
+    return tuple(kernels)
 
 
 def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: Shape) -> Shape:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..base.config import REFERENCE_DOWNSAMPLING, RetrainConfig
+from ..base.config import REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, RetrainConfig
 from ..base.config_io import to_dict
 from ..base.device import autocast_context, resolve_device
 from ..base.distributed import (
@@ -83,6 +83,7 @@ def trained_vnet_info(config: RetrainConfig, classes: Mapping[int, str]) -> VNet
     return VNetInfo(classes=dict(classes), patch_size=tuple(config.patch_size), n_filters=config.n_filters,
                     normalization=config.normalization, spacing=config.spacing,
                     downsampling=config.downsampling or REFERENCE_DOWNSAMPLING,
+                    conv_kernels=config.conv_kernels or REFERENCE_CONV_KERNELS,
                     intensity_window=config.intensity_window, training=to_dict(config))
 
 
