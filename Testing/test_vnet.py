@@ -167,21 +167,47 @@ def test_per_axis_downsampling_keeps_a_few_thick_slices() -> None:
         VNet(downsampling=((2, 2, 2),) * 3)
 
 
+def test_kernels_of_one_along_an_axis_convolve_within_each_slice() -> None:
+    torch.manual_seed(0)
+    in_plane = ((3, 3, 1),) * 5
+    model = VNet(n_classes=3, downsampling=((2, 2, 1),) * 4, conv_kernels=in_plane).eval()
+    assert model.block_one.conv[0].weight.shape[2:] == (3, 3, 1)
+    assert model.block_nine.conv[0].weight.shape[2:] == (3, 3, 1)  # the decoder stage of a scale: its encoder's
+    assert model.conv_kernels == in_plane
+    x = torch.randn(1, 1, 32, 32, 5)
+    changed = x.clone()
+    changed[..., 3] = torch.randn(32, 32)
+    with torch.no_grad():
+        before, after = model(x), model(changed)
+    assert before.shape == (1, 3, 32, 32, 5)
+    # Without a kernel or stride across slices, every output slice depends on its own input slice alone.
+    assert torch.equal(before[..., [0, 1, 2, 4]], after[..., [0, 1, 2, 4]])
+    assert not torch.allclose(before[..., 3], after[..., 3])
+    mixed = VNet(n_classes=3, downsampling=((2, 2, 1),) * 4).eval()  # 3×3×3 kernels mix neighbouring slices
+    with torch.no_grad():
+        assert not torch.allclose(mixed(x)[..., 2], mixed(changed)[..., 2])
+    with pytest.raises(ValueError, match="5 kernels"):
+        VNet(conv_kernels=((3, 3, 2),) * 5)
+
+
 def test_the_model_file_keeps_the_strides_and_older_files_read_as_the_reference(tmp_path) -> None:
     window = (-150.0, 250.0, 60.5, 42.25)
+    kernels = ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3))
     info = VNetInfo(classes={1: "a", 2: "b"}, patch_size=(32, 32, 8), downsampling=THICK_SLICES,
-                    intensity_window=window)
+                    conv_kernels=kernels, intensity_window=window)
     model = info.build_model()
     path = save_vnet(tmp_path / "vnet.pt", model, info)
     loaded, loaded_info = load_vnet(path)
     assert loaded_info.downsampling == THICK_SLICES and loaded.downsampling == THICK_SLICES
+    assert loaded_info.conv_kernels == kernels and loaded.block_two.conv[0].weight.shape[2:] == (3, 3, 1)
     assert loaded_info.intensity_window == window
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     record = json.loads(vnet_info_path(path).read_text())
-    del record["downsampling"], record["intensity_window"]  # a file written before these existed
+    del record["downsampling"], record["conv_kernels"], record["intensity_window"]  # written before these existed
     old = VNetInfo(classes={1: "a"}, patch_size=(32, 32, 16))
     stored = {"format": MODEL_FORMAT, "info": record | {"classes": {"1": "a"}, "patch_size": [32, 32, 16]},
               "state_dict": old.build_model().state_dict()}
     torch.save(stored, tmp_path / "old.pt")
     old_info = load_vnet(tmp_path / "old.pt")[1]
     assert old_info.downsampling == ((2, 2, 2),) * 4 and old_info.intensity_window is None  # z-scored, as trained
+    assert old_info.conv_kernels == ((3, 3, 3),) * 5
