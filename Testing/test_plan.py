@@ -5,6 +5,7 @@ hand wins; and an anisotropic cohort runs end to end with its plan written to th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -20,7 +21,7 @@ from SFRSegmentLib.data.patches import normalize_intensities
 from SFRSegmentLib.base.errors import InputError
 from SFRSegmentLib.stages.inference import predict_volume
 from SFRSegmentLib.run.plan import LARGEST_COMPONENT_SHARE, fingerprint, make_plan, plan_config
-from SFRSegmentLib.models.vnet import load_vnet
+from SFRSegmentLib.models.vnet import forward_flops, load_vnet
 from SFRSegmentLib.storage.volumes import read_volume
 from small_runs import events, run
 
@@ -72,6 +73,11 @@ def test_on_real_cine_cardiac_mri_the_plan_keeps_the_thick_slices(tmp_path) -> N
     assert depth % 4 == 0 and depth <= found.median_shape[2] < depth + 4  # the median slice count, pooled twice
     assert all(side % 16 == 0 for side in plan.patch_size[:2])
     assert np.prod(plan.patch_size) <= np.prod(CPU_PATCH)  # within the preset's voxel budget
+    cost = functools.partial(forward_flops, downsampling=plan.downsampling, conv_kernels=plan.conv_kernels)
+    assert cost(plan.patch_size) <= forward_flops(CPU_PATCH)  # and its compute: no slower an iteration than LA's
+    for axis in (0, 1):  # the largest in-plane patch within both: one more step on either side breaks one of them
+        wider = tuple(side + 16 * (a == axis) for a, side in enumerate(plan.patch_size))
+        assert cost(wider) > forward_flops(CPU_PATCH) or np.prod(wider) > np.prod(CPU_PATCH)
     assert plan.in_plane_rotation_only and plan.stride_z <= depth // 2
     assert not found.looks_like_ct and plan.intensity_window is None  # MRI: each volume z-scored
     cpu = preset("cpu")  # a wider window steps as far, in windows, as the preset's: same overlap, not 4× the windows

@@ -17,6 +17,7 @@ from SFRSegmentLib.models.vnet import (
     VNetInfo,
     check_input_shape,
     fold_batchnorm,
+    forward_flops,
     load_vnet,
     save_vnet,
     vnet_info_path,
@@ -188,6 +189,14 @@ def test_kernels_of_one_along_an_axis_convolve_within_each_slice() -> None:
         assert not torch.allclose(mixed(x)[..., 2], mixed(changed)[..., 2])
     with pytest.raises(ValueError, match="5 kernels"):
         VNet(conv_kernels=((3, 3, 2),) * 5)
+
+
+def test_forward_flops_counts_the_convolutions_of_the_architecture() -> None:
+    reference = forward_flops((32, 32, 16))
+    assert forward_flops((32, 32, 32)) == 2 * reference  # every layer's work grows with the voxels
+    assert forward_flops((32, 32, 16), n_filters=32) > 3 * reference  # and with the square of the widths
+    thin = forward_flops((32, 32, 16), conv_kernels=((3, 3, 1),) * 5)
+    assert reference / 3 < thin < reference  # a third of the 3×3×3 convolutions' work, the rest unchanged
 
 
 def test_the_model_file_keeps_the_strides_and_older_files_read_as_the_reference(tmp_path) -> None:

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..base.choices import NORMALIZATIONS
 from ..base.config import (REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, ConvKernels, Downsampling, Shape,
@@ -233,6 +234,18 @@ class VNet(nn.Module):
         ``input_multiples(downsampling)`` (16 for the reference)."""
         check_input_shape(x.shape, self.n_channels, self.downsampling)
         return self.decoder(self.encoder(x))
+
+
+def forward_flops(patch: Shape, n_filters: int = 16, downsampling: Downsampling = REFERENCE_DOWNSAMPLING,
+                  conv_kernels: ConvKernels = REFERENCE_CONV_KERNELS) -> int:
+    """Floating-point operations of one V-Net forward of one ``patch`` (torch's FlopCounterMode on the meta
+    device: counted, not run, in milliseconds): what a planned patch costs beside the preset's."""
+    with torch.device("meta"):
+        model = VNet(n_filters=n_filters, downsampling=downsampling, conv_kernels=conv_kernels)
+        patches = torch.empty(1, 1, *patch)
+    with FlopCounterMode(display=False) as counter:
+        model(patches)
+    return counter.get_total_flops()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

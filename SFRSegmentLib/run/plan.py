@@ -19,7 +19,10 @@ class lies in its largest connected piece) decides the rest, with nnU-Net's publ
 * **Patch.** The preset's patch where no axis is thick (its shape was chosen by measurement). Along a thick axis
   the patch covers the median number of slices (rounded down to the axis's stride product, at least one
   product), and the in-plane sides grow, in the preset's proportions, to keep the preset's voxel budget, but not
-  beyond the median in-plane size (rounded up to the stride product).
+  beyond the median in-plane size (rounded up to the stride product), and shrink, a stride product at a time,
+  until one forward of the planned V-Net costs no more operations than the preset's patch does in the reference
+  V-Net (:func:`~SFRSegmentLib.models.vnet.forward_flops`): the same voxels cost more where the slice axis is
+  pooled late, and the preset's budget is one of time as much as of memory.
 * **Intensity normalisation.** Per modality, as nnU-Net: a cohort that looks like CT (every volume
   integer-valued with air below ``CT_AIR_BELOW`` Hounsfield units) is clipped to its labeled foreground's 0.5 and
   99.5 percentiles and standardised with that foreground's mean and standard deviation, the same numbers for every
@@ -45,13 +48,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
 from ..base.config import REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, RunConfig, Shape, Spacing, preset
 from ..data.cohort import Cohort, load_case
+from ..models.vnet import forward_flops
 from ..storage.volumes import read_volume
 
 CT_AIR_BELOW = -500.0
@@ -202,11 +206,18 @@ def make_plan(found: Fingerprint, config: RunConfig, patch_by_hand: Optional[Sha
     reasons["retrain.conv_kernels"] = ("at each scale, 1 along an axis whose spacing is more than twice the finest, "
                                        "3 along the others (nnU-Net's rule)")
     shape = tuple(int(round(n * s / w)) for n, s, w in zip(found.median_shape, median, spacing))
-    patch = tuple(patch_by_hand) if patch_by_hand is not None else _patch(base.patch_size, shape, thick, multiples)
+    budget_flops = forward_flops(base.patch_size, base.retrain.n_filters)
+
+    def cost(patch: Shape) -> int:
+        return forward_flops(patch, base.retrain.n_filters, downsampling, kernels)
+
+    patch = tuple(patch_by_hand) if patch_by_hand is not None else _patch(base.patch_size, shape, thick, multiples,
+                                                                          cost, budget_flops)
     reasons["patch_size"] = ("set by hand" if patch_by_hand is not None else "the preset's patch"
                              if patch == base.patch_size else
                              f"the thick axis covers the median {shape[thick.index(True)]} slices, the in-plane sides "
-                             f"keep the preset's {math.prod(base.patch_size)} voxels")
+                             f"keep within the preset's {math.prod(base.patch_size)} voxels and its "
+                             f"{budget_flops / 1e9:.1f} GFLOP per forward ({cost(patch) / 1e9:.1f})")
     one_piece = {value: share >= LARGEST_COMPONENT_SHARE for value, share in found.largest_component_shares.items()}
     keep = base.inference.largest_component and all(one_piece.values())
     reasons["inference.largest_component"] = (
@@ -270,8 +281,10 @@ def _conv_kernels(spacing: Spacing, downsampling: Sequence[Shape]) -> Tuple[Shap
     return tuple(kernels)
 
 
-def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: Shape) -> Shape:
-    """The preset's patch, or along a thick axis the median slice count and in-plane sides that keep its voxels."""
+def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: Shape,
+           cost: Callable[[Shape], int], budget: int) -> Shape:
+    """The preset's patch, or along a thick axis the median slice count and in-plane sides that keep its voxels
+    and, by ``cost`` (operations per forward), its ``budget``."""
     if not any(thick):
         return tuple(preset_patch)
     axis = thick.index(True)
@@ -283,6 +296,9 @@ def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: 
     for a in others:
         largest = -(-shape[a] // multiples[a]) * multiples[a]  # the median size, rounded up
         patch[a] = min(largest, max(multiples[a], int(preset_patch[a] * growth) // multiples[a] * multiples[a]))
+    while cost(tuple(patch)) > budget and any(patch[a] > multiples[a] for a in others):
+        widest = max((a for a in others if patch[a] > multiples[a]), key=lambda a: patch[a])
+        patch[widest] -= multiples[widest]
     return tuple(patch)
 
 
