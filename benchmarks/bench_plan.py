@@ -1,6 +1,8 @@
-"""What a planned patch costs per re-training iteration: the cpu preset's left-atrium patch (64×64×32, 2×2×2 strides)
-beside the patch the plan gives thick-slice cine MRI (128×128×8, strides 2×2×1 2×2×1 2×2×2 2×2×2: the same number
-of voxels) and a smaller thin patch of about the LA patch's convolution cost (80×80×8).
+"""What a planned patch costs per re-training iteration: the cpu preset's left-atrium patch (64×64×32, 2×2×2 strides,
+3×3×3 kernels) beside the patch the plan gives thick-slice cine MRI (80×96×8, strides 2×2×1 2×2×1 2×2×2 2×2×2,
+kernels 3×3×1 at the two finest scales: within the LA patch's operations per forward) and the plan's patch before it
+had a compute budget (128×128×8, the LA patch's voxels, 3×3×3 kernels). Each row also prints the operations of one
+forward (:func:`SFRSegmentLib.models.vnet.forward_flops`), the plan's measure of cost.
 
 Each is one Mean Teacher iteration of stage R's own ``Trainer`` (student forward and backward, teacher forward, SGD
 step; 2 labeled + 2 unlabeled crops, 3 classes), the cpu preset's settings otherwise, on synthetic volumes. The
@@ -26,21 +28,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from SFRSegmentLib.base.config import preset  # noqa: E402
+from SFRSegmentLib.base.config import REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, preset  # noqa: E402
+from SFRSegmentLib.models.vnet import forward_flops  # noqa: E402
 from SFRSegmentLib.stages.retrain import Trainer, TrainingCase, draw_batch, trained_vnet_info  # noqa: E402
 
 THICK = ((2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2))
-PATCHES: Dict[str, Tuple[Tuple[int, int, int], Tuple[Tuple[int, int, int], ...]]] = {
-    "LA preset 64×64×32": ((64, 64, 32), ((2, 2, 2),) * 4),
-    "ACDC plan 128×128×8": ((128, 128, 8), THICK),
-    "thin 80×80×8": ((80, 80, 8), THICK),
+IN_PLANE_FIRST = ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3))
+Shape = Tuple[int, int, int]
+PATCHES: Dict[str, Tuple[Shape, Tuple[Shape, ...], Tuple[Shape, ...]]] = {
+    "LA preset 64×64×32": ((64, 64, 32), REFERENCE_DOWNSAMPLING, REFERENCE_CONV_KERNELS),
+    "ACDC plan 80×96×8": ((80, 96, 8), THICK, IN_PLANE_FIRST),
+    "ACDC voxels 128×128×8": ((128, 128, 8), THICK, REFERENCE_CONV_KERNELS),
 }
 CLASSES = {1: "right ventricle", 2: "myocardium", 3: "left ventricle"}
 
 
-def make_step(patch, downsampling):
-    settings = dataclasses.replace(preset("cpu").retrain, method="mt", patch_size=patch, downsampling=downsampling,
-                                   precision="fp32", iterations=1500)
+def make_step(patch, downsampling, kernels):
+    settings = dataclasses.replace(preset("cpu").retrain, ssl_method="mt", pseudo_labels="none",
+                                   patch_size=patch, downsampling=downsampling,
+                                   conv_kernels=kernels, precision="fp32", iterations=1500)
     device = torch.device("cpu")
     trainer = Trainer(settings, trained_vnet_info(settings, CLASSES), 1, 1, device)
     shape = tuple(2 * s for s in patch[:2]) + (patch[2] + 2,)
@@ -73,10 +79,11 @@ def main() -> None:
     base = statistics.median(times[next(iter(times))])
     print(f"Mean Teacher re-training iteration, 2 + 2 crops, 3 classes, fp32, {args.threads} threads, median of "
           f"{args.rounds} in turns")
-    print(f"{'patch':<24}{'voxels':>9}{'s / iteration':>16}{'vs LA':>8}")
-    for name, (patch, _) in PATCHES.items():
+    print(f"{'patch':<24}{'voxels':>9}{'GFLOP':>8}{'s / iteration':>16}{'vs LA':>8}")
+    for name, (patch, downsampling, kernels) in PATCHES.items():
         median = statistics.median(times[name])
-        print(f"{name:<24}{int(np.prod(patch)):>9}{median:>16.2f}{median / base:>8.2f}")
+        flops = forward_flops(patch, downsampling=downsampling, conv_kernels=kernels) / 1e9
+        print(f"{name:<24}{int(np.prod(patch)):>9}{flops:>8.1f}{median:>16.2f}{median / base:>8.2f}")
 
 
 if __name__ == "__main__":
