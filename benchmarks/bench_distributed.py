@@ -76,12 +76,12 @@ def finetune_step(cohort, device: torch.device, paper: bool):
 
 def retrain_step(cohort, device: torch.device, paper: bool):
     """One SFR_MT re-training iteration (with cached pseudo-labels: the labels of the 'unlabeled' cases)."""
-    from SFRSegmentLib.base.config import preset
+    from SFRSegmentLib.base.config import parse_method, preset
     from SFRSegmentLib.models.vnet import VNetInfo
     from SFRSegmentLib.stages.retrain import Trainer, draw_batch, load_training_cases
 
-    config = dataclasses.replace(preset("paper" if paper else "small").resolved().retrain, method="sfr_mt",
-                                 device=str(device))
+    config = dataclasses.replace(preset("paper" if paper else "small").resolved().retrain, device=str(device),
+                                 **parse_method("sfr_mt"))
     unlabeled = [dataclasses.replace(case, label=None) for case in cohort.unlabeled]
     pseudo = {case.name: Path(cohort.root) / "truth" / case.name / "label.nrrd" for case in unlabeled}
     info = VNetInfo(classes=dict(cohort.classes), patch_size=config.patch_size)
