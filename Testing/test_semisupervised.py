@@ -221,7 +221,16 @@ def test_pseudo_label_agreement_keeps_the_voxels_where_the_teacher_agrees() -> N
     pseudo = torch.zeros(2, 2, 1, 1, dtype=torch.long)
     _, term = method.losses(_step(logits, 1, pseudo_labels=pseudo, has_pseudo_label=torch.tensor([True, True])))
     assert float(term.value) == pytest.approx(float(segmentation_loss(logits[1:, :, :1], pseudo[:, :1])), rel=1e-5)
-    assert method.base.teacher.calls == [2, 3]  # a pass of the unlabeled samples, then the consistency's
+    assert method.base.teacher.calls == [3]  # the consistency's pass of the batch serves the agreement too
+    for name in ("uamt", "acmt"):  # whose consistency pass holds the unlabeled samples alone
+        other = build_method(name, True, FixedLogits(two_voxel_logits((5.0, 0.0), (0.0, 5.0))), config, 10)
+        terms = other.losses(_step(logits, 1, pseudo_labels=pseudo, has_pseudo_label=torch.tensor([True, True])))
+        assert float(terms[-1].value) == pytest.approx(float(term.value), rel=1e-5)
+        assert other.base.teacher.calls.count(2) == 1  # one pass of the 2 unlabeled samples (UA-MT: then 4-sample ones)
+    # A step whose consistency term has not run gets a teacher pass of its own.
+    fresh = _step(logits, 1)
+    assert torch.equal(method.prediction(fresh), torch.tensor([[[[0]], [[1]]]] * 2))
+    assert method.base.teacher.calls == [3, 2]
     # Without a teacher the student's own prediction is the reference: where it agrees everywhere, all voxels count.
     self_training = build_method("supervised", True, FixedLogits(torch.zeros(2, 2, 1, 1)), config, 10)
     student = two_voxel_logits((3.0, 0.0), (0.0, 3.0)).expand(3, -1, -1, -1, -1)

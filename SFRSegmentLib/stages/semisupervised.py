@@ -205,7 +205,8 @@ class SSLMethod:
         return []
 
     def prediction(self, step: Step) -> torch.Tensor:
-        """The method's class indices for the unlabeled samples, without gradient: the student's own."""
+        """The method's class indices for the unlabeled samples, without gradient: the student's own. Called after
+        :meth:`losses` of the same step, so a method may reuse what that computed."""
         return step.unlabeled_logits.detach().argmax(dim=1)
 
     def after_step(self, student: nn.Module, iteration: int) -> None:
@@ -274,14 +275,26 @@ class MeanTeacherFamily(SSLMethod):
         for param in self.teacher.parameters():
             param.requires_grad_(False)
         self.teacher.train()
+        self._consistency_pass: Optional[Tuple[Step, torch.Tensor]] = None
+        """The step whose consistency term ran last, and its teacher's logits of the unlabeled samples."""
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 teacher logits of ``images`` plus fresh teacher noise, without gradient."""
         with torch.no_grad():
             return self.teacher(images + teacher_noise(images, self.config)).float()
 
+    def consistency_logits(self, step: Step, unlabeled_only: bool) -> torch.Tensor:
+        """The teacher's logits for the consistency term, of the unlabeled samples or of the whole batch; its
+        unlabeled rows are kept for :meth:`prediction`."""
+        logits = self.teacher_logits(step.unlabeled_images if unlabeled_only else step.images)
+        self._consistency_pass = (step, logits if unlabeled_only else logits[step.n_labeled:])
+        return logits
+
     def prediction(self, step: Step) -> torch.Tensor:
-        """The teacher's class indices for the unlabeled samples (one more noisy teacher pass)."""
+        """The teacher's class indices for the unlabeled samples, from this step's consistency pass (a pass of its
+        own for a step whose consistency term did not run)."""
+        if self._consistency_pass is not None and self._consistency_pass[0] is step:
+            return self._consistency_pass[1].argmax(dim=1)
         return self.teacher_logits(step.unlabeled_images).argmax(dim=1)
 
     def consistency_term(self, step: Step, value: torch.Tensor) -> List[LossTerm]:
@@ -305,7 +318,7 @@ class MeanTeacher(MeanTeacherFamily):
     """Mean Teacher as SFR re-trains with it: consistency over every sample of the batch."""
 
     def losses(self, step: Step) -> List[LossTerm]:
-        distance = softmax_mse(step.logits, self.teacher_logits(step.images))
+        distance = softmax_mse(step.logits, self.consistency_logits(step, unlabeled_only=False))
         return self.consistency_term(step, distance.mean())
 
 
@@ -315,7 +328,7 @@ class UncertaintyAwareMeanTeacher(MeanTeacherFamily):
 
     def losses(self, step: Step) -> List[LossTerm]:
         images = step.unlabeled_images
-        distance = softmax_mse(step.unlabeled_logits, self.teacher_logits(images))
+        distance = softmax_mse(step.unlabeled_logits, self.consistency_logits(step, unlabeled_only=True))
         threshold = ramped_threshold(step.iteration, self.total_iterations, self.config.uamt_threshold_start,
                                      self.config.uamt_threshold_end)
         mask = self.teacher_uncertainty(images) < threshold
@@ -335,7 +348,7 @@ class AmbiguityConsensusMeanTeacher(MeanTeacherFamily):
     """AC-MT (entropy strategy): consistency on the unlabeled voxels where the student is ambiguous."""
 
     def losses(self, step: Step) -> List[LossTerm]:
-        distance = softmax_mse(step.unlabeled_logits, self.teacher_logits(step.unlabeled_images))
+        distance = softmax_mse(step.unlabeled_logits, self.consistency_logits(step, unlabeled_only=True))
         threshold = ramped_threshold(step.iteration, self.total_iterations, self.config.acmt_threshold_start,
                                      self.config.acmt_threshold_end)
         with torch.no_grad():
@@ -357,6 +370,7 @@ class WithPseudoLabels(SSLMethod):
     def losses(self, step: Step) -> List[LossTerm]:
         if step.pseudo_labels is None or step.has_pseudo_label is None:
             raise ValueError("an SFR method needs the batch's pseudo-labels")
+        terms = self.base.losses(step)  # first: the base's prediction may reuse what its terms computed
         rows = step.has_pseudo_label
         if bool(rows.any()):
             logits, targets = step.unlabeled_logits[rows], step.pseudo_labels[rows]
@@ -366,7 +380,7 @@ class WithPseudoLabels(SSLMethod):
                 value = segmentation_loss(logits, targets)
         else:
             value = step.logits.new_zeros(())
-        return self.base.losses(step) + [LossTerm("pseudo_label", value, self.config.pseudo_label_weight)]
+        return terms + [LossTerm("pseudo_label", value, self.config.pseudo_label_weight)]
 
     def prediction(self, step: Step) -> torch.Tensor:
         return self.base.prediction(step)
