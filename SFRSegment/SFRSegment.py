@@ -549,12 +549,10 @@ class SFRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         spacing = (_("each volume's own") if plan.spacing is None
                    else _("{spacing} mm").format(spacing=formatShape(plan.spacing)))
         strides = ", ".join(formatShape(stride) for stride in plan.strides)
-        kernels = ", ".join(formatShape(kernel) for kernel in plan.kernels)
         rows = [(_("Working spacing"), spacing, plan.reasons.get(plans.SPACING, "")),
                 (_("V-Net patch"), _("{patch} voxels").format(patch=formatShape(plan.patch_size)),
                  plan.reasons.get(plans.PATCH_SIZE, "")),
                 (_("V-Net strides"), strides, plan.reasons.get(plans.STRIDES, "")),
-                (_("V-Net kernels"), kernels, plan.reasons.get(plans.KERNELS, "")),
                 (_("Largest component"), _("kept") if plan.largest_component else _("not kept"),
                  plan.reasons.get(plans.LARGEST_COMPONENT, ""))]
         rows += [(stageTitle(stage.stage), formatDuration(stage.seconds), stage.description) for stage in plan.stages]

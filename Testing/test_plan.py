@@ -5,7 +5,6 @@ hand wins; and an anisotropic cohort runs end to end with its plan written to th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -21,7 +20,7 @@ from SFRSegmentLib.data.patches import normalize_intensities
 from SFRSegmentLib.base.errors import InputError
 from SFRSegmentLib.stages.inference import predict_volume
 from SFRSegmentLib.run.plan import LARGEST_COMPONENT_SHARE, fingerprint, make_plan, plan_config
-from SFRSegmentLib.models.vnet import forward_flops, load_vnet
+from SFRSegmentLib.models.vnet import load_vnet
 from SFRSegmentLib.storage.volumes import read_volume
 from small_runs import events, run
 
@@ -46,7 +45,6 @@ def test_on_real_left_atrium_scans_the_plan_is_the_cpu_preset(tmp_path) -> None:
     assert found.median_spacing == pytest.approx((0.625,) * 3)
     assert plan.spacing == CPU_SPACING and plan.patch_size == CPU_PATCH
     assert plan.downsampling == ((2, 2, 2),) * 4 and not plan.in_plane_rotation_only
-    assert plan.conv_kernels == ((3, 3, 3),) * 5 and plan.values()["retrain.conv_kernels"] is None  # the reference
     assert found.largest_component_shares[1] >= LARGEST_COMPONENT_SHARE and plan.largest_component
     assert planned == cpu  # every planned value is what the preset was tuned to on LA: today's LA Dice stands
 
@@ -63,27 +61,18 @@ def test_on_real_cine_cardiac_mri_the_plan_keeps_the_thick_slices(tmp_path) -> N
     config, plan, _ = plan_config(preset("cpu"), cohort)
     assert plan.spacing == (1.5, 1.5, 10.0)  # the 10 mm axis keeps its own spacing; in-plane above the 1.25 budget
     assert plan.downsampling == THICK_SLICES
-    in_plane, across = 1.5, 10.0
-    for scale, kernel in enumerate(plan.conv_kernels):  # 1 across the slices while they are > 2× the pixels
-        assert kernel[:2] == (3, 3) and kernel[2] == (1 if across > 2 * in_plane else 3), scale
-        if scale < len(THICK_SLICES):
-            in_plane, across = in_plane * THICK_SLICES[scale][0], across * THICK_SLICES[scale][2]
-    assert plan.conv_kernels[0][2] == 1 and plan.conv_kernels[-1][2] == 3
     depth = plan.patch_size[2]
     assert depth % 4 == 0 and depth <= found.median_shape[2] < depth + 4  # the median slice count, pooled twice
     assert all(side % 16 == 0 for side in plan.patch_size[:2])
     assert np.prod(plan.patch_size) <= np.prod(CPU_PATCH)  # within the preset's voxel budget
-    cost = functools.partial(forward_flops, downsampling=plan.downsampling, conv_kernels=plan.conv_kernels)
-    assert cost(plan.patch_size) <= forward_flops(CPU_PATCH)  # and its compute: no slower an iteration than LA's
-    for axis in (0, 1):  # the largest in-plane patch within both: one more step on either side breaks one of them
-        wider = tuple(side + 16 * (a == axis) for a, side in enumerate(plan.patch_size))
-        assert cost(wider) > forward_flops(CPU_PATCH) or np.prod(wider) > np.prod(CPU_PATCH)
     assert plan.in_plane_rotation_only and plan.stride_z <= depth // 2
     assert not found.looks_like_ct and plan.intensity_window is None  # MRI: each volume z-scored
     cpu = preset("cpu")  # a wider window steps as far, in windows, as the preset's: same overlap, not 4× the windows
-    assert plan.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * min(plan.patch_size[:2])
+    window = plan.window  # prediction spans the median slice plane in one window, at the patch's depth
+    assert window[2] == depth and all(found.median_shape[a] <= window[a] < found.median_shape[a] + 16 for a in (0, 1))
+    assert config.inference.patch_size == window
+    assert plan.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * min(window[:2])
     assert config.retrain.downsampling == THICK_SLICES and config.retrain.spacing == (1.5, 1.5, 10.0)
-    assert config.retrain.conv_kernels == plan.conv_kernels
     assert config.finetune.spacing == (1.5, 1.5, 10.0) and config.patch_size == plan.patch_size
     resolved = config.resolved(3)
     assert resolved.retrain.patch_size == plan.patch_size
@@ -129,16 +118,17 @@ def test_a_value_set_by_hand_wins_and_planning_can_be_turned_off(tmp_path) -> No
     assert config.inference.stride_xy * min(CPU_PATCH[:2]) == cpu.inference.stride_xy * 96
     assert config.inference.stride_z * CPU_PATCH[2] == cpu.inference.stride_z * 16
     assert config.retrain.spacing == (1.5, 1.5, 10.0) and not config.pseudolabel.largest_component
-    mixing = {"retrain": {"conv_kernels": [[3, 3, 3]] * 5}}  # the reference's kernels, asked for by name
-    config, _, _ = plan_config(with_overrides(preset("cpu"), mixing), cohort, given_paths(mixing))
-    assert config.retrain.conv_kernels == ((3, 3, 3),) * 5 and config.retrain.downsampling == THICK_SLICES
-    with pytest.raises(InputError, match="conv_kernels"):
-        with_overrides(preset("cpu"), {"retrain": {"conv_kernels": [[3, 3, 5]] * 5}})
     thin = {"patch_size": [80, 80, 8]}  # thin for the reference strides, but the plan's suit it
     config, _, _ = plan_config(with_overrides(preset("cpu"), thin), cohort, given_paths(thin))
     assert config.retrain.downsampling == THICK_SLICES and config.resolved(2).retrain.patch_size == (80, 80, 8)
     with pytest.raises(InputError, match=r"patch_size 80×80×8 is the V-Net's patch too"):
         with_overrides(preset("cpu"), thin).resolved(2)  # where the strides stay the reference's, it is refused
+    window = {"inference": {"patch_size": [224, 256, 8]}}  # a prediction window that only the plan's strides fit
+    assert with_overrides(preset("cpu"), window).resolved(2).inference.patch_size == (224, 256, 8)
+    with pytest.raises(InputError, match="inference.patch_size"):
+        with_overrides(preset("small"), window).resolved(2)  # no plan: the reference strides need multiples of 16
+    with pytest.raises(InputError, match="inference.patch_size"):  # at prediction, the model's strides decide
+        InferenceConfig(patch_size=(224, 256, 6)).for_model((128, 128, 8), THICK_SLICES)
     off = dataclasses.replace(preset("cpu"), plan=dataclasses.replace(preset("cpu").plan, enabled=False))
     assert plan_config(off, cohort) == (off, None, None)
 
@@ -158,8 +148,6 @@ def test_a_thick_slice_cohort_runs_end_to_end_on_its_plan(tmp_path) -> None:
     assert used["retrain"]["spacing"] == [1.5, 1.5, 10.0] and used["retrain"]["patch_size"][2] == 4
     vnet = json.loads((tmp_path / "run" / "retrain" / "vnet.json").read_text())
     assert vnet["downsampling"] == [list(s) for s in THICK_SLICES]
-    kernels = planned["planned"]["retrain.conv_kernels"]["used"]
-    assert vnet["conv_kernels"] == kernels and kernels[0][2] == 1  # within each 10 mm slice at the finest scale
     for name in ("case1", "case2"):  # predictions on each image's own grid
         prediction = read_volume(next((tmp_path / "run" / "predictions").glob(f"{name}.*")))
         image = read_volume(cohort / name / "image.nrrd")

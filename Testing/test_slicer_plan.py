@@ -112,9 +112,8 @@ def test_the_plan_is_the_engines_plan_of_the_volumes_with_its_estimate_and_leave
     assert plan.spacing == config.retrain.spacing == (1.5, 1.5, 10.0) != preset("cpu").retrain.spacing
     assert plan.patch_size == config.patch_size != preset("cpu").patch_size  # the thick axis covers the slices
     assert plan.strides == engine_plan.downsampling
-    assert plan.kernels == engine_plan.conv_kernels == config.retrain.conv_kernels
     assert plan.largest_component == config.inference.largest_component is False  # class 2 is two pieces
-    assert set(plan.reasons) >= {plans.SPACING, plans.PATCH_SIZE, plans.STRIDES, plans.KERNELS}
+    assert set(plan.reasons) >= {plans.SPACING, plans.PATCH_SIZE, plans.STRIDES}
     assert plan.record["planned"][plans.SPACING]["used"] == list(plan.spacing)
 
     assert plan.device == "cpu" and [stage.stage for stage in plan.stages] == ["retrain", "predict"]  # mt: no SAM
@@ -158,8 +157,6 @@ def test_the_plan_table_shows_the_plan_and_says_whose_times_they_are(planned, lo
     assert rows["Working spacing"].toolTip() == plan.reasons[plans.SPACING]
     assert numbers(rows["V-Net patch"].text()) == list(plan.patch_size)
     assert numbers(rows["V-Net strides"].text()) == [s for stride in plan.strides for s in stride]
-    assert numbers(rows["V-Net kernels"].text()) == [k for kernel in plan.kernels for k in kernel]
-    assert rows["V-Net kernels"].toolTip() == plan.reasons[plans.KERNELS]
     assert rows["Largest component"].text() == "not kept"
     for stage in plan.stages:  # each stage's time as the engine writes durations, what it is made of as tooltip
         shown = rows[choices.STAGE_TITLES[stage.stage]]
@@ -182,8 +179,7 @@ def test_a_preset_that_does_not_plan_shows_its_own_values():
     assert not plan.from_volumes and plan.reasons == {}
     assert plan.spacing is small.retrain.spacing is None  # each volume's own grid
     assert plan.patch_size == (64, 64, 32)  # the settings' patch
-    assert len(plan.strides) == 4 and plan.kernels == ((3, 3, 3),) * 5
-    assert plan.largest_component == small.inference.largest_component
+    assert len(plan.strides) == 4 and plan.largest_component == small.inference.largest_component
     assert (plan.total_s, [stage.stage for stage in plan.stages]) == (12.5, ["retrain"])
 
 

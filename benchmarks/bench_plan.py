@@ -1,8 +1,8 @@
-"""What a planned patch costs per re-training iteration: the cpu preset's left-atrium patch (64×64×32, 2×2×2 strides,
-3×3×3 kernels) beside the patch the plan gives thick-slice cine MRI (80×96×8, strides 2×2×1 2×2×1 2×2×2 2×2×2,
-kernels 3×3×1 at the two finest scales: within the LA patch's operations per forward) and the plan's patch before it
-had a compute budget (128×128×8, the LA patch's voxels, 3×3×3 kernels). Each row also prints the operations of one
-forward (:func:`SFRSegmentLib.models.vnet.forward_flops`), the plan's measure of cost.
+"""What a planned patch costs per re-training iteration: the cpu preset's left-atrium patch (64×64×32, 2×2×2
+strides, 3×3×3 kernels) beside the patch the plan gives thick-slice cine MRI (128×128×8, strides 2×2×1 2×2×1 2×2×2
+2×2×2: the LA patch's voxels) and a cheaper candidate within the LA patch's operations per forward (80×96×8 with 3×3×1
+kernels at the two finest scales, ``retrain.conv_kernels``; on ACDC it segmented worse, docs/results.md). Each row
+also prints the operations of one forward (:func:`SFRSegmentLib.models.vnet.forward_flops`).
 
 Each is one Mean Teacher iteration of stage R's own ``Trainer`` (student forward and backward, teacher forward, SGD
 step; 2 labeled + 2 unlabeled crops, 3 classes), the cpu preset's settings otherwise, on synthetic volumes. The
@@ -37,8 +37,8 @@ IN_PLANE_FIRST = ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3))
 Shape = Tuple[int, int, int]
 PATCHES: Dict[str, Tuple[Shape, Tuple[Shape, ...], Tuple[Shape, ...]]] = {
     "LA preset 64×64×32": ((64, 64, 32), REFERENCE_DOWNSAMPLING, REFERENCE_CONV_KERNELS),
-    "ACDC plan 80×96×8": ((80, 96, 8), THICK, IN_PLANE_FIRST),
-    "ACDC voxels 128×128×8": ((128, 128, 8), THICK, REFERENCE_CONV_KERNELS),
+    "ACDC plan 128×128×8": ((128, 128, 8), THICK, REFERENCE_CONV_KERNELS),
+    "80×96×8, 3×3×1 kernels": ((80, 96, 8), THICK, IN_PLANE_FIRST),
 }
 CLASSES = {1: "right ventricle", 2: "myocardium", 3: "left ventricle"}
 

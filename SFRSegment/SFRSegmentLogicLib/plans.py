@@ -2,9 +2,9 @@
 
 The scene's inputs are exported as for a run (:func:`jobs.prepare_training_job`) and the engine runs on them with
 ``--plan-only`` (``python -m SFRSegmentLib run … --plan-only --progress jsonl``): it validates the cohort, plans from
-it (working spacing, V-Net patch, strides and kernels, largest component: ``SFRSegmentLib.run.plan``) where the
-preset plans, times a few steps of each stage, writes ``RUN/plan.json`` and exits without training.
-:class:`RunPlan` is that record as the module shows it.
+it (working spacing, V-Net patch and strides, largest component: ``SFRSegmentLib.run.plan``) where the preset plans, times
+a few steps of each stage, writes ``RUN/plan.json`` and exits without training. :class:`RunPlan` is that record as
+the module shows it.
 
 A plan's job folder is made in a new temporary folder, never in the jobs folder, and removed when the engine ends
 (finished, failed or cancelled): there, a job folder whose engine never trained would be listed in Past jobs as
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from SFRSegmentLib.base.config import REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, preset
+from SFRSegmentLib.base.config import REFERENCE_DOWNSAMPLING, preset
 from SFRSegmentLib.base.config_io import with_overrides
 
 from .jobs import CaseInput, RunSettings, TrainingJob, prepare_training_job
@@ -28,8 +28,8 @@ from .process import Outcome, Status
 
 PLAN_FOLDER_PREFIX = "SFRSegment-plan-"
 """The name a plan's temporary folder starts with."""
-SPACING, PATCH_SIZE, STRIDES, KERNELS, LARGEST_COMPONENT = ("retrain.spacing", "patch_size", "retrain.downsampling",
-                                                            "retrain.conv_kernels", "inference.largest_component")
+SPACING, PATCH_SIZE, STRIDES, LARGEST_COMPONENT = ("retrain.spacing", "patch_size", "retrain.downsampling",
+                                                   "inference.largest_component")
 """The configuration fields a :class:`RunPlan` shows (plan.json's names: ``SFRSegmentLib.run.plan.PLANNED_FIELDS``)."""
 
 Shape = Tuple[int, int, int]
@@ -54,8 +54,6 @@ class RunPlan:
     """The V-Net's patch in voxels."""
     strides: Tuple[Shape, ...]
     """The strides of the V-Net's four downsamplings."""
-    kernels: Tuple[Shape, ...]
-    """The V-Net's convolution kernels at its five scales, finest first."""
     largest_component: bool
     """Whether only the largest connected piece of each class is kept in the predictions."""
     from_volumes: bool
@@ -81,17 +79,14 @@ def run_plan(record: Mapping[str, Any], overrides: Mapping[str, Any]) -> RunPlan
                    if entry["reason"] and entry["used"] == entry["plan"]}
     else:
         config = with_overrides(preset(overrides["preset"]), dict(overrides)).resolved()
-        used = {path: _field(config, path) for path in (SPACING, PATCH_SIZE, STRIDES, KERNELS, LARGEST_COMPONENT)}
+        used = {path: _field(config, path) for path in (SPACING, PATCH_SIZE, STRIDES, LARGEST_COMPONENT)}
         reasons = {}
-    spacing = used[SPACING]
-    strides = used[STRIDES] or REFERENCE_DOWNSAMPLING  # null: the reference V-Net's
-    kernels = used[KERNELS] or REFERENCE_CONV_KERNELS
+    spacing, strides = used[SPACING], used[STRIDES] or REFERENCE_DOWNSAMPLING  # null: the reference V-Net's
     estimate = record["estimate"]
     return RunPlan(
         spacing=None if spacing is None else tuple(float(s) for s in spacing),
         patch_size=tuple(int(s) for s in used[PATCH_SIZE]),
         strides=tuple(tuple(int(s) for s in stride) for stride in strides),
-        kernels=tuple(tuple(int(k) for k in kernel) for kernel in kernels),
         largest_component=bool(used[LARGEST_COMPONENT]),
         from_volumes=planned is not None,
         reasons=reasons,

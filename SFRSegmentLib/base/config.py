@@ -795,11 +795,12 @@ class RunConfig(_Options):
                              f"(finetune.sam.image_size): its in-plane size must be at most {canvas}",
                              field=sam_field)
         vnet_patch, vnet_field = self._stage_patch("retrain")
-        if not (self.plan.enabled and self.retrain.downsampling is None):  # else the plan chooses the strides
+        strides_known = not (self.plan.enabled and self.retrain.downsampling is None)  # else the plan chooses them
+        if strides_known:
             self._check_vnet_patch()
         if self.inference.patch_size is None:
             self.inference.check_window(vnet_patch, f"{vnet_field}, the V-Net's patch", "inference.")
-        else:
+        elif strides_known:  # else the plan's strides, or at prediction the model file's, check the window
             self.inference.for_model(vnet_patch, self.retrain.downsampling)
 
     def _check_vnet_patch(self) -> None:

@@ -13,16 +13,10 @@ class lies in its largest connected piece) decides the rest, with nnU-Net's publ
 * **V-Net strides.** Four downsamplings; at each, an axis is halved only if its current spacing is at most twice
   the finest current one (nnU-Net's rule), so a thick axis is first left alone and pooled once the in-plane
   voxels have grown as coarse.
-* **V-Net kernels.** At each of the five scales, a kernel of 1 along an axis whose current spacing is more than
-  twice the finest current one, 3 along the others (nnU-Net's rule): a thick axis is convolved across only once
-  the in-plane voxels have grown nearly as coarse, so the fine scales do not mix slices 10 mm apart.
 * **Patch.** The preset's patch where no axis is thick (its shape was chosen by measurement). Along a thick axis
   the patch covers the median number of slices (rounded down to the axis's stride product, at least one
   product), and the in-plane sides grow, in the preset's proportions, to keep the preset's voxel budget, but not
-  beyond the median in-plane size (rounded up to the stride product), and shrink, a stride product at a time,
-  until one forward of the planned V-Net costs no more operations than the preset's patch does in the reference
-  V-Net (:func:`~SFRSegmentLib.models.vnet.forward_flops`): the same voxels cost more where the slice axis is
-  pooled late, and the preset's budget is one of time as much as of memory.
+  beyond the median in-plane size (rounded up to the stride product).
 * **Intensity normalisation.** Per modality, as nnU-Net: a cohort that looks like CT (every volume
   integer-valued with air below ``CT_AIR_BELOW`` Hounsfield units) is clipped to its labeled foreground's 0.5 and
   99.5 percentiles and standardised with that foreground's mean and standard deviation, the same numbers for every
@@ -31,8 +25,12 @@ class lies in its largest connected piece) decides the rest, with nnU-Net's publ
 * **Largest component.** Kept (in pseudo-labels and predictions) only if the preset keeps it and, for every
   class, the median labeled volume has at least ``LARGEST_COMPONENT_SHARE`` of the class in one 26-connected
   piece.
-* **Sliding window.** The prediction strides keep the preset's overlap: they grow and shrink with the window
-  (at most half of it), so a wider patch does not multiply the windows per volume.
+* **Sliding window.** With a thick axis the prediction window spans the median slice plane (rounded up to the
+  stride products) at the patch's depth: prediction needs no gradient, so a window several times the training
+  patch fits in memory, and a volume takes a few windows instead of dozens of overlapping small ones (the V-Net is
+  fully convolutional; on ACDC 5× faster, and no less accurate, docs/results.md). Otherwise the window is the
+  training patch. The prediction strides keep the preset's overlap: they grow and shrink with the window (at most
+  half of it).
 
 :func:`plan_config` applies the plan to every planned field that still has its preset's value: a value set by
 hand (a configuration file, the command line, the Slicer module, an update's parent) wins, and ``plan.enabled =
@@ -48,14 +46,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 
-from ..base.config import REFERENCE_CONV_KERNELS, REFERENCE_DOWNSAMPLING, RunConfig, Shape, Spacing, preset
+from ..base.config import REFERENCE_DOWNSAMPLING, RunConfig, Shape, Spacing, preset
 from ..data.cohort import Cohort, load_case
-from ..models.vnet import forward_flops
 from ..storage.volumes import read_volume
 
 CT_AIR_BELOW = -500.0
@@ -68,11 +65,12 @@ LARGEST_COMPONENT_SHARE = 0.9
 the median labeled volume."""
 POOLINGS = 4
 """The V-Net's downsamplings."""
-PLANNED_FIELDS = ("retrain.downsampling", "retrain.conv_kernels", "inference.stride_xy", "inference.stride_z",
+PLANNED_FIELDS = ("retrain.downsampling", "inference.stride_xy", "inference.stride_z", "inference.patch_size",
                   "patch_size", "retrain.spacing", "finetune.spacing", "retrain.in_plane_rotation_only",
                   "retrain.intensity_window", "pseudolabel.largest_component", "inference.largest_component")
 """The configuration fields a plan sets (each only while it has its preset's value), in an order in which each
-intermediate configuration passes the checks (strides before the patch they must fit)."""
+intermediate configuration passes the checks (strides before the patch they must fit, the window's strides before
+the window)."""
 
 
 @dataclass(frozen=True)
@@ -112,20 +110,20 @@ class Plan:
     spacing: Spacing
     patch_size: Shape
     downsampling: Tuple[Shape, ...]
-    conv_kernels: Tuple[Shape, ...]
     in_plane_rotation_only: bool
     largest_component: bool
     stride_xy: int
     stride_z: int
+    window: Optional[Shape]
+    """The prediction window; None: the training patch."""
     intensity_window: Optional[Tuple[float, float, float, float]]
     reasons: Dict[str, str]
 
     def values(self) -> Dict[str, Any]:
         """Planned field → value, in the order of :data:`PLANNED_FIELDS`."""
-        # The reference architecture is null, as the presets say it.
-        values = {"retrain.downsampling": None if self.downsampling == REFERENCE_DOWNSAMPLING else self.downsampling,
-                  "retrain.conv_kernels": None if self.conv_kernels == REFERENCE_CONV_KERNELS else self.conv_kernels,
-                  "inference.stride_xy": self.stride_xy,
+        reference = self.downsampling == REFERENCE_DOWNSAMPLING  # null, as the presets say it
+        values = {"retrain.downsampling": None if reference else self.downsampling,
+                  "inference.patch_size": self.window, "inference.stride_xy": self.stride_xy,
                   "inference.stride_z": self.stride_z, "patch_size": self.patch_size, "retrain.spacing": self.spacing,
                   "finetune.spacing": self.spacing, "retrain.in_plane_rotation_only": self.in_plane_rotation_only,
                   "retrain.intensity_window": self.intensity_window,
@@ -136,9 +134,7 @@ class Plan:
     def summary(self) -> str:
         """One line for the progress output and the report."""
         strides = " ".join("×".join(map(str, s)) for s in self.downsampling)
-        kernels = " ".join("×".join(map(str, k)) for k in self.conv_kernels)
         return (f"spacing {_text(self.spacing)} mm, V-Net patch {_text(self.patch_size)}, strides {strides}, "
-                + ("" if self.conv_kernels == REFERENCE_CONV_KERNELS else f"kernels {kernels}, ") +
                 f"largest component {'kept' if self.largest_component else 'not kept'}"
                 + (", in-plane augmentation" if self.in_plane_rotation_only else "")
                 + (", CT normalisation clipped to [{:g}, {:g}]".format(*self.intensity_window[:2])
@@ -202,41 +198,45 @@ def make_plan(found: Fingerprint, config: RunConfig, patch_by_hand: Optional[Sha
     multiples = tuple(math.prod(s[a] for s in downsampling) for a in range(3))
     reasons["retrain.downsampling"] = ("each axis halved while its spacing is at most twice the finest "
                                        f"(nnU-Net's rule): input multiples {_text(multiples)}")
-    kernels = _conv_kernels(spacing, downsampling)
-    reasons["retrain.conv_kernels"] = ("at each scale, 1 along an axis whose spacing is more than twice the finest, "
-                                       "3 along the others (nnU-Net's rule)")
     shape = tuple(int(round(n * s / w)) for n, s, w in zip(found.median_shape, median, spacing))
-    budget_flops = forward_flops(base.patch_size, base.retrain.n_filters)
-
-    def cost(patch: Shape) -> int:
-        return forward_flops(patch, base.retrain.n_filters, downsampling, kernels)
-
-    patch = tuple(patch_by_hand) if patch_by_hand is not None else _patch(base.patch_size, shape, thick, multiples,
-                                                                          cost, budget_flops)
+    patch = tuple(patch_by_hand) if patch_by_hand is not None else _patch(base.patch_size, shape, thick, multiples)
     reasons["patch_size"] = ("set by hand" if patch_by_hand is not None else "the preset's patch"
                              if patch == base.patch_size else
                              f"the thick axis covers the median {shape[thick.index(True)]} slices, the in-plane sides "
-                             f"keep within the preset's {math.prod(base.patch_size)} voxels and its "
-                             f"{budget_flops / 1e9:.1f} GFLOP per forward ({cost(patch) / 1e9:.1f})")
+                             f"keep the preset's {math.prod(base.patch_size)} voxels")
     one_piece = {value: share >= LARGEST_COMPONENT_SHARE for value, share in found.largest_component_shares.items()}
     keep = base.inference.largest_component and all(one_piece.values())
     reasons["inference.largest_component"] = (
         "classes whose largest piece holds (median) " + ", ".join(
             f"{value}: {share:.0%}" for value, share in sorted(found.largest_component_shares.items()))
         + f"; kept only if the preset keeps it and every class has ≥ {LARGEST_COMPONENT_SHARE:.0%}")
-    stride_xy, stride_z = _window_strides(base, patch)
-    window = found.foreground if found.looks_like_ct and found.foreground[3] > 0 else None
+    window = _window(patch, shape, thick, multiples)
+    reasons["inference.patch_size"] = (
+        "the training patch" if window is None else
+        f"the median slice plane ({_text([n for n, t in zip(shape, thick) if not t])} voxels, rounded up) at the "
+        "patch's depth: a few windows per volume")
+    stride_xy, stride_z = _window_strides(base, window or patch)
+    clip = found.foreground if found.looks_like_ct and found.foreground[3] > 0 else None
     reasons["retrain.intensity_window"] = (
         f"CT (integer voxels, air below {CT_AIR_BELOW:g} HU): clipped to the labeled foreground's "
         f"{FOREGROUND_PERCENTILES[0]:g} and {FOREGROUND_PERCENTILES[1]:g} percentiles, standardised with its mean "
-        "and std" if window else "not CT (relative intensities, such as MRI): each volume z-scored")
+        "and std" if clip else "not CT (relative intensities, such as MRI): each volume z-scored")
     reasons["inference.stride_xy"] = reasons["inference.stride_z"] = (
         "the preset's overlap of windows: its stride scaled by the window's size, at most half the window")
     reasons["finetune.spacing"] = "the V-Net's working spacing: SAM fine-tunes and pseudo-labels on the same grid"
     reasons["pseudolabel.largest_component"] = reasons["inference.largest_component"]
     reasons["retrain.in_plane_rotation_only"] = ("a thick axis: no rotation across it" if any(thick)
                                                  else "no thick axis")
-    return Plan(spacing, patch, downsampling, kernels, any(thick), keep, stride_xy, stride_z, window, reasons)
+    return Plan(spacing, patch, downsampling, any(thick), keep, stride_xy, stride_z, window, clip, reasons)
+
+
+def _window(patch: Shape, shape: Shape, thick: Sequence[bool], multiples: Shape) -> Optional[Shape]:
+    """With a thick axis, the prediction window: the median size (rounded up to the stride product) along the other
+    axes, at least the patch, and the patch along the thick one; None (the training patch) otherwise."""
+    if not any(thick):
+        return None
+    return tuple(patch[a] if thick[a] else max(patch[a], -(-shape[a] // multiples[a]) * multiples[a])
+                 for a in range(3))
 
 
 def _window_strides(base: RunConfig, window: Shape) -> Tuple[int, int]:
@@ -269,22 +269,8 @@ def _downsampling(spacing: Spacing) -> Tuple[Shape, ...]:
     return tuple(strides)
 
 
-def _conv_kernels(spacing: Spacing, downsampling: Sequence[Shape]) -> Tuple[Shape, ...]:
-    """nnU-Net's kernel rule: at each scale (the input's, then after each downsampling), size 1 along the axes whose
-    spacing is more than twice the finest, 3 along the others."""
-    current, kernels = list(spacing), []
-    for stride in (*downsampling, None):
-        finest = min(current)
-        kernels.append(tuple(3 if s <= 2 * finest else 1 for s in current))
-        if stride is not None:
-            current = [s * f for s, f in zip(current, stride)]
-    return tuple(kernels)
-
-
-def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: Shape,
-           cost: Callable[[Shape], int], budget: int) -> Shape:
-    """The preset's patch, or along a thick axis the median slice count and in-plane sides that keep its voxels
-    and, by ``cost`` (operations per forward), its ``budget``."""
+def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: Shape) -> Shape:
+    """The preset's patch, or along a thick axis the median slice count and in-plane sides that keep its voxels."""
     if not any(thick):
         return tuple(preset_patch)
     axis = thick.index(True)
@@ -296,9 +282,6 @@ def _patch(preset_patch: Shape, shape: Shape, thick: Sequence[bool], multiples: 
     for a in others:
         largest = -(-shape[a] // multiples[a]) * multiples[a]  # the median size, rounded up
         patch[a] = min(largest, max(multiples[a], int(preset_patch[a] * growth) // multiples[a] * multiples[a]))
-    while cost(tuple(patch)) > budget and any(patch[a] > multiples[a] for a in others):
-        widest = max((a for a in others if patch[a] > multiples[a]), key=lambda a: patch[a])
-        patch[widest] -= multiples[widest]
     return tuple(patch)
 
 
