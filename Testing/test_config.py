@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from SFRSegmentLib.base import choices
 from SFRSegmentLib.base.config import (
@@ -195,3 +196,15 @@ def test_every_option_has_a_help_text():
     missing = [f"{type(section).__name__}.{spec.name}" for section in sections
                for spec in dataclasses.fields(section) if not spec.metadata.get("help")]
     assert missing == []
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_native_bf16_means_the_cpu_has_bf16_instructions_not_only_avx512() -> None:
+    # bf16_if_native turns bf16 on only where the CPU computes it; on AVX-512 without AVX512-BF16 oneDNN emulates it
+    # at about a third of float32's speed, though it calls that "supported".
+    from SFRSegmentLib.base.device import autocast_context, cpu_has_native_bf16
+
+    flags = set(re.findall(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[0].split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    with autocast_context(torch.device("cpu"), "bf16_if_native"):
+        assert torch.is_autocast_enabled("cpu") == cpu_has_native_bf16()

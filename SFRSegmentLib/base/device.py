@@ -20,8 +20,12 @@ from .errors import InputError
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is about twice as fast as
-    float32 for the V-Net; elsewhere it is emulated and slower."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    float32 for the V-Net; elsewhere it is emulated and slower. Asked of the CPU's instruction sets: oneDNN's own
+    "bf16 supported" is also true on AVX-512 CPUs without AVX512-BF16, where it emulates bf16 at about a third of
+    float32's speed (a re-training iteration of 2.9 s instead of 0.93 s on such a CPU)."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(torch.backends.mkldnn.is_available()
+                and (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")))
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager:
